@@ -1,0 +1,73 @@
+"""The embedded local Ray cluster: started in this process on first use, reused after."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+
+from gpu_proxy.clusters.base import Cluster, Endpoint
+
+_lock = threading.Lock()
+_default: "LocalCluster | None" = None
+
+
+class LocalCluster(Cluster):
+    """A Ray cluster on this machine, with this machine's CPUs and GPUs.
+
+    If Ray is already initialised in this process (by the user or an earlier run), that cluster
+    is used as it is. Token auth is on (``RAY_AUTH_MODE=token``) unless the user turned it off.
+    """
+
+    def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None,
+                 include_dashboard: bool = False) -> None:
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.include_dashboard = include_dashboard
+        self._started_here = False
+
+    def start(self) -> None:
+        with _lock:
+            if ray.is_initialized():
+                return
+            # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
+            # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
+            # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
+            ray.init(
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
+                log_to_driver=False,  # workers' output comes home on the run's event stream
+                logging_level=logging.WARNING,
+            )
+            self.owns_nodes = self._started_here = True
+
+    def endpoint(self) -> Endpoint | None:
+        return None
+
+    def resources(self) -> dict[str, float]:
+        self.start()
+        return dict(ray.cluster_resources())
+
+    def dashboard_url(self) -> str | None:
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        url = getattr(getattr(context, "worker", None), "dashboard_url", None) if context else None
+        return f"http://{url}" if url else None
+
+    def stop(self) -> None:
+        with _lock:
+            if self._started_here and ray.is_initialized():
+                ray.shutdown()
+            self._started_here = False
+            self.owns_nodes = False
+
+    def __repr__(self) -> str:
+        return f"LocalCluster(num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
+
+
+def default_local_cluster() -> LocalCluster:
+    """The process-wide embedded cluster that ``cluster=None`` means."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = LocalCluster()
+        return _default

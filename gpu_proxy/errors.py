@@ -1,0 +1,31 @@
+"""Errors the core raises. Each says what was wrong and what to do about it."""
+from __future__ import annotations
+
+
+class GpuProxyError(Exception):
+    """Base class of every error gpu-proxy raises itself."""
+
+
+class ConfigurationError(GpuProxyError, ValueError):
+    """A value the user passed cannot work; raised before anything starts."""
+
+
+class ClusterResourceError(GpuProxyError):
+    """The run asks for more than the cluster has."""
+
+
+class ShippingError(GpuProxyError, TypeError):
+    """An object of the run cannot be sent to the workers."""
+
+
+class RemoteError(GpuProxyError):
+    """An exception raised on a worker that could not be rebuilt here (its class is not importable)."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}\n\nRemote traceback:\n{remote_traceback}")
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+class WorkerLostError(GpuProxyError):
+    """A worker process or its node died during the run."""

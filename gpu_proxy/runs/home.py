@@ -1,0 +1,80 @@
+"""The home side of a run: execute it on a cluster, relay events to the caller, raise its errors."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from gpu_proxy import shipping
+from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.errors import WorkerLostError
+from gpu_proxy.events import Event
+from gpu_proxy.runs.spec import RunSpec
+from gpu_proxy.runs.supervisor import StopSignal, supervise
+
+_DONE = object()
+
+
+def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
+    """Run ``spec`` and return each rank's outcome; ``on_event`` is called here, on this thread.
+
+    Ctrl-C asks the workers to stop at their next step boundary; a second Ctrl-C aborts them.
+    Either way ``KeyboardInterrupt`` is raised here once the workers are gone.
+    """
+    cluster.start()
+    endpoint = cluster.endpoint()
+    if endpoint is None:
+        return _execute_in_process(spec, on_event)
+    from gpu_proxy.runs.job import JobRun  # the Jobs SDK is only needed for remote clusters
+
+    return JobRun.submit(endpoint, spec).follow(on_event)
+
+
+def _execute_in_process(spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
+    inbox: "queue.Queue[Any]" = queue.Queue()
+    stop = StopSignal()
+    result: dict[str, Any] = {}
+
+    def supervise_in_background() -> None:
+        try:
+            result["outcomes"] = supervise(spec, inbox.put, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = exc
+        finally:
+            inbox.put(_DONE)
+
+    thread = threading.Thread(target=supervise_in_background, name=f"gpu-proxy-{spec.name}", daemon=True)
+    thread.start()
+    interrupted = False
+    while True:
+        try:
+            item = inbox.get()
+            if item is _DONE:
+                break
+            on_event(item)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.request()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    if interrupted:
+        raise KeyboardInterrupt("the remote run was stopped")
+    return result["outcomes"]
+
+
+def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
+    """Raise the run's error at home: a worker's own exception first, else the lost workers."""
+    for outcome in outcomes:
+        if "error" in outcome:
+            raise shipping.unpack_exception(outcome["error"], f"rank {outcome['rank']}")
+    lost = [o for o in outcomes if "lost" in o]
+    if lost:
+        details = "; ".join(f"rank {o['rank']}: {o['lost']}" for o in lost)
+        raise WorkerLostError(f"{len(lost)} worker(s) were lost during the run: {details}")
+
+
+def values(outcomes: list[dict[str, Any]]) -> list[Any]:
+    """Each rank's return value, in rank order (after :func:`raise_for_outcomes`)."""
+    raise_for_outcomes(outcomes)
+    return [shipping.loads(o["value"]) for o in outcomes]

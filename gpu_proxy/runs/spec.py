@@ -1,0 +1,29 @@
+"""What a run is: the payload every worker calls, and what each worker needs."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunSpec:
+    """A run, ready to execute on any cluster.
+
+    ``payload`` is a pickled callable ``fn(ctx: WorkerContext) -> Any`` (see
+    :func:`gpu_proxy.shipping.dumps`); every worker calls it once.
+    """
+
+    payload: bytes
+    num_workers: int
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    name: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}")
+    env: dict[str, str] = field(default_factory=dict)
+    placement_timeout_s: float = 120.0
+    #: Where the job driver writes the result when it is too large to stream (fsspec URL), if any.
+    result_url: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources_per_worker.get("GPU", 0) > 0

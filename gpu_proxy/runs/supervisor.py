@@ -1,0 +1,153 @@
+"""The supervisor of a run: place workers, start them, relay their events, collect their outcomes.
+
+This one function runs either in the user's process (embedded cluster) or as a Ray Job's driver
+on a remote cluster (DESIGN decision 2). It talks to Ray only; it never unpickles the payload,
+so it needs no framework installed beside it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gpu_proxy import events
+from gpu_proxy.errors import ClusterResourceError
+from gpu_proxy.events import Event
+from gpu_proxy.runs.channel import EventChannel
+from gpu_proxy.runs.resources import check_fits
+from gpu_proxy.runs.spec import RunSpec
+from gpu_proxy.runs.worker import WorkerPlacement, run_worker
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05
+
+
+@dataclass
+class StopSignal:
+    """Home's wish to stop: the first request is graceful, the second aborts at once."""
+
+    requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+
+def _placements(spec: RunSpec, pg: Any) -> list[WorkerPlacement]:
+    """Ranks in node order, so that the workers of one node have consecutive ranks."""
+    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+    node_order: list[str] = []
+    for index in range(spec.num_workers):
+        if bundle_nodes[index] not in node_order:
+            node_order.append(bundle_nodes[index])
+    by_node = {node: [i for i in range(spec.num_workers) if bundle_nodes[i] == node] for node in node_order}
+    node_address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+    placements, rank = [None] * spec.num_workers, 0
+    for node_rank, node in enumerate(node_order):
+        for local_rank, bundle in enumerate(by_node[node]):
+            placements[bundle] = WorkerPlacement(
+                rank=rank, local_rank=local_rank, node_rank=node_rank, world_size=spec.num_workers,
+                local_world_size=len(by_node[node]), num_nodes=len(node_order), use_gpu=spec.use_gpu,
+                run_name=spec.name, master_addr=node_address[node_order[0]])
+            rank += 1
+    return placements  # type: ignore[return-value]
+
+
+def _task_options(spec: RunSpec, pg: Any, bundle: int) -> dict[str, Any]:
+    resources = dict(spec.resources_per_worker)
+    options: dict[str, Any] = {
+        "num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    }
+    if resources:
+        options["resources"] = resources
+    if spec.env:
+        options["runtime_env"] = {"env_vars": dict(spec.env)}
+    return options
+
+
+def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | None = None) -> list[dict[str, Any]]:
+    """Run ``spec`` on the connected Ray cluster; return each rank's outcome, in rank order."""
+    stop = stop or StopSignal()
+    check_fits(spec.num_workers, spec.resources_per_worker)
+    bundles = [{k: v for k, v in spec.resources_per_worker.items() if v} for _ in range(spec.num_workers)]
+    pg = placement_group(bundles, strategy="PACK", name=f"gpu-proxy-{spec.name}")
+    channel = None
+    refs: list[Any] = []
+    try:
+        try:
+            ray.get(pg.ready(), timeout=spec.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterResourceError(
+                f"The cluster could not place {spec.num_workers} workers of {spec.resources_per_worker} "
+                f"within {spec.placement_timeout_s:g} s: the resources exist but are busy with other "
+                "work. Wait for it to finish, or lower num_workers."
+            ) from None
+        placements = _placements(spec, pg)
+        channel = EventChannel.remote()
+        payload_ref = ray.put(spec.payload)
+        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(payload_ref, placement, channel)
+                for bundle, placement in enumerate(placements)]
+        rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
+        channel.put.remote([Event(events.RUN_STARTED, {
+            "run_name": spec.name, "num_workers": spec.num_workers,
+            "num_nodes": placements[0].num_nodes}).to_dict()])
+        return _follow(refs, rank_of, channel, sink, stop)
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)  # a no-op for finished tasks; kills stragglers
+        if channel is not None:
+            ray.kill(channel)
+        remove_placement_group(pg)
+
+
+def _relay(channel: Any, sink: Callable[[Event], None], wait_s: float) -> None:
+    for raw in ray.get(channel.take.remote(wait_s)):
+        sink(Event.from_dict(raw))
+
+
+def _follow(refs: list[Any], rank_of: dict[Any, int], channel: Any,
+            sink: Callable[[Event], None], stop: StopSignal) -> list[dict[str, Any]]:
+    outcomes: dict[int, dict[str, Any]] = {}
+    pending = list(refs)
+    stop_sent = 0
+    failed = False
+    while pending:
+        _relay(channel, sink, POLL_S)
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        for ref in done:
+            rank = rank_of[ref]
+            try:
+                outcomes[rank] = ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError,
+                    ray.exceptions.RayError) as exc:
+                outcomes[rank] = {"rank": rank, "lost": f"{type(exc).__name__}: {exc}"}
+            failed |= "value" not in outcomes[rank]
+        if stop.requests > stop_sent:
+            stop_sent = stop.requests
+            if stop_sent == 1:
+                ray.get(channel.request_stop.remote())
+        if pending and (failed or stop_sent > 1):
+            # One rank failed: the others would wait forever in a collective. End them now.
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            deadline = time.monotonic() + 10
+            while pending and time.monotonic() < deadline:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+                for ref in done:
+                    rank = rank_of[ref]
+                    outcomes[rank] = {"rank": rank, "lost": "stopped because another rank failed"
+                                      if failed else "aborted by a second interrupt"}
+            for ref in pending:
+                outcomes[rank_of[ref]] = {"rank": rank_of[ref], "lost": "did not stop in time"}
+            pending = []
+    _relay(channel, sink, 0)
+    return [outcomes[rank] for rank in sorted(outcomes)]

@@ -1,0 +1,119 @@
+"""The worker side of a run: one Ray task per rank calls the run's payload with a WorkerContext.
+
+Workers run as Ray *tasks* in a placement group rather than as actors: task processes are
+pooled by Ray and reused, so the second run on a warm cluster does not pay for importing torch
+again (see docs/decisions.md).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import ray
+
+from gpu_proxy import events, shipping
+from gpu_proxy.runs.emitter import EventEmitter
+from gpu_proxy.runs.output_capture import OutputCapture
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where one worker sits in the run."""
+
+    rank: int
+    local_rank: int
+    node_rank: int
+    world_size: int
+    local_world_size: int
+    num_nodes: int
+    use_gpu: bool
+    run_name: str
+    master_addr: str  # the address of rank 0's node, as Ray knows it
+
+
+class WorkerContext:
+    """What a payload learns about its worker, and how it talks to home."""
+
+    def __init__(self, placement: WorkerPlacement, emitter: EventEmitter,
+                 master_addr: str, master_port: int) -> None:
+        self.placement = placement
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self._emitter = emitter
+
+    rank = property(lambda self: self.placement.rank)
+    local_rank = property(lambda self: self.placement.local_rank)
+    node_rank = property(lambda self: self.placement.node_rank)
+    world_size = property(lambda self: self.placement.world_size)
+    num_nodes = property(lambda self: self.placement.num_nodes)
+    use_gpu = property(lambda self: self.placement.use_gpu)
+
+    def emit(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        """Send an event home. Never blocks on the network."""
+        self._emitter.emit(kind, data)
+
+    def should_stop(self) -> bool:
+        """True once home asked the run to stop (Ctrl-C); check it at step boundaries."""
+        return self._emitter.stop_requested
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def _distributed_env(ctx: WorkerContext) -> Iterator[None]:
+    """The environment variables torch.distributed and frameworks read, set for this call only."""
+    p = ctx.placement
+    values = {
+        "MASTER_ADDR": ctx.master_addr, "MASTER_PORT": str(ctx.master_port), "RANK": str(p.rank),
+        "LOCAL_RANK": str(p.local_rank), "NODE_RANK": str(p.node_rank), "GROUP_RANK": str(p.node_rank),
+        "WORLD_SIZE": str(p.world_size), "LOCAL_WORLD_SIZE": str(p.local_world_size),
+        "GPU_PROXY_RUN": p.run_name,
+    }
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
+    if placement.rank == 0:
+        port = _free_port()
+        ray.get(channel.publish_rendezvous.remote(placement.master_addr, port))
+        return placement.master_addr, port
+    return tuple(ray.get(channel.rendezvous.remote()))  # type: ignore[return-value]
+
+
+@ray.remote(max_retries=0)
+def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any) -> dict[str, Any]:
+    """Call the payload as ``placement.rank``; return ``{"rank", "value"}`` or ``{"rank", "error"}``."""
+    emitter = EventEmitter(channel, placement.rank)
+    outcome: dict[str, Any] = {"rank": placement.rank}
+    try:
+        master_addr, master_port = _rendezvous(placement, channel)
+        ctx = WorkerContext(placement, emitter, master_addr, master_port)
+
+        def forward_line(stream: str, line: str) -> None:
+            emitter.emit(events.LOG, {"stream": stream, "line": line, "node": placement.node_rank})
+
+        with OutputCapture(forward_line), _distributed_env(ctx):
+            try:
+                function = shipping.loads(payload)
+                outcome["value"] = shipping.dumps(function(ctx), what="the worker's result")
+            except BaseException as exc:  # noqa: BLE001 - every failure goes home, KeyboardInterrupt too
+                outcome["error"] = shipping.pack_exception(exc)
+    finally:
+        emitter.close()
+    return outcome

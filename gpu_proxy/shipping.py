@@ -1,0 +1,143 @@
+"""Sending the user's objects to workers, and their results and errors back.
+
+User code travels by value: classes and functions from the user's ``__main__`` script and from
+modules of the user's project directory are pickled with their code (cloudpickle's by-value mode),
+so workers need neither the user's files nor a working-directory upload. Installed packages are
+pickled by reference and must be installed on the cluster's nodes.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sys
+import sysconfig
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from gpu_proxy.errors import RemoteError, ShippingError
+
+_INSTALLED_ROOTS = tuple(
+    str(Path(p).resolve())
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    | {sys.prefix, sys.base_prefix, sys.exec_prefix}
+)
+_OWN_PACKAGES = ("gpu_proxy", "gpu_proxy_lightning", "gpu_proxy_keras")
+
+
+def project_roots() -> list[Path]:
+    """Directories whose modules are the user's own code: the main script's folder and the cwd."""
+    roots = [Path.cwd().resolve()]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        roots.append(Path(main_file).resolve().parent)
+    return roots
+
+
+def _is_project_module(module: ModuleType, roots: list[Path]) -> bool:
+    name = module.__name__
+    if name == "__main__" or name.split(".")[0] in _OWN_PACKAGES:
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    path = str(Path(file).resolve())
+    if path.startswith(_INSTALLED_ROOTS) or "site-packages" in path or "dist-packages" in path:
+        return False
+    return any(path.startswith(str(root) + os.sep) for root in roots)
+
+
+def register_project_modules() -> list[str]:
+    """Mark every imported module of the user's project to be pickled by value."""
+    roots = project_roots()
+    registered = []
+    for module in list(sys.modules.values()):
+        if isinstance(module, ModuleType) and _is_project_module(module, roots):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:  # a module that is not importable by its name (rare): skip it
+                continue
+            registered.append(module.__name__)
+    return registered
+
+
+def dumps(obj: Any, what: str = "the run") -> bytes:
+    """Pickle ``obj`` for the workers, or raise :class:`ShippingError` naming what cannot be sent."""
+    register_project_modules()
+    try:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
+        path = find_unpicklable(obj, what)
+        raise ShippingError(
+            f"{path or what} cannot be sent to the remote workers: {type(exc).__name__}: {exc}. "
+            "Objects of a run are pickled; hold such resources (locks, open files, sockets, "
+            "generators) outside the module/callback or create them in a setup hook."
+        ) from exc
+
+
+def loads(data: bytes) -> Any:
+    return cloudpickle.loads(data)
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        cloudpickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def find_unpicklable(obj: Any, name: str, depth: int = 6) -> str | None:
+    """The dotted path of the innermost attribute that cannot be pickled, e.g. ``model.lock``."""
+    if _picklable(obj):
+        return None
+    if depth == 0:
+        return f"{name} (a {type(obj).__name__})"
+    children: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        children = [(f"{name}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = [(f"{name}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict):
+            children = [(f"{name}.{k}", v) for k, v in state.items()]
+    for child_name, child in children:
+        found = find_unpicklable(child, child_name, depth - 1)
+        if found:
+            return found
+    return f"{name} (a {type(obj).__name__})"
+
+
+def pack_exception(exc: BaseException) -> dict[str, Any]:
+    """What a worker sends home about an exception: the object if it pickles, and always its text."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = cloudpickle.dumps(exc)
+        pickle.loads(blob)  # an exception whose __init__ cannot rebuild it fails here, not at home
+    except Exception:  # noqa: BLE001
+        blob = None
+    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+            "traceback": text, "pickled": blob}
+
+
+def unpack_exception(packed: dict[str, Any], where: str) -> BaseException:
+    """Rebuild a worker's exception at home, its remote traceback in the message."""
+    remote_tb = f"Remote traceback ({where}):\n{packed['traceback']}"
+    exc: BaseException | None = None
+    if packed.get("pickled"):
+        try:
+            exc = cloudpickle.loads(packed["pickled"])
+        except Exception:  # noqa: BLE001 - the class is not importable here
+            exc = None
+    if exc is None:
+        return RemoteError(packed["type"], packed["message"], packed["traceback"])
+    if exc.args and isinstance(exc.args[0], str) and not isinstance(exc, KeyError):
+        exc.args = (f"{exc.args[0]}\n\n{remote_tb}",) + tuple(exc.args[1:])
+    elif hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(remote_tb)
+    return exc

@@ -1,0 +1,98 @@
+"""What a worker's Trainer sends home after a run, and how home takes it in.
+
+Rank 0 sends the state a local run would leave behind: weights, ``trainer.state``, the three
+metric dicts, loop progress (``current_epoch``, ``global_step``), and the plain-data attributes
+of every callback (``best_model_path``, ``best_model_score``, early-stopping counters...). Every
+rank sends its predictions with their dataset indices, since ``predict`` gathers all of them.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
+
+import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerState
+from lightning_utilities.core.apply_func import apply_to_collection
+
+_PLAIN = (type(None), bool, int, float, str, bytes, PurePath, torch.Tensor)
+
+
+@dataclass
+class WorkerOutput:
+    rank: int
+    trainer_state: TrainerState | None = None
+    trainer_results: Any = None
+    weights: bytes | None = None
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fit_loop_state: dict[str, Any] | None = None
+    callback_attributes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    predictions: list[list[Any]] | None = None  # per dataloader, per batch
+    batch_indices: list[list[list[int]]] | None = None  # per dataloader, per batch, per sample
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _to_cpu(value: Any) -> Any:
+    return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())
+
+
+def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> WorkerOutput:
+    """Called on every worker after the Trainer function returned."""
+    output = WorkerOutput(rank=rank)
+    if predictions is not None:
+        output.predictions, output.batch_indices = predictions
+    # Every rank must compute the state dict: torchmetrics Metrics sync inside state_dict().
+    state_dict = trainer.lightning_module.state_dict() if trainer.state.fn == TrainerFn.FITTING else None
+    if rank != 0:
+        return output
+    output.trainer_state = trainer.state
+    output.trainer_results = _to_cpu(results)
+    if state_dict is not None:
+        buffer = io.BytesIO()
+        torch.save(_to_cpu(state_dict), buffer)
+        output.weights = buffer.getvalue()
+    connector = trainer._logger_connector
+    output.metrics = {
+        "callback": _to_cpu(dict(connector.callback_metrics)),
+        "logged": _to_cpu(dict(connector.logged_metrics)),
+        "progress_bar": _to_cpu(dict(connector.progress_bar_metrics)),
+    }
+    if trainer.state.fn == TrainerFn.FITTING:
+        output.fit_loop_state = trainer.fit_loop.state_dict()
+    for index, callback in enumerate(trainer.callbacks):
+        output.callback_attributes[index] = {
+            key: _to_cpu(value) for key, value in vars(callback).items() if _is_plain(value)}
+    return output
+
+
+def restore(trainer: Any, output: WorkerOutput) -> None:
+    """Make the home Trainer look as rank 0's did at the end of the run."""
+    if output.weights is not None:
+        state_dict = torch.load(io.BytesIO(output.weights), weights_only=True)
+        # strict=False, as Lightning's own spawn launcher: a module may add layers in setup hooks
+        trainer.lightning_module.load_state_dict(state_dict, strict=False)
+    if output.trainer_state is not None:
+        trainer.state = output.trainer_state
+    connector = trainer._logger_connector
+    connector._callback_metrics = dict(output.metrics.get("callback", {}))
+    connector._logged_metrics = dict(output.metrics.get("logged", {}))
+    connector._progress_bar_metrics = dict(output.metrics.get("progress_bar", {}))
+    if output.fit_loop_state is not None:
+        trainer.fit_loop.load_state_dict(output.fit_loop_state)
+    # Callbacks are matched by position: the same Trainer object built the same list on the worker
+    # (the Trainer may add its own callbacks, but does so identically on both sides).
+    for index, callback in enumerate(trainer.callbacks):
+        for key, value in output.callback_attributes.get(index, {}).items():
+            setattr(callback, key, value)
