@@ -72,7 +72,7 @@ class RemoteLauncher(_Launcher):
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
         if trainer.state.fn == TrainerFn.PREDICTING:
-            return predictions.merge(outputs) if trainer.predict_loop.return_predictions else None
+            return predictions.merge(outputs) if outputs[0].returns_predictions else None
         return outputs[0].trainer_results
 
     @staticmethod

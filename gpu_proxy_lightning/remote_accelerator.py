@@ -51,6 +51,10 @@ class RemoteCUDAAccelerator(Accelerator):
     def auto_device_count() -> int:
         return 1
 
+    @classmethod
+    def name(cls) -> str:
+        return "remote_cuda"
+
     @staticmethod
     def is_available() -> bool:
         return True

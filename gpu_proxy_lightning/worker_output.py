@@ -28,6 +28,7 @@ class WorkerOutput:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_loop_state: dict[str, Any] | None = None
     callback_attributes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    returns_predictions: bool = False  # predict(return_predictions=True) on the worker
     predictions: list[list[Any]] | None = None  # per dataloader, per batch
     batch_indices: list[list[list[int]]] | None = None  # per dataloader, per batch, per sample
 
@@ -53,6 +54,8 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
     output = WorkerOutput(rank=rank)
     if predictions is not None:
         output.predictions, output.batch_indices = predictions
+        output.returns_predictions = results is not None
+        results = None  # the predictions travel once, with their indices
     # Every rank must compute the state dict: torchmetrics Metrics sync inside state_dict().
     state_dict = trainer.lightning_module.state_dict() if trainer.state.fn == TrainerFn.FITTING else None
     if rank != 0:

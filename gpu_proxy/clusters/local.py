@@ -34,6 +34,7 @@ class LocalCluster(Cluster):
             # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
             # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
             ray.init(
+                address="local",  # always a new cluster: never attach to another `ray start` on this machine
                 num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                 include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
                 log_to_driver=False,  # workers' output comes home on the run's event stream

@@ -1,0 +1,52 @@
+"""The driver of a run submitted as a Ray Job: ``python -m gpu_proxy.runs.job_driver run.pkl``.
+
+It runs the same supervisor as the embedded path and writes the event stream, the outcomes
+last, to its stdout, which is the job's log (see :mod:`gpu_proxy.runs.log_codec`). SIGTERM,
+which ``ray job stop`` sends, is home's stop request.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import sys
+from pathlib import Path
+
+import ray
+
+from gpu_proxy import events, shipping
+from gpu_proxy.events import Event
+from gpu_proxy.runs import log_codec
+from gpu_proxy.runs.supervisor import StopSignal, supervise
+
+
+class _LogSink:
+    def __init__(self) -> None:
+        self.last_seq = -1
+
+    def __call__(self, event: Event) -> None:
+        if event.seq < 0:
+            event.seq = self.last_seq + 1
+        self.last_seq = max(self.last_seq, event.seq)
+        for line in log_codec.encode(event):
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    spec = pickle.loads(Path(argv[0]).read_bytes())
+    stop = StopSignal()
+    signal.signal(signal.SIGTERM, lambda *_: stop.request())
+    sink = _LogSink()
+    try:
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        outcomes = supervise(spec, sink, stop)
+    except BaseException as exc:  # noqa: BLE001 - reported home, then the job fails
+        sink(Event(events.RESULT, {"driver_error": shipping.pack_exception(exc)}))
+        return 1
+    sink(Event(events.RESULT, {"outcomes": outcomes, "stopped": stop.requests > 0}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

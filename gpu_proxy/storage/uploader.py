@@ -1,0 +1,151 @@
+"""Upload and commit checkpoints on a background thread, in submission order.
+
+The caller serialises a checkpoint to a local file (fast, on its own thread) and hands it over;
+the upload and commit happen behind it. One thread and FIFO order keep retention safe: a removal
+submitted after a save runs only once that save has committed, so the number of committed
+checkpoints never drops below what the caller had before.
+
+After a task fails, the tasks queued behind it are dropped, not run: a queued removal must not
+delete the last good checkpoint when the checkpoint meant to replace it never committed. Every
+`submit_*` after a failure raises it (a training loop stops at its next checkpoint); `wait` and
+`close` raise it unless a `submit_*` already did, so a teardown during exception handling does
+not raise the same error a second time. `wait`/`close` then clear it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fsspec.spec import AbstractFileSystem
+
+from gpu_proxy.storage import commit
+from gpu_proxy.storage.diagnose import storage_error
+from gpu_proxy.storage.errors import UploadError
+
+
+@dataclass
+class _Task:
+    run: Callable[[], None]
+    discard: Callable[[], None]  # frees what the task holds when it is dropped or done
+    url: str
+    doing: str
+    storage_options: dict[str, Any] | None
+
+
+_STOP = object()
+
+
+class BackgroundUploader:
+    """A FIFO of upload/commit/remove tasks served by one daemon thread.
+
+    `max_pending` bounds the tasks waiting behind the running one; `submit_*` blocks while the
+    queue is full, so a caller that saves faster than the storage takes it is slowed down rather
+    than filling the disk with spooled checkpoints.
+    """
+
+    def __init__(self, max_pending: int = 1, thread_name: str = "gpu-proxy-uploader") -> None:
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self._tasks: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self._thread_name = thread_name
+        self._lock = threading.Lock()
+        self._failure: UploadError | None = None  # set by the thread; cleared by wait/close
+        self._failure_reported = False
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit_file(self, fs: AbstractFileSystem, local_path: str, path: str, *, url: str,
+                    storage_options: dict[str, Any] | None = None, delete_local: bool = True) -> None:
+        """Upload `local_path` to `path` on `fs` and commit it; `url` names it in errors."""
+        def discard() -> None:
+            if delete_local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(local_path)
+
+        self._submit(_Task(lambda: commit.commit_file(fs, local_path, path), discard, url,
+                           "upload the checkpoint to", storage_options))
+
+    def submit_remove(self, fs: AbstractFileSystem, path: str, *, url: str,
+                      storage_options: dict[str, Any] | None = None) -> None:
+        """Un-commit and delete the checkpoint at `path`, after every task submitted before."""
+        self._submit(_Task(lambda: commit.remove(fs, path), lambda: None, url,
+                           "remove the checkpoint", storage_options))
+
+    def _submit(self, task: _Task) -> None:
+        with self._lock:
+            failure = self._failure
+            self._failure_reported = self._failure_reported or failure is not None
+        if failure is not None:
+            task.discard()
+            raise failure
+        self._ensure_thread()
+        self._tasks.put(task)
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until every submitted task is done; raise the first failure, if any."""
+        self._tasks.join()
+        self._raise_unreported()
+
+    def close(self) -> None:
+        """`wait`, then stop the thread. Submitting again starts a new one."""
+        try:
+            self._tasks.join()
+        finally:
+            with self._lock:
+                thread, self._thread = self._thread, None
+            if thread is not None:
+                self._tasks.put(_STOP)
+                thread.join()
+        self._raise_unreported()
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not yet finished (approximate while the thread runs)."""
+        return self._tasks.unfinished_tasks
+
+    def _raise_unreported(self) -> None:
+        # Called with the queue drained, so no task is left to be dropped because of this failure.
+        with self._lock:
+            failure, self._failure = self._failure, None
+            reported, self._failure_reported = self._failure_reported, False
+        if failure is not None and not reported:
+            raise failure
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._thread_name, daemon=True)
+                self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is _STOP:
+                    return
+                with self._lock:
+                    failed = self._failure is not None
+                if not failed:
+                    self._run(task)
+            finally:
+                if task is not _STOP:
+                    task.discard()
+                self._tasks.task_done()
+
+    def _run(self, task: _Task) -> None:
+        try:
+            task.run()
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller
+            error = storage_error(exc, task.url, task.storage_options, task.doing, UploadError)
+            error.original = exc  # for debugging; its text is not shown, it may hold request details
+            with self._lock:
+                self._failure = error

@@ -1,0 +1,100 @@
+"""A Lightning CheckpointIO that writes checkpoints to any fsspec URL without stalling training.
+
+`save_checkpoint` serialises the checkpoint with `torch.save` to a local spool file on the
+training thread and returns; the upload and the commit (see `gpu_proxy.storage.commit`) run on a
+background thread. `remove_checkpoint` is queued behind earlier saves, so `ModelCheckpoint`'s
+`save_top_k` retention never deletes an old checkpoint before its replacement has committed.
+`teardown` (called by the Trainer at the end of every fit/validate/test) waits for every upload
+and raises an upload failure, so a run never reports success with a checkpoint missing.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from gpu_proxy.storage import commit
+from gpu_proxy.storage.location import resolve, split
+from gpu_proxy.storage.uploader import BackgroundUploader
+
+
+def _to_cpu_storage(storage: Any, location: str) -> Any:
+    return storage
+
+
+class AsyncFsspecCheckpointIO(CheckpointIO):
+    """Checkpoints on any fsspec URL (`s3://`, `gs://`, `file://`, `sftp://`, ...), committed atomically.
+
+    Args:
+        storage_options: fsspec options for every URL this plugin writes or reads (endpoint,
+            credentials). `Trainer.save_checkpoint(..., storage_options=...)` overrides them per call.
+            Lightning itself (`ModelCheckpoint`, `load_from_checkpoint`) opens URLs with fsspec's
+            defaults, so give the same settings through the environment or `fsspec.config.conf`.
+        max_pending: checkpoints that may wait behind the one uploading; a save blocks while the
+            queue is full, which bounds the spool's disk use to `max_pending + 2` checkpoints.
+        spool_dir: where checkpoints are serialised before upload (default: the system temp dir).
+    """
+
+    def __init__(self, storage_options: Optional[dict[str, Any]] = None, *, max_pending: int = 1,
+                 spool_dir: Optional[str] = None) -> None:
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.max_pending = max_pending
+        self.spool_dir = spool_dir
+        self._uploader = BackgroundUploader(max_pending)
+
+    # The strategy is shipped to remote workers inside the trainer; threads and queues do not pickle.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_uploader")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._uploader = BackgroundUploader(self.max_pending)
+
+    def _options(self, storage_options: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        return storage_options if storage_options is not None else self.storage_options
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Optional[dict[str, Any]] = None) -> None:
+        options = self._options(storage_options)
+        url = str(path)
+        fs, fs_path = resolve(url, options)
+        fd, local_path = tempfile.mkstemp(prefix="gpu-proxy-", suffix=".ckpt", dir=self.spool_dir)
+        try:
+            with os.fdopen(fd, "wb") as spool:
+                torch.save(checkpoint, spool)
+        except BaseException:
+            os.unlink(local_path)
+            raise
+        self._uploader.submit_file(fs, local_path, fs_path, url=url, storage_options=options)
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = _to_cpu_storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # Read-your-writes: a checkpoint saved a moment ago may still be uploading.
+        self._uploader.wait()
+        url = str(path)
+        fs, fs_path = resolve(url, self.storage_options)
+        if not fs.exists(fs_path):
+            raise FileNotFoundError(f"Checkpoint file not found: {url}")
+        if commit.is_managed(fs, split(fs_path)[0]) and not commit.is_committed(fs, fs_path):
+            raise FileNotFoundError(
+                f"Checkpoint {url} was never committed (its upload did not finish); "
+                "use gpu_proxy.storage.latest_committed(<its directory>) to find the newest complete one.")
+        with fs.open(fs_path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        url = str(path)
+        fs, fs_path = resolve(url, self.storage_options)
+        self._uploader.submit_remove(fs, fs_path, url=url, storage_options=self.storage_options)
+
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far has committed; raise an upload failure."""
+        self._uploader.wait()
+
+    def teardown(self) -> None:
+        self._uploader.close()

@@ -1,0 +1,92 @@
+"""A real ``ray start --head`` cluster on loopback with token auth, owned by the test session."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    dashboard_url: str
+    token: str = field(repr=False)
+    token_path: str
+    process: subprocess.Popen
+
+
+def start_ray_head(num_cpus: int = 2) -> RayHead:
+    folder = tempfile.mkdtemp(prefix="gph-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(32)
+    token_path = Path(folder) / "token"
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    dashboard_port = free_port()
+    worker_low = 20000 + (os.getpid() * 7) % 20000
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
+               PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 200}",
+        f"--num-cpus={num_cpus}", f"--temp-dir={folder}/ray", "--disable-usage-stats",
+    ]
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url + "/api/v0/nodes?detail=1",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if b'"ALIVE"' in response.read():
+                    return RayHead(url, token, str(token_path), process)
+        except (urllib.error.URLError, OSError):
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop_ray_head(RayHead(url, token, str(token_path), process))
+    raise RuntimeError("ray start --head did not come up")
+
+
+def stop_ray_head(head: RayHead) -> None:
+    try:
+        os.killpg(head.process.pid, signal.SIGTERM)
+        head.process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(head.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # Ray's daemons (gcs, raylet, dashboard) run in the same session: end any that remain.
+    subprocess.run(["pkill", "-9", "-s", str(head.process.pid)], check=False)
+    shutil.rmtree(Path(head.token_path).parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    head = start_ray_head()
+    yield head
+    stop_ray_head(head)
