@@ -1,10 +1,14 @@
-"""Lightning on remote GPUs: ``import gpu_proxy_lightning`` registers ``strategy="remote_gpu"``."""
+"""Lightning on remote GPUs: ``import gpu_proxy_lightning`` registers ``strategy="remote_gpu"``.
+
+It is registered with ``lightning.pytorch`` and, when installed, ``pytorch_lightning``.
+"""
 from lightning.pytorch.strategies import StrategyRegistry
 
-from gpu_proxy_lightning import remote_accelerator
+from gpu_proxy_lightning import pl_mirror, remote_accelerator
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 
 register(StrategyRegistry)
 remote_accelerator.install()
+pl_mirror.register_in_pytorch_lightning()
 
 __all__ = ["RemoteStrategy"]

@@ -85,7 +85,7 @@ def _wrap(connector_cls: type) -> None:
 
 
 def install() -> bool:
-    """Wrap the connector(s) of the installed Lightning; False (with a warning) on an untested version."""
+    """Wrap the Trainer's accelerator connector; False (with a warning) on an untested Lightning."""
     import lightning
 
     if not TESTED_LIGHTNING[0] <= Version(lightning.__version__) < TESTED_LIGHTNING[1]:
@@ -95,11 +95,4 @@ def install() -> bool:
     from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
     _wrap(_AcceleratorConnector)
-    try:
-        from pytorch_lightning.trainer.connectors.accelerator_connector import (
-            _AcceleratorConnector as _PLAcceleratorConnector,
-        )
-    except ImportError:
-        return True
-    _wrap(_PLAcceleratorConnector)
     return True
