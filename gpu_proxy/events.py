@@ -13,6 +13,7 @@ from typing import Any
 RUN_STARTED = "run_started"
 PROGRESS = "progress"
 METRICS = "metrics"
+HPARAMS = "hparams"
 LOG = "log"
 WARNING = "warning"
 CHECKPOINT = "checkpoint"

@@ -36,13 +36,17 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         max_pending: checkpoints that may wait behind the one uploading; a save blocks while the
             queue is full, which bounds the spool's disk use to `max_pending + 2` checkpoints.
         spool_dir: where checkpoints are serialised before upload (default: the system temp dir).
+        on_commit: called as `on_commit(url, {"epoch": ..., "global_step": ...})` on the upload
+            thread once a checkpoint is committed, e.g. to send a "checkpoint committed" event.
     """
 
     def __init__(self, storage_options: Optional[dict[str, Any]] = None, *, max_pending: int = 1,
-                 spool_dir: Optional[str] = None) -> None:
+                 spool_dir: Optional[str] = None,
+                 on_commit: Optional[Callable[[str, dict[str, Any]], None]] = None) -> None:
         self.storage_options = dict(storage_options) if storage_options else None
         self.max_pending = max_pending
         self.spool_dir = spool_dir
+        self.on_commit = on_commit
         self._uploader = BackgroundUploader(max_pending)
 
     # The strategy is shipped to remote workers inside the trainer; threads and queues do not pickle.
@@ -70,7 +74,10 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         except BaseException:
             os.unlink(local_path)
             raise
-        self._uploader.submit_file(fs, local_path, fs_path, url=url, storage_options=options)
+        # Recorded in the commit marker, so resume logic can report where it resumes from without a load.
+        meta = {key: checkpoint[key] for key in ("epoch", "global_step") if isinstance(checkpoint.get(key), int)}
+        self._uploader.submit_file(fs, local_path, fs_path, url=url, storage_options=options, meta=meta,
+                                   on_commit=self.on_commit)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = _to_cpu_storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -78,6 +85,7 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         self._uploader.wait()
         url = str(path)
         fs, fs_path = resolve(url, self.storage_options)
+        commit.forget_listings(fs, split(fs_path)[0])  # written by another process, maybe
         if not fs.exists(fs_path):
             raise FileNotFoundError(f"Checkpoint file not found: {url}")
         if commit.is_managed(fs, split(fs_path)[0]) and not commit.is_committed(fs, fs_path):

@@ -1,22 +1,91 @@
-"""The home side of the event stream for a Lightning run."""
+"""The home side of a Lightning run's event stream: the Trainer's own progress bar, home loggers, logs.
+
+The home Trainer never runs a loop, so its progress bar is driven by hand: before each relayed
+hook, the few numbers a bar reads (stage, epoch, batch counts, progress-bar metrics) are set on
+the home Trainer as rank 0 had them, then the bar's own hook is called. Whatever bar the user
+configured (TQDM, Rich, their own) therefore renders as it would locally. At the end of the run
+the launcher restores rank 0's final state over these values.
+"""
 from __future__ import annotations
 
 import sys
 from typing import Any
+
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from gpu_proxy import events
 from gpu_proxy.events import Event
 
 
 class HomeEventHandler:
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Any, home_loggers: list[Any] | None = None) -> None:
         self._trainer = trainer
+        self._bar = trainer.progress_bar_callback if trainer is not None else None
+        self._bar_ready = False
+        self._loggers = list(home_loggers or [])
+        self._num_nodes = 1
 
+    # ----- dispatch ---------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
         if event.kind == events.LOG:
-            stream = sys.stderr if event.data.get("stream") == "stderr" else sys.stdout
-            stream.write(f"(rank {event.rank}) {event.data['line']}\n")
-            stream.flush()
+            self._log_line(event)
+        elif event.kind == events.RUN_STARTED:
+            self._num_nodes = event.data.get("num_nodes", 1)
+        elif event.kind == events.PROGRESS and self._bar is not None:
+            self._progress(event.data)
+        elif event.kind == events.METRICS:
+            for logger in self._loggers:
+                logger.log_metrics(event.data["metrics"], event.data.get("step"))
+        elif event.kind == events.HPARAMS:
+            for logger in self._loggers:
+                logger.log_hyperparams(event.data["params"])
 
-    def close(self) -> None:
-        pass
+    def _log_line(self, event: Event) -> None:
+        where = f"rank {event.rank}" if self._num_nodes == 1 else f"rank {event.rank}, node {event.data.get('node')}"
+        stream = sys.stderr if event.data.get("stream") == "stderr" else sys.stdout
+        stream.write(f"({where}) {event.data['line']}\n")
+        stream.flush()
+
+    # ----- progress bar -------------------------------------------------------------------------
+    def _apply_state(self, data: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if data.get("fn"):
+            trainer.state.fn = TrainerFn(data["fn"])
+        trainer.state.stage = RunningStage(data["stage"]) if data.get("stage") else None
+        trainer.fit_loop.epoch_progress.current.completed = data["epoch"]
+        if data.get("num_training_batches") is not None:
+            trainer.fit_loop.max_batches = data["num_training_batches"]
+        if data.get("num_val_batches") is not None:
+            loop = trainer.validate_loop if data.get("fn") == "validate" else trainer.fit_loop.epoch_loop.val_loop
+            loop._max_batches = list(data["num_val_batches"])
+        if data.get("num_test_batches") is not None:
+            trainer.test_loop._max_batches = list(data["num_test_batches"])
+        if data.get("num_predict_batches") is not None:
+            trainer.predict_loop.max_batches = list(data["num_predict_batches"])
+        trainer._logger_connector._progress_bar_metrics = dict(data.get("metrics") or {})
+
+    def _progress(self, data: dict[str, Any]) -> None:
+        trainer, bar = self._trainer, self._bar
+        if bar.is_disabled:
+            return
+        self._apply_state(data)
+        module = trainer.lightning_module
+        if not self._bar_ready:
+            bar.setup(trainer, module, data.get("fn") or "fit")
+            self._bar_ready = True
+        hook = data["hook"]
+        batch_idx, dataloader_idx = data.get("batch_idx"), data.get("dataloader_idx", 0)
+        if hook.endswith("_batch_end"):
+            getattr(bar, hook)(trainer, module, None, None, batch_idx, dataloader_idx) \
+                if hook != "on_train_batch_end" else bar.on_train_batch_end(trainer, module, None, None, batch_idx)
+        elif hook.endswith("_batch_start"):
+            getattr(bar, hook)(trainer, module, None, batch_idx, dataloader_idx)
+        else:
+            getattr(bar, hook)(trainer, module)
+
+    def close(self, status: str = "success") -> None:
+        if self._bar is not None and self._bar_ready:
+            self._bar.teardown(self._trainer, self._trainer.lightning_module, "fit")
+        for logger in self._loggers:
+            logger.finalize(status)
+            logger.save()

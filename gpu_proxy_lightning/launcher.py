@@ -7,10 +7,13 @@ collect what home needs.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
+from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
 
 from gpu_proxy import shipping
@@ -18,6 +21,9 @@ from gpu_proxy.errors import ShippingError
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
 from gpu_proxy_lightning import predictions, worker_output
 from gpu_proxy_lightning.home_events import HomeEventHandler
+from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
+
+SEED_ENV_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 class WorkerJob:
@@ -28,27 +34,52 @@ class WorkerJob:
         self.function = function
         self.args = args
         self.kwargs = kwargs
+        # What seed_everything() and torch's flags set at home, as Lightning's spawn launcher carries it.
+        self.global_state = _GlobalStateSnapshot.capture()
+        self.seed_env = {k: os.environ[k] for k in SEED_ENV_VARS if k in os.environ}
 
     def __call__(self, ctx: WorkerContext) -> worker_output.WorkerOutput:
+        self.global_state.restore()
+        for key in SEED_ENV_VARS:
+            os.environ.pop(key, None)
+        os.environ.update(self.seed_env)
         trainer = self.trainer
-        trainer.strategy.enter_worker(ctx)
-        from gpu_proxy_lightning.worker_events import WorkerEventCallback
-
-        trainer.callbacks.append(WorkerEventCallback(ctx))
-        recorder = None
-        if trainer.state.fn == TrainerFn.PREDICTING:
-            recorder = predictions.PredictionRecorder()
-            trainer.callbacks.append(recorder)
+        strategy = trainer.strategy
+        strategy.enter_worker(ctx)
+        added = [WorkerEventCallback(ctx)]
+        recorder = predictions.PredictionRecorder() if trainer.state.fn == TrainerFn.PREDICTING else None
+        if recorder:
+            added.append(recorder)
+        trainer.callbacks.extend(added)
+        relay = RelayLogger(ctx) if strategy.home_loggers else None
+        if relay:
+            trainer.loggers = [*trainer.loggers, relay]
+        interrupted = False
         try:
-            results = self.function(*self.args, **self.kwargs)
-            trainer.callbacks = [c for c in trainer.callbacks if c is not recorder
-                                 and not isinstance(c, WorkerEventCallback)]
-            return worker_output.collect(trainer, results, ctx.rank,
-                                         recorder.recorded if recorder else None)
+            try:
+                results = self.function(*self.args, **self.kwargs)
+            except StopRequested as stop:
+                interrupted, results = True, None
+                _stop_like_local_ctrl_c(trainer, stop)
+            trainer.callbacks = [c for c in trainer.callbacks if not any(c is a for a in added)]
+            if relay:
+                trainer.loggers = [lg for lg in trainer.loggers if lg is not relay]
+            output = worker_output.collect(trainer, results, ctx.rank, recorder.recorded if recorder else None)
+            output.interrupted = interrupted
+            return output
         finally:
             # Ray reuses this process for later runs: leave no process group behind.
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def _stop_like_local_ctrl_c(trainer: Any, stop: KeyboardInterrupt) -> None:
+    """What Lightning does on Ctrl-C locally, on every rank at the same step, plus a last checkpoint."""
+    _interrupt(trainer, stop)  # state INTERRUPTED, on_exception hooks, loggers finalized
+    callback = trainer.checkpoint_callback
+    if trainer.state.fn == TrainerFn.FITTING and callback is not None and getattr(callback, "dirpath", None):
+        trainer.save_checkpoint(f"{callback.dirpath.rstrip('/')}/interrupted.ckpt")  # a collective: all ranks
+    trainer._teardown()
 
 
 class RemoteLauncher(_Launcher):
@@ -63,14 +94,18 @@ class RemoteLauncher(_Launcher):
         strategy = self._strategy
         spec = RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources())
-        handler = HomeEventHandler(trainer)
+        handler = HomeEventHandler(trainer, strategy.home_loggers)
+        status = "failed"
         try:
             outputs = values(execute(strategy.resolved_cluster(), spec, handler.handle))
+            status = "success"
         finally:
-            handler.close()
+            handler.close(status)
         if trainer is None:
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
+        if outputs[0].interrupted:
+            raise KeyboardInterrupt("the remote run stopped at home's request")
         if trainer.state.fn == TrainerFn.PREDICTING:
             return predictions.merge(outputs) if outputs[0].returns_predictions else None
         return outputs[0].trainer_results

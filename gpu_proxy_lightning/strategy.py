@@ -26,6 +26,8 @@ class RemoteStrategy(DDPStrategy):
         num_workers: how many DDP processes; default ``devices x num_nodes`` of the Trainer.
         use_gpu: one GPU per worker (NCCL); default: the Trainer's ``accelerator`` is ``"gpu"``/``"cuda"``.
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 4, "GPU": 1}``.
+        home_loggers: Lightning loggers that run here, at home, and receive every ``log_hyperparams``
+            and ``log_metrics`` call of rank 0's loggers live, while the run goes on.
         **ddp_kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
     """
 
@@ -37,6 +39,7 @@ class RemoteStrategy(DDPStrategy):
         num_workers: int | None = None,
         use_gpu: bool | None = None,
         resources_per_worker: dict[str, float] | None = None,
+        home_loggers: list[Any] | None = None,
         process_group_backend: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
@@ -52,6 +55,7 @@ class RemoteStrategy(DDPStrategy):
         self.num_workers = num_workers
         self.use_gpu = use_gpu
         self.resources_per_worker = dict(resources_per_worker) if resources_per_worker else None
+        self.home_loggers = list(home_loggers or [])
         self._worker_ctx: WorkerContext | None = None
         self._resolved_cluster: Cluster | None = None
 
@@ -90,6 +94,7 @@ class RemoteStrategy(DDPStrategy):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_resolved_cluster"] = None  # a live cluster handle (tunnels, tokens) never travels
+        state["home_loggers"] = [object()] * len(self.home_loggers)  # they stay home; workers relay to them
         if isinstance(state.get("cluster"), Cluster):
             state["cluster"] = None
         return state

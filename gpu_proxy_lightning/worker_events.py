@@ -1,18 +1,138 @@
-"""The worker-side Lightning callback that feeds the run's event stream."""
+"""The worker side of a Lightning run's event stream.
+
+:class:`WorkerEventCallback` tells home, from rank 0, every progress-bar hook with the numbers the
+bar reads (batch counts, epoch, progress-bar metrics), so home can draw the Trainer's own bar.
+:class:`RelayLogger` passes every ``log_metrics``/``log_hyperparams`` call home for the home
+loggers. Both only append to the emitter's queue: the step loop never waits on the network.
+Home's stop request (Ctrl-C) is agreed by all ranks every ``STOP_CHECK_EVERY`` batches, so
+every rank stops at the same step and no rank is left waiting in a collective.
+"""
 from __future__ import annotations
 
+from argparse import Namespace
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
+from gpu_proxy import events
 from gpu_proxy.runs import WorkerContext
+
+STOP_CHECK_EVERY = 10
+RELAYED_HOOKS = (
+    "on_sanity_check_start", "on_sanity_check_end", "on_train_start", "on_train_end",
+    "on_train_epoch_start", "on_train_epoch_end", "on_validation_start", "on_validation_end",
+    "on_test_start", "on_test_end", "on_predict_start", "on_predict_end",
+)
+RELAYED_BATCH_HOOKS = (
+    "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
+    "on_test_batch_start", "on_test_batch_end", "on_predict_batch_start", "on_predict_batch_end",
+)
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised on every rank at the same step once home asked the run to stop."""
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in metrics.items():
+        value = value.item() if hasattr(value, "item") else value
+        out[key] = value if isinstance(value, (int, float)) else str(value)
+    return out
+
+
+def _batch_counts(trainer: Any) -> dict[str, Any]:
+    def safe(name: str) -> Any:
+        try:
+            return getattr(trainer, name)
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+
+    return {name: safe(name) for name in ("num_training_batches", "num_val_batches", "num_sanity_val_batches",
+                                          "num_test_batches", "num_predict_batches")}
 
 
 class WorkerEventCallback(Callback):
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
+        self._batches_seen = 0  # the same count on every rank: DDP ranks run the same number of batches
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Home draws the progress bar from the event stream; a worker's bar would print twice.
         if trainer.progress_bar_callback is not None:
             trainer.progress_bar_callback.disable()
+
+    def _emit(self, trainer: Any, hook: str, batch_idx: int | None = None, dataloader_idx: int = 0) -> None:
+        if trainer.global_rank != 0:
+            return
+        self._ctx.emit(events.PROGRESS, {
+            "hook": hook, "batch_idx": batch_idx, "dataloader_idx": dataloader_idx,
+            "stage": trainer.state.stage.value if trainer.state.stage else None,
+            "fn": trainer.state.fn.value if trainer.state.fn else None,
+            "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+            "metrics": _scalars(trainer.progress_bar_metrics), **_batch_counts(trainer),
+        })
+
+    def _check_stop(self, trainer: Any) -> None:
+        self._batches_seen += 1
+        if self._batches_seen % STOP_CHECK_EVERY:
+            return
+        if trainer.strategy.reduce_boolean_decision(self._ctx.should_stop(), all=False):
+            raise StopRequested("home asked the run to stop")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._emit(trainer, "on_train_batch_end", batch_idx)
+        self._check_stop(trainer)
+
+
+def _stage_hook(name: str):
+    def relay(self, trainer, pl_module):
+        self._emit(trainer, name)
+    return relay
+
+
+def _batch_start_hook(name: str):
+    def relay(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._emit(trainer, name, batch_idx, dataloader_idx)
+    return relay
+
+
+def _batch_end_hook(name: str):
+    def relay(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._emit(trainer, name, batch_idx, dataloader_idx)
+    return relay
+
+
+for _name in RELAYED_HOOKS:
+    setattr(WorkerEventCallback, _name, _stage_hook(_name))
+for _name in RELAYED_BATCH_HOOKS:
+    if _name != "on_train_batch_end":  # defined above: it also checks for a stop request
+        factory = _batch_end_hook if _name.endswith("_end") else _batch_start_hook
+        setattr(WorkerEventCallback, _name, factory(_name))
+
+
+class RelayLogger(Logger):
+    """A logger on rank 0 that passes every call home, where the home loggers replay it."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__()
+        self._ctx = ctx
+
+    @property
+    def name(self) -> str:
+        return "gpu_proxy_relay"
+
+    @property
+    def version(self) -> str:
+        return "relay"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._ctx.rank == 0:
+            self._ctx.emit(events.METRICS, {"metrics": _scalars(metrics), "step": step})
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        if self._ctx.rank == 0:
+            params = vars(params) if isinstance(params, Namespace) else dict(params)
+            self._ctx.emit(events.HPARAMS, {"params": {k: v if isinstance(v, (int, float, str, bool, type(None)))
+                                                       else repr(v) for k, v in params.items()}})

@@ -28,6 +28,7 @@ class WorkerOutput:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_loop_state: dict[str, Any] | None = None
     callback_attributes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    interrupted: bool = False  # stopped at home's request (Ctrl-C)
     returns_predictions: bool = False  # predict(return_predictions=True) on the worker
     predictions: list[list[Any]] | None = None  # per dataloader, per batch
     batch_indices: list[list[list[int]]] | None = None  # per dataloader, per batch, per sample
