@@ -4,6 +4,9 @@ from gpu_proxy.clusters.local import LocalCluster
 from gpu_proxy.errors import (ClusterResourceError, ConfigurationError, GpuProxyError, RemoteError,
                               ShippingError, WorkerLostError)
 
+from gpu_proxy.clusters.ray_cluster import RayCluster
+from gpu_proxy.runs.attach import attach, list_runs, run_events
+
 __version__ = "0.1.0"
-__all__ = ["Cluster", "ClusterResourceError", "ConfigurationError", "Endpoint", "GpuProxyError",
+__all__ = ["RayCluster", "attach", "list_runs", "run_events", "Cluster", "ClusterResourceError", "ConfigurationError", "Endpoint", "GpuProxyError",
            "LocalCluster", "RemoteError", "ShippingError", "WorkerLostError"]

@@ -19,6 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from gpu_proxy import shipping
 from gpu_proxy.errors import ShippingError
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
+from gpu_proxy.runs.home import submit_detached
 from gpu_proxy_lightning import predictions, worker_output
 from gpu_proxy_lightning.home_events import HomeEventHandler
 from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
@@ -94,6 +95,11 @@ class RemoteLauncher(_Launcher):
         strategy = self._strategy
         spec = RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources())
+        if strategy.detach:
+            strategy.run_id = submit_detached(strategy.resolved_cluster(), spec)
+            print(f"gpu-proxy: run {strategy.run_id} submitted; follow it with "
+                  f"`gpu-proxy attach {strategy.run_id} --cluster <cluster>`")
+            return None
         handler = HomeEventHandler(trainer, strategy.home_loggers)
         status = "failed"
         try:

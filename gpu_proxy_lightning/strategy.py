@@ -28,6 +28,8 @@ class RemoteStrategy(DDPStrategy):
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 4, "GPU": 1}``.
         home_loggers: Lightning loggers that run here, at home, and receive every ``log_hyperparams``
             and ``log_metrics`` call of rank 0's loggers live, while the run goes on.
+        detach: submit the run and return at once (Ray Job clusters only); ``strategy.run_id`` names
+            it for ``gpu-proxy attach RUN_ID`` / :func:`gpu_proxy.attach`.
         **ddp_kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
     """
 
@@ -40,6 +42,7 @@ class RemoteStrategy(DDPStrategy):
         use_gpu: bool | None = None,
         resources_per_worker: dict[str, float] | None = None,
         home_loggers: list[Any] | None = None,
+        detach: bool = False,
         process_group_backend: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
@@ -56,6 +59,8 @@ class RemoteStrategy(DDPStrategy):
         self.use_gpu = use_gpu
         self.resources_per_worker = dict(resources_per_worker) if resources_per_worker else None
         self.home_loggers = list(home_loggers or [])
+        self.detach = detach
+        self.run_id: str | None = None
         self._worker_ctx: WorkerContext | None = None
         self._resolved_cluster: Cluster | None = None
 

@@ -30,6 +30,21 @@ def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) 
     return JobRun.submit(endpoint, spec).follow(on_event)
 
 
+def submit_detached(cluster: Cluster, spec: RunSpec) -> str:
+    """Submit ``spec`` to a Ray cluster and return its run id at once; the run goes on without home."""
+    cluster.start()
+    endpoint = cluster.endpoint()
+    if endpoint is None:
+        from gpu_proxy.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "detach=True needs a cluster that outlives this process; the embedded local cluster does not. "
+            "Pass cluster='http://host:8265' (or a saved cluster name).")
+    from gpu_proxy.runs.job import JobRun
+
+    return JobRun.submit(endpoint, spec).job_id
+
+
 def _execute_in_process(spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
     inbox: "queue.Queue[Any]" = queue.Queue()
     stop = StopSignal()

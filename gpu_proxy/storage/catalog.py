@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpu_proxy.storage import commit
+from gpu_proxy.storage.commit import CommittedCheckpoint
 from gpu_proxy.storage.location import join, resolve
 
 
@@ -14,6 +15,12 @@ def list_committed(dir_url: str, storage_options: dict[str, Any] | None = None) 
     """
     fs, dir_path = resolve(dir_url, storage_options)
     return [join(dir_url, c.name) for c in commit.committed_in(fs, dir_path)]
+
+
+def committed_details(dir_url: str, storage_options: dict[str, Any] | None = None) -> list[CommittedCheckpoint]:
+    """What the markers under `dir_url` say (name, size, commit time, writer's meta), oldest first."""
+    fs, dir_path = resolve(dir_url, storage_options)
+    return commit.committed_in(fs, dir_path)
 
 
 def latest_committed(dir_url: str, storage_options: dict[str, Any] | None = None) -> str | None:

@@ -27,7 +27,8 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
@@ -44,6 +45,7 @@ class CommittedCheckpoint:
     name: str  # basename of the payload inside its directory
     size: int
     committed_at_ns: int
+    meta: dict = field(default_factory=dict)  # what the writer chose to record (e.g. global_step)
 
 
 def marker_path(path: str) -> str:
@@ -51,18 +53,19 @@ def marker_path(path: str) -> str:
     return join(join(parent, COMMITS_DIR), name + MARKER_SUFFIX)
 
 
-def commit_file(fs: AbstractFileSystem, local_path: str, path: str) -> None:
-    """Upload `local_path` to `path` and commit it."""
+def commit_file(fs: AbstractFileSystem, local_path: str, path: str, meta: dict[str, Any] | None = None) -> None:
+    """Upload `local_path` to `path` and commit it; `meta` (JSON-able) is kept in the marker."""
     size = os.path.getsize(local_path)
-    _commit(fs, path, size, lambda publisher, uncommit: publisher.put_file(fs, local_path, path, uncommit))
+    _commit(fs, path, size, meta,
+            lambda publisher, uncommit: publisher.put_file(fs, local_path, path, uncommit))
 
 
-def commit_bytes(fs: AbstractFileSystem, data: bytes, path: str) -> None:
-    """Write `data` to `path` and commit it."""
-    _commit(fs, path, len(data), lambda publisher, uncommit: publisher.put_bytes(fs, data, path, uncommit))
+def commit_bytes(fs: AbstractFileSystem, data: bytes, path: str, meta: dict[str, Any] | None = None) -> None:
+    """Write `data` to `path` and commit it; `meta` (JSON-able) is kept in the marker."""
+    _commit(fs, path, len(data), meta, lambda publisher, uncommit: publisher.put_bytes(fs, data, path, uncommit))
 
 
-def _commit(fs: AbstractFileSystem, path: str, size: int, write_payload) -> None:
+def _commit(fs: AbstractFileSystem, path: str, size: int, meta: dict[str, Any] | None, write_payload) -> None:
     publisher = publisher_for(fs)
     marker = marker_path(path)
     if not is_object_store(fs):
@@ -70,7 +73,8 @@ def _commit(fs: AbstractFileSystem, path: str, size: int, write_payload) -> None
     # Called by a non-atomic publisher just before it replaces the old payload.
     write_payload(publisher, lambda: _remove_quietly(fs, marker))
     record = {"format": MARKER_FORMAT, "name": split(path)[1], "size": size,
-              "committed_at_ns": time.time_ns(), "host": socket.gethostname(), "pid": os.getpid()}
+              "committed_at_ns": time.time_ns(), "host": socket.gethostname(), "pid": os.getpid(),
+              "meta": meta or {}}
     publisher.put_bytes(fs, json.dumps(record).encode(), marker)
 
 
@@ -90,7 +94,8 @@ def _read_marker(raw: bytes, expected_name: str) -> CommittedCheckpoint | None:
         record = json.loads(raw)
         if record.get("format") != MARKER_FORMAT or record.get("name") != expected_name:
             return None
-        return CommittedCheckpoint(expected_name, int(record["size"]), int(record["committed_at_ns"]))
+        return CommittedCheckpoint(expected_name, int(record["size"]), int(record["committed_at_ns"]),
+                                   dict(record.get("meta") or {}))
     except (ValueError, KeyError, TypeError):
         return None  # a marker cut short by a crash on a non-atomic filesystem is no commit
 
@@ -101,6 +106,7 @@ def is_managed(fs: AbstractFileSystem, dir_path: str) -> bool:
 
 
 def is_committed(fs: AbstractFileSystem, path: str) -> bool:
+    forget_listings(fs, split(path)[0])
     try:
         raw = fs.cat_file(marker_path(path))
     except FileNotFoundError:
@@ -111,9 +117,8 @@ def is_committed(fs: AbstractFileSystem, path: str) -> bool:
 def committed_in(fs: AbstractFileSystem, dir_path: str) -> list[CommittedCheckpoint]:
     """The committed checkpoints directly in `dir_path`, oldest commit first."""
     dir_path = dir_path.rstrip("/")
-    # Other processes write here too; a listing cached by this filesystem instance may be stale.
-    fs.invalidate_cache(dir_path)
     marker_dir = join(dir_path, COMMITS_DIR)
+    forget_listings(fs, dir_path)
     try:
         markers = [p for p in fs.ls(marker_dir, detail=False) if p.endswith(MARKER_SUFFIX)]
         payload_names = {split(p)[1] for p in fs.ls(dir_path, detail=False)}
@@ -129,6 +134,16 @@ def committed_in(fs: AbstractFileSystem, dir_path: str) -> list[CommittedCheckpo
     return sorted(found, key=lambda c: (c.committed_at_ns, c.name))
 
 
+def forget_listings(fs: AbstractFileSystem, dir_path: str) -> None:
+    """Drop this filesystem instance's cached listings of a checkpoint directory.
+
+    Other processes write there too, so a cached listing may be stale. s3fs's
+    `invalidate_cache(path)` clears a path and its parents, not its children: name each.
+    """
+    for listed in (dir_path, join(dir_path, COMMITS_DIR), join(dir_path, STAGING_DIR)):
+        fs.invalidate_cache(listed)
+
+
 def remove_orphans(fs: AbstractFileSystem, dir_path: str, min_age_s: float = 3600.0) -> list[str]:
     """Delete what killed writers left in `dir_path`; return the paths deleted.
 
@@ -137,7 +152,7 @@ def remove_orphans(fs: AbstractFileSystem, dir_path: str, min_age_s: float = 360
     user put there, and they are invisible to resume logic anyway.
     """
     dir_path = dir_path.rstrip("/")
-    fs.invalidate_cache(dir_path)
+    forget_listings(fs, dir_path)
     deleted = []
     cutoff_ns = time.time_ns() - int(min_age_s * 1e9)
     with contextlib.suppress(FileNotFoundError):

@@ -60,15 +60,25 @@ class BackgroundUploader:
     # -- submitting -------------------------------------------------------------------------
 
     def submit_file(self, fs: AbstractFileSystem, local_path: str, path: str, *, url: str,
-                    storage_options: dict[str, Any] | None = None, delete_local: bool = True) -> None:
-        """Upload `local_path` to `path` on `fs` and commit it; `url` names it in errors."""
+                    storage_options: dict[str, Any] | None = None, delete_local: bool = True,
+                    meta: dict[str, Any] | None = None,
+                    on_commit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        """Upload `local_path` to `path` on `fs` and commit it; `url` names it in errors.
+
+        `on_commit(url, meta)` runs on the upload thread once the checkpoint is committed (to
+        report it home, say); an exception it raises counts as an upload failure.
+        """
         def discard() -> None:
             if delete_local:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(local_path)
 
-        self._submit(_Task(lambda: commit.commit_file(fs, local_path, path), discard, url,
-                           "upload the checkpoint to", storage_options))
+        def run() -> None:
+            commit.commit_file(fs, local_path, path, meta)
+            if on_commit is not None:
+                on_commit(url, dict(meta or {}))
+
+        self._submit(_Task(run, discard, url, "upload the checkpoint to", storage_options))
 
     def submit_remove(self, fs: AbstractFileSystem, path: str, *, url: str,
                       storage_options: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,159 @@
+"""``gpu-proxy``: bring clusters up and down, see their state, and follow runs on them.
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from typing import Any, Sequence
+
+from gpu_proxy.clusters import saved
+from gpu_proxy.errors import GpuProxyError
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _time(seconds: float | None) -> str:
+    return _dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.kind == "ray":
+        from gpu_proxy.clusters.ray_cluster import RayCluster
+
+        if not args.address:
+            raise SystemExit("gpu-proxy up ray: --address http://host:8265 is required")
+        cluster = RayCluster(args.address)
+        cluster.start()  # check it answers with our token before saving it
+        saved.save_cluster(args.name, {"kind": "ray", "address": args.address})
+        print(f"saved cluster {args.name!r}: {args.address}")
+        return 0
+    print(f"gpu-proxy up: cluster kind {args.kind!r} is not available in this version", file=sys.stderr)
+    return 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gpu_proxy.clusters.resolve import resolve_cluster
+
+    names = [args.cluster] if args.cluster else sorted(saved.saved_clusters())
+    if not names:
+        print("no saved clusters; `gpu-proxy up ray --address URL --name NAME` saves one")
+        return 0
+    rows = []
+    for name in names:
+        try:
+            cluster = resolve_cluster(name)
+            cluster.start()
+            resources = cluster.resources()
+            rows.append([name, "up", f"{resources.get('CPU', 0):g}", f"{resources.get('GPU', 0):g}",
+                         cluster.dashboard_url() or "-"])
+        except GpuProxyError as exc:
+            rows.append([name, "unreachable", "-", "-", str(exc).split(".")[0]])
+    print(_table(rows, ["CLUSTER", "STATE", "CPUS", "GPUS", "DASHBOARD"]))
+    return 0 if all(row[1] == "up" for row in rows) else 1
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from gpu_proxy.clusters.resolve import resolve_cluster
+
+    cluster = resolve_cluster(args.cluster)
+    cluster.start()
+    print(cluster.dashboard_url())
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from gpu_proxy.runs.attach import list_runs
+
+    runs = list_runs(args.cluster)
+    print(_table([[r.run_id, r.status, _time(r.start_time), _time(r.end_time)] for r in runs],
+                 ["RUN", "STATE", "STARTED", "ENDED"]))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from gpu_proxy import events
+    from gpu_proxy.runs.attach import run_events
+
+    for event in run_events(args.run_id, args.cluster):
+        if event.kind == events.LOG:
+            print(f"(rank {event.rank}) {event.data.get('line', '')}")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from gpu_proxy.runs.attach import attach
+
+    attach(args.run_id, args.cluster)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from gpu_proxy.clusters.resolve import resolve_cluster
+
+    if args.cluster not in saved.saved_clusters():
+        print(f"no saved cluster named {args.cluster!r}", file=sys.stderr)
+        return 1
+    cluster = resolve_cluster(args.cluster)
+    cluster.stop()  # tears down only what gpu-proxy started; an attached cluster is left running
+    saved.forget_cluster(args.cluster)
+    print(f"cluster {args.cluster!r} {'torn down' if cluster.owns_nodes else 'forgotten (it was not started by gpu-proxy)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-proxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
+    up.add_argument("kind", choices=["ray"], help="ray: an existing Ray cluster by dashboard address")
+    up.add_argument("--name", default="default", help="name to save the cluster under (default: default)")
+    up.add_argument("--address", help="the Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="resources and state of saved clusters")
+    status.add_argument("cluster", nargs="?", help="a saved name or dashboard address (default: all saved)")
+    status.set_defaults(func=cmd_status)
+
+    dashboard = sub.add_parser("dashboard", help="print the URL of the cluster's Ray dashboard")
+    dashboard.add_argument("cluster", help="a saved name or dashboard address")
+    dashboard.set_defaults(func=cmd_dashboard)
+
+    for name, func, text in (("runs", cmd_runs, "list the runs on a cluster"),):
+        runs = sub.add_parser(name, help=text)
+        runs.add_argument("--cluster", "-c", default="default", help="saved name or dashboard address")
+        runs.set_defaults(func=func)
+    for name, func, text in (("logs", cmd_logs, "print a run's logs"),
+                             ("attach", cmd_attach, "replay a run's events and follow it live")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("run_id")
+        command.add_argument("--cluster", "-c", default="default", help="saved name or dashboard address")
+        command.set_defaults(func=func)
+
+    down = sub.add_parser("down", help="tear down a cluster gpu-proxy started, and forget it")
+    down.add_argument("cluster", help="a saved name")
+    down.set_defaults(func=cmd_down)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GpuProxyError as exc:
+        print(f"gpu-proxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Runs submitted to a Ray cluster outlive their home: list them, read their logs, follow them again."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
+
+from ray.job_submission import JobSubmissionClient
+
+from gpu_proxy import events
+from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
+from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.events import Event
+from gpu_proxy.runs import log_codec
+from gpu_proxy.runs.home import values
+from gpu_proxy.runs.job import JobRun
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    status: str
+    entrypoint: str
+    start_time: float | None
+    end_time: float | None
+
+
+def _endpoint(cluster: ClusterSpec) -> Endpoint:
+    resolved = resolve_cluster(cluster)
+    resolved.start()
+    endpoint = resolved.endpoint()
+    if endpoint is None:
+        raise ConfigurationError(
+            "Runs on the embedded local cluster live and die with their Python process; detach, attach, "
+            "runs and logs need a Ray cluster given by address or name (cluster='http://host:8265').")
+    return endpoint
+
+
+def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
+    endpoint = _endpoint(cluster)
+    client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+    runs = []
+    for job in client.list_jobs():
+        if (job.metadata or {}).get("gpu_proxy_run"):
+            runs.append(RunInfo(job.submission_id, str(job.status.value if hasattr(job.status, "value") else job.status),
+                                job.entrypoint, (job.start_time or 0) / 1000 or None,
+                                (job.end_time or 0) / 1000 or None))
+    return sorted(runs, key=lambda r: r.start_time or 0)
+
+
+def run_events(run_id: str, cluster: ClusterSpec) -> list[Event]:
+    """Every event the run has sent so far, in order (from its job log)."""
+    endpoint = _endpoint(cluster)
+    client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+    decoder = log_codec.Decoder()
+    return [event for line in client.get_job_logs(run_id).splitlines() for event in decoder.feed(line)]
+
+
+class ConsoleRenderer:
+    """A plain rendering of a run's events for a terminal: log lines and a line per epoch."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == events.LOG:
+            self.out.write(f"(rank {event.rank}) {event.data.get('line', '')}\n")
+        elif event.kind == events.PROGRESS and event.data.get("hook") in ("on_train_epoch_end", "epoch_end"):
+            metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in (event.data.get("metrics") or {}).items())
+            self.out.write(f"epoch {event.data.get('epoch')} step {event.data.get('global_step', '')} {metrics}\n")
+        elif event.kind in (events.RESTART, events.WARNING, events.CHECKPOINT):
+            self.out.write(f"[{event.kind}] {event.data}\n")
+        self.out.flush()
+
+
+def attach(run_id: str, cluster: ClusterSpec, on_event: Callable[[Event], None] | None = None) -> list[Any]:
+    """Replay a run's events from the start, follow it live, and return each rank's result."""
+    run = JobRun(_endpoint(cluster), run_id)
+    return values(run.follow(on_event or ConsoleRenderer()))
