@@ -24,6 +24,10 @@ class HomeEventHandler:
         self._bar_ready = False
         self._loggers = list(home_loggers or [])
         self._num_nodes = 1
+        self._max_step_logged = -1
+        self._replayed_up_to = -1  # after a restart: steps up to here were logged before the failure
+        self._hparams_logged = False
+        self.restarts: list[dict[str, Any]] = []
 
     # ----- dispatch ---------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
@@ -34,11 +38,24 @@ class HomeEventHandler:
         elif event.kind == events.PROGRESS and self._bar is not None:
             self._progress(event.data)
         elif event.kind == events.METRICS:
-            for logger in self._loggers:
-                logger.log_metrics(event.data["metrics"], event.data.get("step"))
-        elif event.kind == events.HPARAMS:
+            self._log_metrics(event.data["metrics"], event.data.get("step"))
+        elif event.kind == events.HPARAMS and not self._hparams_logged:
+            self._hparams_logged = True
             for logger in self._loggers:
                 logger.log_hyperparams(event.data["params"])
+        elif event.kind == events.RESTART:
+            self.restarts.append(event.data)
+            self._replayed_up_to = self._max_step_logged
+            sys.stderr.write(f"gpu-proxy: restarting the run (attempt {event.data['attempt']}) from "
+                             f"{event.data.get('resumed_from') or 'the start'}: {event.data['reason']}\n")
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None) -> None:
+        if step is not None:
+            if step <= self._replayed_up_to:
+                return  # a resumed run re-logs the steps between its checkpoint and the failure
+            self._max_step_logged = max(self._max_step_logged, step)
+        for logger in self._loggers:
+            logger.log_metrics(metrics, step)
 
     def _log_line(self, event: Event) -> None:
         where = f"rank {event.rank}" if self._num_nodes == 1 else f"rank {event.rank}, node {event.data.get('node')}"

@@ -16,11 +16,13 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateS
 from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
 
-from gpu_proxy import shipping
-from gpu_proxy.errors import ShippingError
+from gpu_proxy import events, shipping
+from gpu_proxy.errors import ShippingError, WorkerLostError
+from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
 from gpu_proxy.runs.home import submit_detached
-from gpu_proxy_lightning import predictions, worker_output
+from gpu_proxy_lightning import checkpointing, predictions, worker_output
+from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 from gpu_proxy_lightning.home_events import HomeEventHandler
 from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
 
@@ -52,11 +54,14 @@ class WorkerJob:
         if recorder:
             added.append(recorder)
         trainer.callbacks.extend(added)
+        if isinstance(strategy.checkpoint_io, AsyncFsspecCheckpointIO) and ctx.rank == 0:
+            strategy.checkpoint_io.on_commit = lambda url, meta: ctx.emit(events.CHECKPOINT, {"url": url, **meta})
         relay = RelayLogger(ctx) if strategy.home_loggers else None
         if relay:
             trainer.loggers = [*trainer.loggers, relay]
         interrupted = False
         try:
+            checkpointing.apply_storage_options(strategy.checkpoint_dir, strategy.storage_options)
             try:
                 results = self.function(*self.args, **self.kwargs)
             except StopRequested as stop:
@@ -93,8 +98,11 @@ class RemoteLauncher(_Launcher):
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         strategy = self._strategy
-        spec = RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
-                       num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources())
+        continue_run = strategy.run_name is not None  # a run named by the user continues where it stopped
+        storage = self._prepare_storage(trainer, function)  # fails here, before any worker starts
+        if storage is not None:
+            args = storage.resolve_ckpt_path(function, args, continue_run)
+        spec = self._spec(trainer, function, args, kwargs)
         if strategy.detach:
             strategy.run_id = submit_detached(strategy.resolved_cluster(), spec)
             print(f"gpu-proxy: run {strategy.run_id} submitted; follow it with "
@@ -103,7 +111,7 @@ class RemoteLauncher(_Launcher):
         handler = HomeEventHandler(trainer, strategy.home_loggers)
         status = "failed"
         try:
-            outputs = values(execute(strategy.resolved_cluster(), spec, handler.handle))
+            outputs = self._run_with_restarts(spec, handler, storage, trainer, function, args, kwargs)
             status = "success"
         finally:
             handler.close(status)
@@ -115,6 +123,46 @@ class RemoteLauncher(_Launcher):
         if trainer.state.fn == TrainerFn.PREDICTING:
             return predictions.merge(outputs) if outputs[0].returns_predictions else None
         return outputs[0].trainer_results
+
+    def _spec(self, trainer: Any, function: Callable, args: tuple, kwargs: dict) -> RunSpec:
+        strategy = self._strategy
+        return RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
+                       num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
+                       metadata={"run_name": strategy.run_name})
+
+    def _prepare_storage(self, trainer: Any, function: Callable) -> checkpointing.RunStorage | None:
+        strategy = self._strategy
+        if not strategy.checkpoint_dir or trainer is None:
+            return None
+        if getattr(function, "__name__", "") == "_fit_impl" and strategy.run_name is None:
+            strategy.run_name = checkpointing.new_run_name()
+        storage = checkpointing.RunStorage(strategy.checkpoint_dir, strategy.run_name or "default",
+                                           strategy.storage_options)
+        storage.check()
+        storage.configure(trainer)
+        return storage
+
+    def _run_with_restarts(self, spec: RunSpec, handler: HomeEventHandler, storage: Any, trainer: Any,
+                           function: Callable, args: tuple, kwargs: dict) -> list[Any]:
+        """Run; when a worker dies, start again from the newest committed checkpoint, up to max_failures."""
+        failures: list[str] = []
+        while True:
+            try:
+                return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
+            except WorkerLostError as lost:
+                failures.append(str(lost))
+                if len(failures) > self._strategy.max_failures:
+                    if not self._strategy.max_failures:
+                        raise
+                    listing = "\n".join(f"  {i + 1}. {text}" for i, text in enumerate(failures))
+                    raise WorkerLostError(f"The run failed {len(failures)} times, more than max_failures="
+                                          f"{self._strategy.max_failures}:\n{listing}") from lost
+                resume_from = storage.latest() if storage is not None else None
+                handler.handle(Event(events.RESTART, {"attempt": len(failures) + 1, "reason": str(lost),
+                                                      "resumed_from": resume_from}))
+                if getattr(function, "__name__", "") == "_fit_impl":
+                    args = checkpointing.resume_args(args, resume_from)
+                spec = self._spec(trainer, function, args, kwargs)
 
     @staticmethod
     def _ship(job: WorkerJob, trainer: Any, args: tuple) -> bytes:

@@ -30,6 +30,12 @@ class RemoteStrategy(DDPStrategy):
             and ``log_metrics`` call of rank 0's loggers live, while the run goes on.
         detach: submit the run and return at once (Ray Job clusters only); ``strategy.run_id`` names
             it for ``gpu-proxy attach RUN_ID`` / :func:`gpu_proxy.attach`.
+        checkpoint_dir: any fsspec URL (``s3://``, ``gs://``, ``file://``, ``sftp://``...); checkpoints go to
+            ``<checkpoint_dir>/<run_name>/checkpoints`` unless ModelCheckpoint has its own ``dirpath``.
+        storage_options: fsspec options for ``checkpoint_dir`` (endpoint, profile...).
+        run_name: names the run under ``checkpoint_dir``; an existing name continues that run. Default: new.
+        max_failures: restart the workers from the newest committed checkpoint up to this many times
+            when a worker process or node dies.
         **ddp_kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
     """
 
@@ -43,6 +49,10 @@ class RemoteStrategy(DDPStrategy):
         resources_per_worker: dict[str, float] | None = None,
         home_loggers: list[Any] | None = None,
         detach: bool = False,
+        checkpoint_dir: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        run_name: str | None = None,
+        max_failures: int = 0,
         process_group_backend: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
@@ -58,6 +68,15 @@ class RemoteStrategy(DDPStrategy):
         self.num_workers = num_workers
         self.use_gpu = use_gpu
         self.resources_per_worker = dict(resources_per_worker) if resources_per_worker else None
+        if not isinstance(max_failures, int) or max_failures < 0:
+            raise ConfigurationError(f"max_failures={max_failures!r}: give a whole number >= 0.")
+        if max_failures and not checkpoint_dir:
+            raise ConfigurationError("max_failures needs checkpoint_dir=<fsspec URL>: a restart resumes from "
+                                     "the newest committed checkpoint there.")
+        self.checkpoint_dir = checkpoint_dir
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.run_name = run_name
+        self.max_failures = max_failures
         self.home_loggers = list(home_loggers or [])
         self.detach = detach
         self.run_id: str | None = None

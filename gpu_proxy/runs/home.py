@@ -79,7 +79,16 @@ def _execute_in_process(spec: RunSpec, on_event: Callable[[Event], None]) -> lis
 
 
 def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
-    """Raise the run's error at home: a worker's own exception first, else the lost workers."""
+    """Raise the run's error at home.
+
+    A worker process that died (killed, out of memory, node lost) comes first: the errors the other
+    ranks then raise (a collective whose peer vanished) are its consequences. Otherwise the first
+    rank's own exception is raised as itself.
+    """
+    crashed = [o for o in outcomes if "lost" in o and not o.get("cancelled")]
+    if crashed:
+        details = "; ".join(f"rank {o['rank']}: {o['lost']}" for o in crashed)
+        raise WorkerLostError(f"{len(crashed)} worker(s) died during the run: {details}")
     for outcome in outcomes:
         if "error" in outcome:
             raise shipping.unpack_exception(outcome["error"], f"rank {outcome['rank']}")

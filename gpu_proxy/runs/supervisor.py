@@ -144,10 +144,10 @@ def _follow(refs: list[Any], rank_of: dict[Any, int], channel: Any,
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
                 for ref in done:
                     rank = rank_of[ref]
-                    outcomes[rank] = {"rank": rank, "lost": "stopped because another rank failed"
-                                      if failed else "aborted by a second interrupt"}
+                    outcomes[rank] = {"rank": rank, "cancelled": True, "lost": "stopped because another rank "
+                                      "failed" if failed else "aborted by a second interrupt"}
             for ref in pending:
-                outcomes[rank_of[ref]] = {"rank": rank_of[ref], "lost": "did not stop in time"}
+                outcomes[rank_of[ref]] = {"rank": rank_of[ref], "cancelled": True, "lost": "did not stop in time"}
             pending = []
     _relay(channel, sink, 0)
     return [outcomes[rank] for rank in sorted(outcomes)]

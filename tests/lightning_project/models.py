@@ -131,3 +131,18 @@ class RecordRanks(Callback):
 
 def load_record(folder, name: str, rank: int) -> dict:
     return torch.load(Path(folder) / f"{name}{rank}.pt", weights_only=False)
+
+
+class KillOnce(Callback):
+    """SIGKILLs this worker process at a chosen global step, the first time only (a marker file remembers)."""
+
+    def __init__(self, rank: int, at_step: int, marker: str) -> None:
+        self.rank, self.at_step, self.marker = rank, at_step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import signal
+
+        if trainer.global_rank == self.rank and trainer.global_step == self.at_step:
+            if not os.path.exists(self.marker):
+                Path(self.marker).write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,79 @@
+"""Where a remote Lightning run keeps its checkpoints: ``<checkpoint_dir>/<run_name>/`` on any fsspec URL.
+
+Decided and checked at home before any worker starts; the workers write through
+:class:`~gpu_proxy_lightning.checkpoint_io.AsyncFsspecCheckpointIO` (atomic commits, uploads behind
+the step loop), and resume picks the newest *committed* checkpoint.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import uuid
+import warnings
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gpu_proxy.storage import check_writable, latest_committed
+from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
+
+FIT_CKPT_PATH_ARG = 4  # Trainer.fit calls _fit_impl(model, train_dl, val_dl, datamodule, ckpt_path, ...)
+
+
+def new_run_name() -> str:
+    return f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class RunStorage:
+    def __init__(self, checkpoint_dir: str, run_name: str, storage_options: dict[str, Any] | None) -> None:
+        self.run_url = f"{checkpoint_dir.rstrip('/')}/{run_name}"
+        self.checkpoints_url = f"{self.run_url}/checkpoints"
+        self.storage_options = storage_options
+
+    def check(self) -> None:
+        check_writable(self.run_url, self.storage_options)
+
+    def latest(self) -> str | None:
+        return latest_committed(self.checkpoints_url, self.storage_options)
+
+    def configure(self, trainer: Any) -> None:
+        """Point the Trainer's checkpoints here unless the user chose their own places."""
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: the user set no plugin
+            strategy.checkpoint_io = AsyncFsspecCheckpointIO(self.storage_options)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = self.checkpoints_url
+        if os.path.abspath(str(trainer._default_root_dir)) == os.getcwd():
+            trainer._default_root_dir = self.run_url
+
+    def resolve_ckpt_path(self, function: Any, args: tuple, continue_run: bool) -> tuple:
+        """``fit(ckpt_path="last")``, or a named run that exists, means the newest committed checkpoint."""
+        if getattr(function, "__name__", "") != "_fit_impl" or len(args) <= FIT_CKPT_PATH_ARG:
+            return args
+        requested = args[FIT_CKPT_PATH_ARG]
+        if requested is None and continue_run:
+            latest = self.latest()
+            return resume_args(args, latest) if latest else args
+        if requested != "last":
+            return args
+        latest = self.latest()
+        if latest is None:
+            warnings.warn(f'ckpt_path="last": no committed checkpoint under {self.checkpoints_url}; starting afresh.')
+        return resume_args(args, latest)
+
+
+def apply_storage_options(checkpoint_dir: str | None, storage_options: dict[str, Any] | None) -> None:
+    """Make plain fsspec calls (Lightning's ModelCheckpoint, load_from_checkpoint) use the run's options."""
+    if not checkpoint_dir or not storage_options:
+        return
+    import fsspec.config
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(checkpoint_dir)[0] or "file"
+    fsspec.config.conf.setdefault(protocol, {}).update(storage_options)
+
+
+def resume_args(args: tuple, ckpt_path: str | None) -> tuple:
+    return args[:FIT_CKPT_PATH_ARG] + (ckpt_path,) + args[FIT_CKPT_PATH_ARG + 1:]
