@@ -7,7 +7,6 @@ home's stop request, so neither costs the training loop a round trip.
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 import time
 from typing import Any
@@ -48,11 +47,6 @@ class EventEmitter:
     def _run(self) -> None:
         last_poll = 0.0
         while not self._closed.wait(FLUSH_INTERVAL_S):
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()  # so print() without a newline-triggered flush still streams
-                except ValueError:
-                    pass
             self._flush()
             now = time.monotonic()
             if now - last_poll > STOP_POLL_INTERVAL_S:

@@ -28,8 +28,14 @@ class OutputCapture:
         self._readers: list[threading.Thread] = []
 
     def __enter__(self) -> "OutputCapture":
+        self._line_buffering = {}
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+            # Line by line while captured, as on a terminal. (No flusher thread: a thread holding a
+            # stream's lock when user code forks, e.g. DataLoader workers, would deadlock the child.)
+            if hasattr(stream, "reconfigure"):
+                self._line_buffering[stream] = stream.line_buffering
+                stream.reconfigure(line_buffering=True)
         for fd in _STREAMS:
             self._saved[fd] = os.dup(fd)
             read_end, write_end = os.pipe()
@@ -66,6 +72,8 @@ class OutputCapture:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
+                if stream in self._line_buffering:
+                    stream.reconfigure(line_buffering=self._line_buffering[stream])
             except ValueError:  # a user closed it
                 pass
         for fd, saved in self._saved.items():
