@@ -1,0 +1,113 @@
+"""How fast the event stream brings a run home, and what streaming costs the training loop.
+
+  latency   - from a worker's ``self.log(...)`` to the home logger's ``log_metrics`` call, p50 and p99,
+              on the embedded cluster (targets: 50 ms and 250 ms)
+  overhead  - fit() time of a loop that logs every step, with streaming on (home logger + home
+              progress bar) against the same loop with streaming off (target: under 2 %)
+
+    python bench/events.py [--steps 1500] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_proxy_lightning  # noqa: E402,F401
+from gpu_proxy_lightning import RemoteStrategy  # noqa: E402
+
+
+class TinyModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.layer(x), y)
+        self.log("loss", loss)
+        self.log("sent_at", time.time())  # wall clock: home and workers share this machine's clock
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class LatencyLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.latencies: list[float] = []
+
+    name = property(lambda self: "latency")
+    version = property(lambda self: 0)
+
+    def log_metrics(self, metrics, step=None):
+        if "sent_at" in metrics:
+            self.latencies.append(time.time() - metrics["sent_at"])
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class NullLogger(Logger):
+    """The workers' own logger in both cases, so Lightning's logging work is the same on each side."""
+
+    name = property(lambda self: "null")
+    version = property(lambda self: 0)
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def loader(steps: int) -> DataLoader:
+    x = torch.randn(steps * 2 * 4, 8)  # 2 workers x batch 4
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+
+
+def fit(steps: int, streaming: bool) -> tuple[float, LatencyLogger]:
+    home = LatencyLogger()
+    strategy = RemoteStrategy(home_loggers=[home] if streaming else None)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=1, log_every_n_steps=1,
+                        logger=NullLogger(), enable_progress_bar=streaming,
+                        enable_checkpointing=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(TinyModel(), loader(steps))
+    return time.perf_counter() - start, home
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    fit(50, True)  # warm the worker processes
+    on, off, latencies = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        seconds, home = fit(args.steps, True)
+        on.append(seconds)
+        latencies += home.latencies
+        off.append(fit(args.steps, False)[0])
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000
+    print(f"latency self.log -> home logger over {len(latencies)} calls: p50 {p50:.1f} ms (target 50), "
+          f"p99 {p99:.1f} ms (target 250)")
+    ratio = statistics.median(on) / statistics.median(off)
+    print(f"fit() with streaming {statistics.median(on):.2f} s vs without {statistics.median(off):.2f} s "
+          f"({args.steps} steps, logging every step): {ratio:.3f}x, overhead {100 * (ratio - 1):+.1f} % (target < 2 %)")
+
+
+if __name__ == "__main__":
+    main()
