@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.ray_head import ray_head  # noqa: F401  (session fixture)
+from tests.support.ray_head import ray_head, ray_two_nodes  # noqa: F401  (session fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,7 @@ class RecordRanks(Callback):
     def _write(self, trainer, pl_module, name: str, extra: dict | None = None) -> None:
         record = {
             "pid": os.getpid(), "global_rank": trainer.global_rank, "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes, "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
             "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "current_epoch": trainer.current_epoch, "global_step": trainer.global_step,
             "callback_metrics": {k: v.clone() for k, v in trainer.callback_metrics.items()},

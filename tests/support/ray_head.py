@@ -30,6 +30,9 @@ class RayHead:
     token: str = field(repr=False)
     token_path: str
     process: subprocess.Popen
+    gcs_address: str = ""
+    env: dict = field(default_factory=dict, repr=False)
+    extra_nodes: list = field(default_factory=list)
 
 
 def start_ray_head(num_cpus: int = 2) -> RayHead:
@@ -44,8 +47,9 @@ def start_ray_head(num_cpus: int = 2) -> RayHead:
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
                PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    gcs_port = free_port()
     command = [
-        str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
         f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 200}",
@@ -61,7 +65,7 @@ def start_ray_head(num_cpus: int = 2) -> RayHead:
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 if b'"ALIVE"' in response.read():
-                    return RayHead(url, token, str(token_path), process)
+                    return RayHead(url, token, str(token_path), process, f"127.0.0.1:{gcs_port}", env)
         except (urllib.error.URLError, OSError):
             pass
         if process.poll() is not None:
@@ -71,7 +75,34 @@ def start_ray_head(num_cpus: int = 2) -> RayHead:
     raise RuntimeError("ray start --head did not come up")
 
 
+def add_worker_node(head: RayHead, num_cpus: int = 1) -> None:
+    """A second Ray node on this machine, joined to ``head`` with the same token."""
+    low = 40000 + (os.getpid() * 13) % 15000
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={head.gcs_address}",
+        f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--min-worker-port={low}", f"--max-worker-port={low + 200}", "--disable-usage-stats",
+    ]
+    process = subprocess.Popen(command, env=head.env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head.extra_nodes.append(process)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(head.dashboard_url + "/api/v0/nodes?detail=1",
+                                         headers={"Authorization": f"Bearer {head.token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            if response.read().count(b'"ALIVE"') >= 1 + len(head.extra_nodes):
+                return
+        time.sleep(0.5)
+    raise RuntimeError("the second Ray node did not join")
+
+
 def stop_ray_head(head: RayHead) -> None:
+    for node in head.extra_nodes:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(head.process.pid, signal.SIGTERM)
         head.process.wait(timeout=20)
@@ -83,6 +114,15 @@ def stop_ray_head(head: RayHead) -> None:
     # Ray's daemons (gcs, raylet, dashboard) run in the same session: end any that remain.
     subprocess.run(["pkill", "-9", "-s", str(head.process.pid)], check=False)
     shutil.rmtree(Path(head.token_path).parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_two_nodes():
+    """Two Ray nodes of one CPU each, one cluster, on loopback."""
+    head = start_ray_head(num_cpus=1)
+    add_worker_node(head, num_cpus=1)
+    yield head
+    stop_ray_head(head)
 
 
 @pytest.fixture(scope="session")
