@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.ray_head import ray_head, ray_two_nodes  # noqa: F401  (session fixtures)
+from tests.support.sshd import sshd  # noqa: F401  (one sshd for the session)
 
 
 @pytest.fixture(scope="session")

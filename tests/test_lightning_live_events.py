@@ -171,3 +171,33 @@ def test_ctrl_c_stops_workers_checkpoints_and_returns_quickly(tmp_path):
     from tests.test_lightning_errors import cpus_in_use
 
     assert cpus_in_use() == 0
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    trainer = L.Trainer(strategy="remote_gpu", accelerator="cpu", devices=2, max_epochs=1000, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    previous = signal.getsignal(signal.SIGINT)
+    sent: dict[str, float] = {}
+
+    class IgnoresStop(Endless):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.3)  # slow steps: a graceful stop would take seconds
+            return super().training_step(batch, batch_idx)
+
+    def interrupt_twice():
+        time.sleep(8)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.2)
+        sent["at"] = time.monotonic()
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=interrupt_twice, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit):
+            trainer.fit(IgnoresStop(), datamodule=DigitsData(limit=400))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - sent["at"] < 5
+    from tests.test_lightning_errors import cpus_in_use
+
+    assert cpus_in_use() == 0
