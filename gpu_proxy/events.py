@@ -7,7 +7,7 @@ reconnects asks for "everything after N" and gets no gap and no duplicate.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 RUN_STARTED = "run_started"
@@ -32,7 +32,8 @@ class Event:
     seq: int = -1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies the payload, and workers call this on every logged step.
+        return {"kind": self.kind, "data": self.data, "rank": self.rank, "time": self.time, "seq": self.seq}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Event":

@@ -9,6 +9,7 @@ every rank stops at the same step and no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
+import time
 from argparse import Namespace
 from typing import Any
 
@@ -19,6 +20,7 @@ from gpu_proxy import events
 from gpu_proxy.runs import WorkerContext
 
 STOP_CHECK_EVERY = 10
+BATCH_EVENT_INTERVAL_S = 0.05  # a bar redraws a few times a second; more batch events only cost the loop
 RELAYED_HOOKS = (
     "on_sanity_check_start", "on_sanity_check_end", "on_train_start", "on_train_end",
     "on_train_epoch_start", "on_train_epoch_end", "on_validation_start", "on_validation_end",
@@ -42,6 +44,21 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_last_batch(trainer: Any, hook: str, batch_idx: int, dataloader_idx: int) -> bool:
+    stage = hook[len("on_"):-len("_batch_end")]
+    try:
+        if stage == "train":
+            total = trainer.num_training_batches
+        else:
+            totals = {"validation": trainer.num_sanity_val_batches if trainer.sanity_checking
+                      else trainer.num_val_batches,
+                      "test": trainer.num_test_batches, "predict": trainer.num_predict_batches}[stage]
+            total = totals[dataloader_idx]
+    except (IndexError, KeyError, TypeError):
+        return True
+    return batch_idx + 1 >= total
+
+
 def _batch_counts(trainer: Any) -> dict[str, Any]:
     def safe(name: str) -> Any:
         try:
@@ -57,6 +74,7 @@ class WorkerEventCallback(Callback):
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
         self._batches_seen = 0  # the same count on every rank: DDP ranks run the same number of batches
+        self._last_batch_event = 0.0
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Home draws the progress bar from the event stream; a worker's bar would print twice.
@@ -66,6 +84,9 @@ class WorkerEventCallback(Callback):
     def _emit(self, trainer: Any, hook: str, batch_idx: int | None = None, dataloader_idx: int = 0) -> None:
         if trainer.global_rank != 0:
             return
+        if batch_idx is not None and hook.endswith("_batch_end") and not self._due(trainer, hook, batch_idx,
+                                                                                    dataloader_idx):
+            return
         self._ctx.emit(events.PROGRESS, {
             "hook": hook, "batch_idx": batch_idx, "dataloader_idx": dataloader_idx,
             "stage": trainer.state.stage.value if trainer.state.stage else None,
@@ -73,6 +94,15 @@ class WorkerEventCallback(Callback):
             "epoch": trainer.current_epoch, "global_step": trainer.global_step,
             "metrics": _scalars(trainer.progress_bar_metrics), **_batch_counts(trainer),
         })
+
+    def _due(self, trainer: Any, hook: str, batch_idx: int, dataloader_idx: int) -> bool:
+        """Batch events at most every BATCH_EVENT_INTERVAL_S, but always a loop's last batch."""
+        now = time.monotonic()
+        if now - self._last_batch_event >= BATCH_EVENT_INTERVAL_S or _is_last_batch(trainer, hook, batch_idx,
+                                                                                      dataloader_idx):
+            self._last_batch_event = now
+            return True
+        return False
 
     def _check_stop(self, trainer: Any) -> None:
         self._batches_seen += 1

@@ -15,7 +15,7 @@ import ray
 
 from gpu_proxy.events import Event
 
-FLUSH_INTERVAL_S = 0.01
+FLUSH_INTERVAL_S = 0.025  # batches of events: one actor call per 25 ms at most
 STOP_POLL_INTERVAL_S = 0.2
 
 
