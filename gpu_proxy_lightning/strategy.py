@@ -13,6 +13,7 @@ from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
+from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy_lightning.environment import RemoteWorkerEnvironment
 from gpu_proxy_lightning.remote_accelerator import RemoteCUDAAccelerator
 
@@ -30,6 +31,9 @@ class RemoteStrategy(DDPStrategy):
             and ``log_metrics`` call of rank 0's loggers live, while the run goes on.
         detach: submit the run and return at once (Ray Job clusters only); ``strategy.run_id`` names
             it for ``gpu-proxy attach RUN_ID`` / :func:`gpu_proxy.attach`.
+        home_grace_s: on a Ray Job cluster, a run whose home stops following it (laptop closed, process
+            killed) stops after this many seconds, so no GPU time burns unwatched; ``None``: never.
+            Detached runs always keep going.
         checkpoint_dir: any fsspec URL (``s3://``, ``gs://``, ``file://``, ``sftp://``...); checkpoints go to
             ``<checkpoint_dir>/<run_name>/checkpoints`` unless ModelCheckpoint has its own ``dirpath``.
         storage_options: fsspec options for ``checkpoint_dir`` (endpoint, profile...).
@@ -49,6 +53,7 @@ class RemoteStrategy(DDPStrategy):
         resources_per_worker: dict[str, float] | None = None,
         home_loggers: list[Any] | None = None,
         detach: bool = False,
+        home_grace_s: float | None = 300.0,
         checkpoint_dir: str | None = None,
         storage_options: dict[str, Any] | None = None,
         run_name: str | None = None,
@@ -78,7 +83,11 @@ class RemoteStrategy(DDPStrategy):
         self.run_name = run_name
         self.max_failures = max_failures
         self.home_loggers = list(home_loggers or [])
+        if home_grace_s is not None and home_grace_s < MIN_GRACE_S:
+            raise ConfigurationError(f"home_grace_s={home_grace_s!r}: give at least {MIN_GRACE_S:g} seconds "
+                                     "(home beats every few seconds), or None to never stop.")
         self.detach = detach
+        self.home_grace_s = home_grace_s
         self.run_id: str | None = None
         self._worker_ctx: WorkerContext | None = None
         self._resolved_cluster: Cluster | None = None

@@ -118,6 +118,8 @@ def test_cuda_flag_and_explicit_overrides():
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_workers": 0}, "num_workers=0"),
     ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker"),
+    ({"home_grace_s": 1}, "home_grace_s=1"),
+    ({"max_failures": -1, "checkpoint_dir": "memory://x"}, "max_failures=-1"),
 ])
 def test_bad_strategy_arguments(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):

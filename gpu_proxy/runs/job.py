@@ -16,6 +16,7 @@ from gpu_proxy.clusters.base import Endpoint
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
+from gpu_proxy.runs.heartbeat import HomeHeartbeat
 from gpu_proxy.runs.spec import RunSpec
 
 _END = object()
@@ -25,6 +26,7 @@ ENTRYPOINT = "python -m gpu_proxy.runs.job_driver run.pkl"
 class JobRun:
     def __init__(self, endpoint: Endpoint, job_id: str) -> None:
         self.job_id = job_id
+        self._endpoint = endpoint
         self._client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
         self.last_seq = -1
 
@@ -78,6 +80,14 @@ class JobRun:
         """Relay the run's events from where this object last was; return the outcomes at the end."""
         result: dict[str, Any] = {}
         inbox: "queue.Queue[Any]" = queue.Queue()
+        heartbeat = HomeHeartbeat(self._endpoint, self.job_id).start()  # the job id is the run's name
+        try:
+            return self._follow(on_event, result, inbox)
+        finally:
+            heartbeat.close()
+
+    def _follow(self, on_event: Callable[[Event], None], result: dict[str, Any],
+                inbox: "queue.Queue[Any]") -> list[dict[str, Any]]:
         self._tail_in_background(inbox)
         decoder, pending, interrupts = log_codec.Decoder(), "", 0
         while True:

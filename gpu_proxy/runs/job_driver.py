@@ -10,6 +10,7 @@ import logging
 import pickle
 import signal
 import sys
+import time
 from pathlib import Path
 
 import ray
@@ -17,7 +18,11 @@ import ray
 from gpu_proxy import events, shipping
 from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
+from gpu_proxy.runs.heartbeat import HeartbeatWatch
+from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.supervisor import StopSignal, supervise
+
+HARD_STOP_AFTER_S = 60.0
 
 
 class _LogSink:
@@ -38,14 +43,29 @@ def main(argv: list[str]) -> int:
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
+    watch = None
     try:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        if spec.home_grace_s is not None:
+            watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop)).start()
         outcomes = supervise(spec, sink, stop)
     except BaseException as exc:  # noqa: BLE001 - reported home, then the job fails
         sink(Event(events.RESULT, {"driver_error": shipping.pack_exception(exc)}))
         return 1
+    finally:
+        if watch is not None:
+            watch.close()
     sink(Event(events.RESULT, {"outcomes": outcomes, "stopped": stop.requests > 0}))
     return 0
+
+
+def _home_gone(spec: RunSpec, stop: StopSignal) -> None:
+    """Home stopped following: stop at the next step boundary, as Ctrl-C would; abort if that hangs."""
+    print(f"gpu-proxy: no heartbeat from home for {spec.home_grace_s:g} s: stopping run {spec.name}",
+          file=sys.stderr, flush=True)
+    stop.request()
+    time.sleep(HARD_STOP_AFTER_S)
+    stop.request()
 
 
 if __name__ == "__main__":

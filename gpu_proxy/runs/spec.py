@@ -20,6 +20,8 @@ class RunSpec:
     name: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}")
     env: dict[str, str] = field(default_factory=dict)
     placement_timeout_s: float = 120.0
+    #: On a Ray Job: stop the run when home's heartbeat has been silent this long (None: never, detached).
+    home_grace_s: float | None = 300.0
     #: Where the job driver writes the result when it is too large to stream (fsspec URL), if any.
     result_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,44 @@
+"""A run on a Ray cluster whose home goes away stops after the grace period; a followed one does not."""
+from __future__ import annotations
+
+import time
+
+from gpu_proxy import RayCluster, shipping
+from gpu_proxy.runs import RunSpec
+from gpu_proxy.runs.heartbeat import HomeHeartbeat
+from gpu_proxy.runs.job import JobRun
+
+
+def wait_for_stop(ctx):
+    started = time.monotonic()
+    while not ctx.should_stop():
+        if time.monotonic() - started > 60:
+            return "ran out its time"
+        time.sleep(0.1)
+    return f"stopped after {time.monotonic() - started:.0f} s"
+
+
+def test_a_run_whose_home_is_gone_stops_after_the_grace_period(ray_head):
+    endpoint = RayCluster(ray_head.dashboard_url, token=ray_head.token).endpoint()
+    spec = RunSpec(shipping.dumps(wait_for_stop), num_workers=1, home_grace_s=6)
+    run = JobRun.submit(endpoint, spec)
+    home = HomeHeartbeat(endpoint, spec.name).start()
+    time.sleep(3)
+    home.close()  # home "dies": no more beats, nobody follows the log
+    started = time.monotonic()
+    while str(run.status()) not in ("SUCCEEDED", "FAILED", "STOPPED", "JobStatus.SUCCEEDED") and \
+            time.monotonic() - started < 60:
+        time.sleep(0.5)
+    outcomes = JobRun(endpoint, run.job_id).follow(lambda event: None)
+    assert shipping.loads(outcomes[0]["value"]).startswith("stopped after")
+
+
+def test_a_followed_run_is_not_stopped(ray_head):
+    def short(ctx):
+        time.sleep(8)
+        return "stopped" if ctx.should_stop() else "finished"
+
+    endpoint = RayCluster(ray_head.dashboard_url, token=ray_head.token).endpoint()
+    run = JobRun.submit(endpoint, RunSpec(shipping.dumps(short), num_workers=1, home_grace_s=6))
+    outcomes = run.follow(lambda event: None)  # follow() beats while it follows
+    assert shipping.loads(outcomes[0]["value"]) == "finished"
