@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from gpu_proxy.clusters import saved
@@ -34,6 +36,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.start()  # check it answers with our token before saving it
         saved.save_cluster(args.name, {"kind": "ray", "address": args.address})
         print(f"saved cluster {args.name!r}: {args.address}")
+        return 0
+    if args.kind == "ssh":
+        from gpu_proxy.clusters.ssh import SSHCluster
+
+        if not args.head:
+            raise SystemExit("gpu-proxy up ssh: --head user@host is required")
+        cluster = SSHCluster(args.head, workers=args.worker or [], identity_file=args.identity_file,
+                             known_hosts_file=args.known_hosts_file,
+                             private_ip=args.private_ip, worker_private_ips=args.worker_private_ip or None,
+                             ray_executable=args.ray_executable, keep_running=True)
+        print(f"starting Ray on {args.head}" + (f" and {len(args.worker)} worker(s)" if args.worker else ""),
+              flush=True)
+        cluster.start()
+        state = cluster.saved_state()
+        state.update(kind="ssh", token_file=saved.save_token(args.name, cluster.token or ""))
+        saved.save_cluster(args.name, state)
+        resources = cluster.resources()
+        print(f"cluster {args.name!r} is up: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         return 0
     print(f"gpu-proxy up: cluster kind {args.kind!r} is not available in this version", file=sys.stderr)
     return 2
@@ -65,7 +85,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     cluster = resolve_cluster(args.cluster)
     cluster.start()
-    print(cluster.dashboard_url())
+    print(cluster.dashboard_url(), flush=True)
+    if cluster.owns_nodes or type(cluster).__name__ == "TunneledRayCluster":
+        print("(tunnel open; Ctrl-C closes it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            cluster.stop()
     return 0
 
 
@@ -101,8 +128,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     if args.cluster not in saved.saved_clusters():
         print(f"no saved cluster named {args.cluster!r}", file=sys.stderr)
         return 1
+    definition = saved.saved_clusters()[args.cluster]
     cluster = resolve_cluster(args.cluster)
-    cluster.stop()  # tears down only what gpu-proxy started; an attached cluster is left running
+    if definition["kind"] == "ssh":
+        from gpu_proxy.clusters.ssh import stop_saved_nodes
+
+        stop_saved_nodes(definition)
+        Path(definition["token_file"]).unlink(missing_ok=True)
+    cluster.stop()  # an attached cluster (kind ray) is left running: only our tunnel/handles close
     saved.forget_cluster(args.cluster)
     print(f"cluster {args.cluster!r} {'torn down' if cluster.owns_nodes else 'forgotten (it was not started by gpu-proxy)'}")
     return 0
@@ -114,9 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
-    up.add_argument("kind", choices=["ray"], help="ray: an existing Ray cluster by dashboard address")
+    up.add_argument("kind", choices=["ray", "ssh"],
+                    help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines")
     up.add_argument("--name", default="default", help="name to save the cluster under (default: default)")
-    up.add_argument("--address", help="the Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    up.add_argument("--address", help="ray: the Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    up.add_argument("--head", help="ssh: user@host[:port] of the head machine")
+    up.add_argument("--worker", action="append", help="ssh: user@host[:port] of a worker (repeat)")
+    up.add_argument("--identity-file", help="ssh: your private key")
+    up.add_argument("--known-hosts-file", help="ssh: known_hosts to check the machines' host keys against")
+    up.add_argument("--private-ip", help="ssh: the head's private IP, where Ray listens")
+    up.add_argument("--worker-private-ip", action="append", help="ssh: each worker's private IP (repeat)")
+    up.add_argument("--ray-executable", default="ray", help="ssh: the `ray` command on the machines")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="resources and state of saved clusters")

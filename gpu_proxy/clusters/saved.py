@@ -39,6 +39,17 @@ def forget_cluster(name: str) -> None:
     clusters_file().write_text(json.dumps(clusters, indent=2, sort_keys=True))
 
 
+def save_token(name: str, token: str) -> str:
+    """Keep a cluster's token beside its definition, readable by this user only."""
+    folder = config_dir() / "tokens"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / name
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(token)
+    return str(path)
+
+
 def load_saved_cluster(name: str) -> Cluster:
     clusters = saved_clusters()
     if name not in clusters:
@@ -53,4 +64,14 @@ def load_saved_cluster(name: str) -> Cluster:
         from gpu_proxy.clusters.ray_cluster import RayCluster
 
         return RayCluster(**definition)
+    if kind == "ssh":
+        from gpu_proxy.clusters.tunneled import TunneledRayCluster
+
+        cluster = TunneledRayCluster(definition["head"], definition["dashboard_port"],
+                                     token=Path(definition["token_file"]).read_text().strip(),
+                                     identity_file=definition.get("identity_file"),
+                                     known_hosts_file=definition.get("known_hosts_file"),
+                                     host_key_policy=definition.get("host_key_policy", "accept-new"))
+        cluster.owns_nodes = True  # `gpu-proxy up ssh` started them; `down` stops them
+        return cluster
     raise ConfigurationError(f"saved cluster {name!r} has kind {kind!r}, which this version cannot open.")

@@ -63,8 +63,12 @@ def _launch_script(node: _Node) -> str:
 
 def _stop_script(node: _Node, grace_s: int = 40) -> str:
     """Shell that stops the node's ``ray start`` (SIGTERM, then SIGKILL its session) and deletes its folder."""
-    folder = shlex.quote(node.folder)
-    pid = int(node.pid) if node.pid else 0
+    return stop_node_script(node.folder, node.pid, grace_s)
+
+
+def stop_node_script(folder: str, pid: int | None, grace_s: int = 40) -> str:
+    folder = shlex.quote(folder)
+    pid = int(pid) if pid else 0
     kill_session = (f"pkill -KILL -s {pid} 2>/dev/null; kill -KILL -- -{pid} 2>/dev/null; " if pid else "")
     wait = (f"kill -TERM {pid} 2>/dev/null; i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt {grace_s * 5} ]; "
             f"do sleep 0.2; i=$((i+1)); done; " if pid else "")
@@ -269,6 +273,19 @@ class SSHCluster(Cluster):
         endpoint = self.endpoint()
         return RayCluster(endpoint.dashboard_url, token=endpoint.token).resources()
 
+    def saved_state(self) -> dict:
+        """What `gpu-proxy up ssh` keeps to reach these nodes later and to stop them (never the token)."""
+        head = self._nodes[0].target
+        return {"head": head.destination, "dashboard_port": self._nodes[0].spec.dashboard_port,
+                "identity_file": head.identity_file, "known_hosts_file": head.known_hosts_file,
+                "host_key_policy": head.host_key_policy,
+                "nodes": [{"destination": n.target.destination, "folder": n.folder, "pid": n.pid}
+                          for n in self._nodes]}
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
     def stop(self, raise_errors: bool = True) -> None:
         """Stop the Ray processes this object started, delete their folders, close the tunnel."""
         failures = _end_all(self._nodes, self._tunnel)
@@ -279,3 +296,18 @@ class SSHCluster(Cluster):
         self._token = None
         if failures and raise_errors:
             raise RayNodeError("Could not stop every Ray node; stop them by hand:\n" + "\n".join(failures))
+
+
+def stop_saved_nodes(state: dict) -> None:
+    """Stop nodes an earlier process started with ``keep_running=True`` (workers first, then the head)."""
+    failures = []
+    for node in reversed(state["nodes"]):
+        target = SSHTarget.parse(node["destination"], identity_file=state.get("identity_file"),
+                                 known_hosts_file=state.get("known_hosts_file"),
+                                 host_key_policy=state.get("host_key_policy", "accept-new"))
+        try:
+            run_remote(target, stop_node_script(node["folder"], node["pid"]), timeout_s=90)
+        except SSHError as error:
+            failures.append(f"{node['destination']}: {error}")
+    if failures:
+        raise RayNodeError("Could not stop every Ray node; stop them by hand:\n" + "\n".join(failures))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TextIO
 
 from ray.job_submission import JobSubmissionClient
 
@@ -26,7 +27,9 @@ class RunInfo:
     end_time: float | None
 
 
-def _endpoint(cluster: ClusterSpec) -> Endpoint:
+@contextmanager
+def _connected(cluster: ClusterSpec) -> Iterator[Endpoint]:
+    """The cluster's Jobs API, kept reachable (its tunnel open) while the block runs."""
     resolved = resolve_cluster(cluster)
     resolved.start()
     endpoint = resolved.endpoint()
@@ -34,14 +37,14 @@ def _endpoint(cluster: ClusterSpec) -> Endpoint:
         raise ConfigurationError(
             "Runs on the embedded local cluster live and die with their Python process; detach, attach, "
             "runs and logs need a Ray cluster given by address or name (cluster='http://host:8265').")
-    return endpoint
+    yield endpoint  # `resolved` (and so its tunnel) stays alive until the block ends
 
 
 def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
-    endpoint = _endpoint(cluster)
-    client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+    with _connected(cluster) as endpoint:
+        jobs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).list_jobs()
     runs = []
-    for job in client.list_jobs():
+    for job in jobs:
         if (job.metadata or {}).get("gpu_proxy_run"):
             runs.append(RunInfo(job.submission_id, str(job.status.value if hasattr(job.status, "value") else job.status),
                                 job.entrypoint, (job.start_time or 0) / 1000 or None,
@@ -51,10 +54,10 @@ def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
 
 def run_events(run_id: str, cluster: ClusterSpec) -> list[Event]:
     """Every event the run has sent so far, in order (from its job log)."""
-    endpoint = _endpoint(cluster)
-    client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+    with _connected(cluster) as endpoint:
+        logs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).get_job_logs(run_id)
     decoder = log_codec.Decoder()
-    return [event for line in client.get_job_logs(run_id).splitlines() for event in decoder.feed(line)]
+    return [event for line in logs.splitlines() for event in decoder.feed(line)]
 
 
 class ConsoleRenderer:
@@ -77,5 +80,6 @@ class ConsoleRenderer:
 
 def attach(run_id: str, cluster: ClusterSpec, on_event: Callable[[Event], None] | None = None) -> list[Any]:
     """Replay a run's events from the start, follow it live, and return each rank's result."""
-    run = JobRun(_endpoint(cluster), run_id)
-    return values(run.follow(on_event or ConsoleRenderer()))
+    with _connected(cluster) as endpoint:
+        outcomes = JobRun(endpoint, run_id).follow(on_event or ConsoleRenderer())
+    return values(outcomes)
