@@ -1,0 +1,86 @@
+"""The four provisioner functions every cloud implements, for RunPod pods.
+
+``run_instances`` (launch), ``query_instances``, ``wait_instances``, ``terminate_instances``: plain
+functions over a :class:`RunPodClient`, no Ray and no SSH here (those are cloud-independent and live
+in :mod:`gpu_proxy.clouds.runpod.cluster`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+from gpu_proxy.clouds.runpod.client import CreatePodRequest, Pod, RunPodClient, RunPodError, RunPodNotFoundError
+from gpu_proxy.errors import GpuProxyError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+FAILED = ("EXITED", "ERROR", "TERMINATED")
+
+
+class LaunchError(GpuProxyError):
+    """A pod did not come up (it failed, or a wait timed out). What was created has been torn down."""
+
+
+def run_instances(client: RunPodClient, requests: Sequence[CreatePodRequest],
+                  created: Callable[[Pod], None]) -> list[Pod]:
+    """Create one pod per request, in order. ``created`` is called with each pod as soon as it exists,
+    so the caller can record it for teardown before anything else can fail."""
+    pods = []
+    for request in requests:
+        pod = client.create_pod(request)
+        created(pod)
+        pods.append(pod)
+    return pods
+
+
+def query_instances(client: RunPodClient, pod_ids: Sequence[str]) -> dict[str, Pod | None]:
+    """Each pod by id; None for one that no longer exists."""
+    result: dict[str, Pod | None] = {}
+    for pod_id in pod_ids:
+        try:
+            result[pod_id] = client.get_pod(pod_id)
+        except RunPodNotFoundError:
+            result[pod_id] = None
+    return result
+
+
+def wait_instances(client: RunPodClient, pod_ids: Sequence[str], timeout_s: float, progress: Progress,
+                   poll_s: float = 2.0) -> list[Pod]:
+    """Wait until every pod is RUNNING with its 22/tcp published; fail fast when one fails."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        pods = query_instances(client, pod_ids)
+        for pod_id, pod in pods.items():
+            if pod is None or pod.status in FAILED:
+                raise LaunchError(f"RunPod pod {pod_id} {'disappeared' if pod is None else 'is ' + pod.status} "
+                                  f"while starting. Check the image and the pod's logs in the RunPod console.")
+            if last.get(pod_id) != pod.status:
+                progress(f"pod {pod_id} ({pod.name}): {pod.status}")
+                last[pod_id] = pod.status
+        if all(pod.status == "RUNNING" and pod.ssh_direct for pod in pods.values()):
+            return [pods[pod_id] for pod_id in pod_ids]
+        if time.monotonic() > deadline:
+            waiting = ", ".join(f"{pod_id} {pod.status}" for pod_id, pod in pods.items())
+            raise LaunchError(f"RunPod pods were not RUNNING after {timeout_s:.0f} s ({waiting}). A large image "
+                              f"takes minutes to pull the first time: raise launch_timeout_s, or try again.")
+        time.sleep(poll_s)
+
+
+def terminate_instances(client: RunPodClient, pod_ids: Sequence[str], attempts: int = 3) -> list[str]:
+    """Terminate every pod; returns those that could not be terminated (with why). A pod already gone is fine."""
+    failures = []
+    for pod_id in pod_ids:
+        for attempt in range(attempts):
+            try:
+                client.terminate_pod(pod_id)
+                log.info("terminated RunPod pod %s", pod_id)
+                break
+            except RunPodError as error:
+                if attempt == attempts - 1:
+                    failures.append(f"{pod_id}: {error}")
+                else:
+                    time.sleep(2 ** attempt)
+    return failures

@@ -1,0 +1,1 @@
+"""Stand-ins for paid services the tests cannot reach: only the cloud APIs themselves are faked."""

@@ -1,0 +1,192 @@
+"""The RunPod REST v2 client against the fake server (which checks every request against RunPod's
+OpenAPI document): pods, catalog, errors that say what to do, retries, and the key kept secret."""
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+
+import pytest
+import requests
+
+from gpu_proxy.clouds.runpod import (CreatePodRequest, RunPodAuthError, RunPodCapacityError, RunPodClient,
+                                     RunPodNotFoundError, RunPodRateLimitError, RunPodUnavailableError, estimate_cost,
+                                     load_api_key, resolve_gpu)
+from gpu_proxy.errors import ConfigurationError
+from tests.fakes.runpod_api import FakeRunPod
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeRunPod(provisioning_s=0.1, starting_s=0.1) as server:
+        yield server
+        # Whatever the tests did, the client never sent a request the contract forbids, and the fake never
+        # answered outside it.
+        assert server.violations == []
+
+
+@pytest.fixture
+def client(fake):
+    sleeps: list[float] = []
+    client = RunPodClient(fake.api_key, base_url=fake.url, timeout_s=5, max_retries=3, sleep=sleeps.append)
+    client.sleeps = sleeps  # type: ignore[attr-defined]
+    yield client
+    for pod in fake.live_pods():
+        client.terminate_pod(pod.id)
+
+
+def _wait_status(client: RunPodClient, pod_id: str, status: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get_pod(pod_id).status != status:
+        assert time.monotonic() < deadline, f"pod never {status}"
+        time.sleep(0.05)
+
+
+def test_the_key_comes_from_the_argument_the_environment_or_runpods_config_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text('[default]\napi_key = "from-file"\n[other]\napi_key = "other-key"\n')
+    assert load_api_key(config_file=config) == "from-file"
+    assert load_api_key(config_file=config, profile="other") == "other-key"
+    monkeypatch.setenv("RUNPOD_API_KEY", "from-env")
+    assert load_api_key(config_file=config) == "from-env"
+    assert load_api_key("given", config_file=config) == "given"
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    with pytest.raises(ConfigurationError, match="set RUNPOD_API_KEY"):
+        load_api_key(config_file=tmp_path / "missing.toml")
+    config.write_text('api_key = "secret-in-broken-file\n')
+    with pytest.raises(ConfigurationError) as broken:
+        load_api_key(config_file=config)
+    assert "secret-in-broken-file" not in str(broken.value)
+
+
+def test_the_base_url_comes_from_the_environment_and_must_be_https(fake, monkeypatch):
+    monkeypatch.setenv("RUNPOD_REST_URL", fake.url)
+    assert RunPodClient(fake.api_key).base_url == fake.url
+    with pytest.raises(ConfigurationError, match="https"):
+        RunPodClient(fake.api_key, base_url="http://api.example.com")
+
+
+def test_a_pod_goes_through_its_life_cycle(client, fake):
+    pod = client.create_pod(CreatePodRequest("gp-test-life", "img:1", "NVIDIA RTX A4000", 2, env={"ROLE": "head"}))
+    assert pod.status == "PROVISIONING" and pod.gpu_count == 2 and pod.cost_per_hour == pytest.approx(0.5)
+    assert pod.ssh_direct is None  # not published before the pod runs
+    _wait_status(client, pod.id, "RUNNING")
+    running = client.get_pod(pod.id)
+    assert running.ssh_direct is not None and running.ssh_direct.username == "root"
+    assert running.raw["env"] == {"ROLE": "head"}  # RunPod echoes a pod's env: no secret may go there
+    assert [p.id for p in client.list_pods()] == [pod.id]
+    assert client.find_pod("gp-test-life").id == pod.id
+    stopped = client.stop_pod(pod.id)
+    assert stopped.status == "EXITED" and stopped.cost_per_hour == 0.0
+    client.terminate_pod(pod.id)
+    client.terminate_pod(pod.id)  # already gone: fine
+    with pytest.raises(RunPodNotFoundError):
+        client.get_pod(pod.id)
+    assert client.list_pods() == []
+
+
+def test_catalog_names_resolve_and_unknown_ones_get_suggestions(client):
+    gpus = client.gpu_types()
+    assert resolve_gpu("h100 sxm", gpus).id == "NVIDIA H100 80GB HBM3"
+    assert resolve_gpu("NVIDIA RTX A4000", gpus).id == "NVIDIA RTX A4000"
+    assert resolve_gpu("4090", gpus).id == "NVIDIA GeForce RTX 4090"
+    with pytest.raises(ConfigurationError) as ambiguous:
+        resolve_gpu("H100", gpus)
+    assert "NVIDIA H100 80GB HBM3" in str(ambiguous.value) and "NVIDIA H100 PCIe" in str(ambiguous.value)
+    with pytest.raises(ConfigurationError) as unknown:
+        resolve_gpu("NVIDIA A100 80GB PCI", gpus)
+    assert "Did you mean" in str(unknown.value) and "'NVIDIA A100 80GB PCIe'" in str(unknown.value)
+    with pytest.raises(ConfigurationError, match="offered on the secure cloud: pass cloud='SECURE'"):
+        resolve_gpu("L40S", gpus, cloud="COMMUNITY")
+
+
+def test_cost_estimates_multiply_gpu_price_by_gpus_nodes_and_hours(client):
+    h100 = resolve_gpu("H100 SXM", client.gpu_types())
+    estimate = estimate_cost(h100, gpus_per_node=8, nodes=2, hours=1.5)
+    assert estimate.per_hour == pytest.approx(2.69 * 16) and estimate.total == pytest.approx(2.69 * 16 * 1.5)
+    assert "$43.04/hour" in str(estimate)
+    assert estimate_cost(h100, 1, 1, cloud="COMMUNITY").per_hour == pytest.approx(2.39)
+    with pytest.raises(ConfigurationError, match="at most 8 GPUs"):
+        estimate_cost(h100, gpus_per_node=9)
+
+
+def test_no_capacity_says_where_the_gpus_are(client, fake):
+    with pytest.raises(RunPodCapacityError) as here:
+        client.create_pod(CreatePodRequest("gp-test-cap", "img:1", "NVIDIA RTX A4000", 4,
+                                           data_center_ids=("CA-MTL-1",)))
+    assert "US-TX-3" in str(here.value) and "EU-RO-1" in str(here.value)
+    with pytest.raises(RunPodCapacityError) as nowhere:
+        client.create_pod(CreatePodRequest("gp-test-cap", "img:1", "NVIDIA L40S", 4))
+    message = str(nowhere.value)
+    assert "not available in any data centre" in message and "NVIDIA RTX A4000" in message
+    assert fake.live_pods() == []
+
+
+def test_a_wrong_key_gets_a_401_that_points_at_the_key(fake):
+    bad = RunPodClient("rpa_wrong_key_123", base_url=fake.url)
+    with pytest.raises(RunPodAuthError) as refused:
+        bad.list_pods()
+    assert refused.value.status == 401 and "RUNPOD_API_KEY" in str(refused.value)
+    assert "rpa_wrong_key_123" not in str(refused.value)
+
+
+def test_429_is_retried_after_retry_after_seconds(client, fake):
+    fake.fail_next(429, times=2, retry_after=7, path_prefix="/v2/pods")
+    assert client.list_pods() == []
+    assert client.sleeps == [7.0, 7.0]
+
+
+def test_429_gives_up_after_the_retries(client, fake):
+    fake.fail_next(429, times=10, retry_after=1, path_prefix="/v2/catalog")
+    with pytest.raises(RunPodRateLimitError, match="after 4 attempts"):
+        client.gpu_types()
+    assert len(client.sleeps) == 3
+    fake._injected.clear()
+
+
+def test_5xx_is_retried_with_exponential_backoff(client, fake):
+    fake.fail_next(503, times=2, path_prefix="/v2/catalog")
+    assert client.data_centers()
+    assert len(client.sleeps) == 2 and client.sleeps[1] > client.sleeps[0] * 1.0 - 1e-9
+    fake.fail_next(500, times=10, path_prefix="/v2/catalog")
+    with pytest.raises(RunPodUnavailableError, match="status.runpod.io"):
+        client.data_centers()
+    fake._injected.clear()
+
+
+def test_a_create_that_timed_out_is_not_made_twice(fake):
+    client = RunPodClient(fake.api_key, base_url=fake.url, timeout_s=0.5, sleep=lambda s: None)
+    fake.slow_next(1.5, path_prefix="/v2/pods")  # RunPod creates the pod, the answer comes too late
+    pod = client.create_pod(CreatePodRequest("gp-test-once", "img:1", "NVIDIA RTX A4000", 1))
+    time.sleep(1.2)
+    assert [p.name for p in fake.live_pods()] == ["gp-test-once"]
+    assert pod.id == fake.live_pods()[0].id
+    client.terminate_pod(pod.id)
+
+
+def test_the_key_is_never_logged_shown_or_pickled(fake, caplog):
+    caplog.set_level(logging.DEBUG)  # urllib3 and requests included
+    client = RunPodClient(fake.api_key, base_url=fake.url, sleep=lambda s: None)
+    fake.fail_next(429, times=1, retry_after=0)
+    client.list_pods()
+    errors = []
+    for call in (lambda: RunPodClient(fake.api_key + "x", base_url=fake.url).list_pods(),
+                 lambda: client.get_pod("nope"),
+                 lambda: client.create_pod(CreatePodRequest("gp-test-key", "i", "NVIDIA L40S", 8))):
+        with pytest.raises(Exception) as caught:
+            call()
+        errors.append(f"{caught.value!s} {caught.value!r}")
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(client)
+    for text in (caplog.text, repr(client), str(vars(client)), *errors):
+        assert fake.api_key not in text
+
+
+def test_the_fake_refuses_and_records_a_request_that_breaks_the_contract(fake):
+    before = len(fake.violations)
+    answer = requests.post(f"{fake.url}/v2/pods", json={"name": "x", "gpu": {"id": "y", "count": 0}, "bogus": 1},
+                           headers={"Authorization": f"Bearer {fake.api_key}"}, timeout=10)
+    assert answer.status_code == 422 and answer.json()["errors"]
+    assert len(fake.violations) > before
+    del fake.violations[before:]  # the module's final check is about the client's requests
