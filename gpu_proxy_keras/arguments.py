@@ -1,0 +1,76 @@
+"""Checks made at home, before any worker starts: each error names the bad value and the fix."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import keras
+
+from gpu_proxy.errors import ConfigurationError
+
+MULTI_WORKER_BACKENDS = ("tensorflow",)
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise ConfigurationError(f"RemoteFit needs a keras.Model; got {type(model).__name__}.")
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
+        raise ConfigurationError(
+            f"The model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
+            "before RemoteFit(...).fit(...), as Keras' own fit requires.")
+
+
+def check_workers(num_workers: Any, backend: str) -> None:
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+        raise ConfigurationError(f"num_workers={num_workers!r}: pass a whole number >= 1.")
+    if num_workers > 1 and backend not in MULTI_WORKER_BACKENDS:
+        raise ConfigurationError(
+            f"num_workers={num_workers} with the {backend!r} Keras backend: gpu_proxy_keras runs "
+            f"several workers only with {MULTI_WORKER_BACKENDS}. Use num_workers=1 (one worker may "
+            "hold several GPUs), or build the model with KERAS_BACKEND=tensorflow.")
+
+
+def check_data(name: str, value: Any, required: bool = False) -> None:
+    """Data must be picklable values (numpy arrays, dicts/lists of them) or a function that builds it."""
+    if value is None:
+        if required:
+            raise ConfigurationError(f"{name} is required.")
+        return
+    if inspect.isgenerator(value) or (hasattr(value, "__next__") and not hasattr(value, "__len__")):
+        raise ConfigurationError(
+            f"{name} is a {type(value).__name__} (an iterator), which cannot be sent to remote workers. "
+            f"Pass a function that creates it instead, e.g. {name}=lambda: make_batches(); every worker "
+            "calls it.")
+    if type(value).__module__.startswith("tensorflow") and "Dataset" in type(value).__name__:
+        raise ConfigurationError(
+            f"{name} is a {type(value).__name__}, which cannot be sent to remote workers. Pass the "
+            f"function that builds it instead, e.g. {name}=lambda: make_dataset() (or "
+            f"functools.partial(make_dataset, ...)); every worker calls it and tf.distribute shards it.")
+    if isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            check_data(f"{name}[{index}]", item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_data(f"{name}[{key!r}]", item)
+
+
+def check_fit(x: Any, epochs: Any, initial_epoch: Any, validation_split: Any,
+              callbacks: list[Any], num_workers: int) -> None:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ConfigurationError(f"epochs={epochs!r}: pass a whole number >= 1.")
+    if not isinstance(initial_epoch, int) or not 0 <= initial_epoch < epochs:
+        raise ConfigurationError(f"initial_epoch={initial_epoch!r} must be a whole number in [0, epochs={epochs}).")
+    if not 0.0 <= validation_split < 1.0:
+        raise ConfigurationError(f"validation_split={validation_split!r} must be in [0, 1).")
+    if validation_split and callable(x):
+        raise ConfigurationError(
+            "validation_split needs array data, but x is a function that builds the data on the "
+            "workers; pass validation_data=... (arrays or another such function) instead.")
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise ConfigurationError(f"callbacks[{index}] is a {type(callback).__name__}, not a "
+                                     "keras.callbacks.Callback.")
+        if num_workers > 1 and isinstance(callback, keras.callbacks.BackupAndRestore):
+            raise ConfigurationError(
+                "BackupAndRestore with num_workers > 1: its restore would run from rank 0's files "
+                "only and the workers would diverge. Use num_workers=1 with it.")

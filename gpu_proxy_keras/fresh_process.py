@@ -1,0 +1,134 @@
+"""Run a worker's job in a fresh Python process started by the Ray worker.
+
+Why: a TensorFlow process can join one ``MultiWorkerMirroredStrategy`` cluster only, and only
+before TensorFlow initialised its runtime ("Collective ops must be configured at program
+startup"); and a Keras backend cannot change once ``keras`` is imported. Ray reuses its worker
+processes across runs, so such a job runs in a child process of its own. The child inherits the
+Ray worker's stdout/stderr (so its lines reach home like any other), sends events and its result
+back on a pipe, and reads home's stop request from its stdin. When the parent dies its stdin
+closes, and the child exits: no orphan keeps a port or a GPU.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+
+from gpu_proxy import shipping
+
+STOP_POLL_S = 0.2
+
+
+class ChildContext:
+    """The WorkerContext a job sees inside the fresh process: same fields, events over a pipe."""
+
+    def __init__(self, fields: dict[str, Any], pipe: Any) -> None:
+        self.__dict__.update(fields)
+        self._pipe = pipe
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def emit(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        self.send(("event", kind, data or {}))
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            pickle.dump(message, self._pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            self._pipe.flush()
+
+
+_CONTEXT_FIELDS = ("rank", "local_rank", "node_rank", "world_size", "num_nodes", "use_gpu",
+                   "master_addr", "master_port")
+
+
+def run_in_fresh_process(job: Any, ctx: Any, env: dict[str, str]) -> Any:
+    """Call ``job.run_here(child_ctx)`` in a new Python process; return its result or raise its error."""
+    fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
+    with tempfile.NamedTemporaryFile(prefix="gpu-proxy-keras-", suffix=".pkl", delete=False) as file:
+        file.write(cloudpickle.dumps((job, fields)))
+    read_end, write_end = os.pipe()
+    child_env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "gpu_proxy_keras.fresh_process", file.name, str(write_end)],
+            stdin=subprocess.PIPE, env=child_env, pass_fds=(write_end,))
+        os.close(write_end)
+        watcher = threading.Thread(target=_forward_stop, args=(ctx, child), daemon=True)
+        watcher.start()
+        outcome = _read_messages(read_end, ctx)
+        child.stdin.close()
+        code = child.wait()
+    finally:
+        os.unlink(file.name)
+    if outcome is None:
+        raise RuntimeError(f"rank {ctx.rank}'s training process exited with code {code} before "
+                           "reporting a result (see its output above)")
+    kind, value = outcome
+    if kind == "error":
+        raise shipping.unpack_exception(value, f"rank {ctx.rank}, training process")
+    return value
+
+
+def _read_messages(read_end: int, ctx: Any) -> tuple[str, Any] | None:
+    outcome = None
+    with os.fdopen(read_end, "rb") as pipe:
+        while True:
+            try:
+                message = pickle.load(pipe)
+            except EOFError:
+                return outcome
+            if message[0] == "event":
+                ctx.emit(message[1], message[2])
+            else:
+                outcome = (message[0], message[1])
+
+
+def _forward_stop(ctx: Any, child: subprocess.Popen) -> None:
+    while child.poll() is None:
+        if ctx.should_stop():
+            try:
+                child.stdin.write(b"stop\n")
+                child.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+            return
+        time.sleep(STOP_POLL_S)
+
+
+def _watch_stdin(ctx: ChildContext) -> None:
+    for line in sys.stdin.buffer:
+        if line.strip() == b"stop":
+            ctx._stop.set()
+    os._exit(3)  # stdin closed: the parent is gone (or done with us); never outlive it
+
+
+def _main(job_file: str, fd: int) -> None:
+    with open(job_file, "rb") as file:
+        job, fields = cloudpickle.loads(file.read())
+    pipe = os.fdopen(fd, "wb")
+    ctx = ChildContext(fields, pipe)
+    threading.Thread(target=_watch_stdin, args=(ctx,), daemon=True).start()
+    try:
+        message: tuple = ("result", job.run_here(ctx))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        message = ("error", shipping.pack_exception(exc))
+    ctx.send(message)
+    pipe.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # TensorFlow's collective runtime can block interpreter shutdown; the result is already sent.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,139 @@
+"""``RemoteFit``: Keras' ``fit``/``evaluate``/``predict``, run on a Ray cluster, with results at home.
+
+Home side only: check the arguments, pack the model and the user's objects into a
+:class:`~gpu_proxy_keras.worker_job.KerasJob`, run it with the core's ``execute``, replay rank 0's
+callback hooks on a home ``CallbackList`` while it runs, and take rank 0's result in.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import keras
+
+from gpu_proxy import shipping
+from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
+from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.runs import RunSpec, execute, values
+from gpu_proxy_keras import arguments, trained_state
+from gpu_proxy_keras.home_events import HomeEventHandler
+from gpu_proxy_keras.worker_job import KerasJob
+
+
+class RemoteFit:
+    """Train, evaluate and predict with ``model`` on remote workers, as if it ran here.
+
+    ``fit`` returns a real ``keras.callbacks.History`` (also ``model.history``) and leaves the
+    trained weights and optimizer state in ``model``. ``evaluate`` and ``predict`` run on one worker.
+    """
+
+    def __init__(self, model: keras.Model, cluster: ClusterSpec = None, num_workers: int = 1,
+                 use_gpu: bool | None = None, resources_per_worker: dict[str, float] | None = None,
+                 home_callbacks: list[keras.callbacks.Callback] | None = None,
+                 checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
+                 max_failures: int = 0) -> None:
+        arguments.check_model(model)
+        self.backend = keras.backend.backend()
+        arguments.check_workers(num_workers, self.backend)
+        if checkpoint_dir is not None or max_failures:
+            raise ConfigurationError(
+                f"checkpoint_dir={checkpoint_dir!r}, max_failures={max_failures!r}: per-epoch "
+                "checkpoints and restarts are not available in gpu_proxy_keras yet. Leave both unset "
+                "(or use keras.callbacks.ModelCheckpoint, which runs on rank 0).")
+        self.model = model
+        self.cluster = cluster
+        self.num_workers = num_workers
+        self.use_gpu = use_gpu
+        self.resources_per_worker = resources_per_worker
+        self.home_callbacks = list(home_callbacks or [])
+        self.storage_options = storage_options
+        self._resolved_cluster: Cluster | None = None
+
+    # ----- Keras' methods ------------------------------------------------------------------------
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
+            verbose: Any = "auto", callbacks: list[keras.callbacks.Callback] | None = None,
+            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
+            class_weight: dict[int, float] | None = None, sample_weight: Any = None,
+            initial_epoch: int = 0, steps_per_epoch: int | None = None,
+            validation_steps: int | None = None, validation_batch_size: int | None = None,
+            validation_freq: int = 1) -> keras.callbacks.History:
+        callbacks = list(callbacks or [])
+        data = {"x": x, "y": y, "validation_data": validation_data, "sample_weight": sample_weight}
+        arguments.check_data("x", x, required=True)
+        for name in ("y", "validation_data", "sample_weight"):
+            arguments.check_data(name, data[name])
+        arguments.check_fit(x, epochs, initial_epoch, validation_split, callbacks, self.num_workers)
+        kwargs = dict(batch_size=batch_size, epochs=epochs, validation_split=validation_split,
+                      shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                      validation_batch_size=validation_batch_size, validation_freq=validation_freq)
+        handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=True)
+        result = self._run("fit", data, kwargs, callbacks, handler, self.num_workers)
+        trained_state.restore(self.model, result["state"])
+        history = handler.history or keras.callbacks.History()
+        history.set_model(self.model)
+        # The streamed logs went through float(); rank 0's own dict is the exact record.
+        history.history, history.epoch = result["history"], result["epoch"]
+        self.model.history = history
+        return history
+
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None,
+                 verbose: Any = "auto", sample_weight: Any = None, steps: int | None = None,
+                 callbacks: list[keras.callbacks.Callback] | None = None,
+                 return_dict: bool = False) -> Any:
+        data = {"x": x, "y": y, "sample_weight": sample_weight}
+        for name, value in data.items():
+            arguments.check_data(name, value, required=name == "x")
+        kwargs = dict(batch_size=batch_size, steps=steps, return_dict=return_dict)
+        handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
+        return self._run("evaluate", data, kwargs, list(callbacks or []), handler, num_workers=1)
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto",
+                steps: int | None = None, callbacks: list[keras.callbacks.Callback] | None = None) -> Any:
+        arguments.check_data("x", x, required=True)
+        handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
+        return self._run("predict", {"x": x}, dict(batch_size=batch_size, steps=steps),
+                         list(callbacks or []), handler, num_workers=1)
+
+    # ----- running -------------------------------------------------------------------------------
+    def _run(self, method: str, data: dict[str, Any], kwargs: dict[str, Any],
+             callbacks: list[Any], handler: HomeEventHandler, num_workers: int) -> Any:
+        user_objects = shipping.dumps(
+            {"custom_objects": dict(keras.saving.get_custom_objects()), "callbacks": callbacks,
+             "data": {k: v for k, v in data.items() if v is not None}, "kwargs": kwargs},
+            what="the data, callbacks and custom objects of the run")
+        job = KerasJob(method=method, backend=self.backend, model_archive=_archive(self.model),
+                       user_objects=user_objects)
+        spec = RunSpec(payload=shipping.dumps(job), num_workers=num_workers,
+                       resources_per_worker=self._worker_resources())
+        return values(execute(self._cluster(), spec, handler.handle))[0]
+
+    def _cluster(self) -> Cluster:
+        if self._resolved_cluster is None:
+            self._resolved_cluster = resolve_cluster(self.cluster)
+        return self._resolved_cluster
+
+    def _worker_resources(self) -> dict[str, float]:
+        resources = dict(self.resources_per_worker or {"CPU": 1.0})
+        if self.use_gpu:
+            resources.setdefault("GPU", 1.0)
+        elif self.use_gpu is False and resources.get("GPU", 0) > 0:
+            raise ConfigurationError(
+                f"use_gpu=False but resources_per_worker asks for {resources['GPU']} GPU per worker; "
+                "drop one of the two.")
+        return resources
+
+
+def _archive(model: keras.Model) -> bytes:
+    """The model as Keras' own .keras archive: architecture, weights, compile config, optimizer state."""
+    if model.built and not model.optimizer.built:
+        # An unbuilt optimizer is saved without its slots and the worker's copy would warn and
+        # mismatch; building it now is what the first local fit() step would do anyway.
+        model.optimizer.build(model.trainable_variables)
+    with tempfile.TemporaryDirectory(prefix="gpu-proxy-keras-") as folder:
+        path = os.path.join(folder, "model.keras")
+        model.save(path)
+        with open(path, "rb") as file:
+            return file.read()

@@ -1,0 +1,69 @@
+"""The worker-side Keras callback that feeds the run's event stream.
+
+Rank 0 forwards every callback hook home as ``{"hook", "args", "logs"}`` so that home can replay it
+on a real ``CallbackList`` (History, progress bar, home callbacks); the logs of a multi-worker run
+are already averaged across workers, so rank 0's are the run's. Every rank checks home's stop
+request at epoch ends.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from gpu_proxy import events
+
+# Hooks that home replays; batch-begin hooks are left out: nothing at home draws from them.
+_FORWARDED = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_end",
+              "on_test_begin", "on_test_end", "on_test_batch_end", "on_predict_begin", "on_predict_end",
+              "on_predict_batch_end")
+
+
+def plain_logs(logs: Any) -> dict[str, float]:
+    """Keras logs as plain floats (they may hold tensors or numpy scalars)."""
+    plain = {}
+    for key, value in (logs or {}).items():
+        try:
+            plain[key] = float(np.asarray(value))
+        except (TypeError, ValueError):  # e.g. predict outputs: not a metric, not sent
+            continue
+    return plain
+
+
+class WorkerEventCallback(keras.callbacks.Callback):
+    def __init__(self, ctx: Any) -> None:
+        super().__init__()
+        self._ctx = ctx
+        self._sends = ctx.rank == 0
+
+    def _send(self, hook: str, *args: Any, logs: Any = None) -> None:
+        if not self._sends:
+            return
+        kind = events.METRICS if hook == "on_epoch_end" else events.PROGRESS
+        data: dict[str, Any] = {"hook": hook, "args": list(args), "logs": plain_logs(logs)}
+        if hook in ("on_train_begin", "on_test_begin", "on_predict_begin"):
+            data["params"] = {k: v for k, v in self.params.items() if isinstance(v, (int, float, str, type(None)))}
+        self._ctx.emit(kind, data)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._send("on_epoch_end", epoch, logs=logs)
+        if self._ctx.should_stop():
+            self.model.stop_training = True
+
+
+def _forwarder(hook: str) -> Any:
+    if hook in ("on_train_begin", "on_train_end", "on_test_begin", "on_test_end",
+                "on_predict_begin", "on_predict_end"):
+        def forward(self: WorkerEventCallback, logs: Any = None) -> None:
+            self._send(hook, logs=logs)
+    else:
+        def forward(self: WorkerEventCallback, index: int, logs: Any = None) -> None:
+            self._send(hook, index, logs=None if hook == "on_predict_batch_end" else logs)
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in _FORWARDED:
+    if _hook != "on_epoch_end":
+        setattr(WorkerEventCallback, _hook, _forwarder(_hook))

@@ -1,0 +1,90 @@
+"""The payload every worker calls: rebuild the model, run the Keras method, send rank 0's result home.
+
+This module imports no Keras at import time: the backend must be chosen (``KERAS_BACKEND``) before
+``keras`` is first imported, and a multi-worker TensorFlow run must start in a fresh process
+(see ``fresh_process.py``). For the same reason the user's objects (callbacks, data, custom
+objects) travel as bytes inside the job and are unpickled only once the backend is set.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from gpu_proxy_keras import distribution, rendezvous
+
+
+@dataclass
+class KerasJob:
+    method: str  # "fit", "evaluate" or "predict"
+    backend: str
+    model_archive: bytes  # the model's .keras archive: architecture, weights, compile, optimizer state
+    user_objects: bytes  # cloudpickled {"custom_objects", "callbacks", "data", "kwargs"}
+
+    def __call__(self, ctx: Any) -> Any:
+        multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow"
+        if multi_worker_tf or not _can_use_backend_here(self.backend):
+            env = {"KERAS_BACKEND": self.backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            if multi_worker_tf:
+                import ray
+
+                own = f"{ray.util.get_node_ip_address()}:{rendezvous.free_port()}"
+                addresses = rendezvous.all_gather_addresses(
+                    ctx.rank, ctx.world_size, own, ctx.master_addr, ctx.master_port)
+                env["TF_CONFIG"] = distribution.tf_config(addresses, ctx.rank)
+            from gpu_proxy_keras.fresh_process import run_in_fresh_process
+
+            return run_in_fresh_process(self, ctx, env)
+        os.environ["KERAS_BACKEND"] = self.backend
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return self.run_here(ctx)
+
+    def run_here(self, ctx: Any) -> Any:
+        import keras
+
+        from gpu_proxy_keras import trained_state, worker_callbacks
+        from gpu_proxy_keras.worker_events import WorkerEventCallback
+
+        user = cloudpickle.loads(self.user_objects)
+        strategy = distribution.tensorflow_strategy(ctx.world_size) if self.backend == "tensorflow" else None
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model = _load_model(self.model_archive, user["custom_objects"])
+        callbacks = worker_callbacks.for_rank(user["callbacks"], ctx.rank) + [WorkerEventCallback(ctx)]
+        data = {name: _materialise(value) for name, value in user["data"].items()}
+        kwargs = dict(user["kwargs"], **data, verbose=0, callbacks=callbacks)
+        with keras.saving.custom_object_scope(user["custom_objects"]):
+            result = getattr(model, self.method)(**kwargs)
+        if ctx.rank != 0:
+            return None
+        if self.method == "fit":
+            return {"history": result.history, "epoch": list(result.epoch),
+                    "state": trained_state.capture(model)}
+        return result
+
+
+def _can_use_backend_here(backend: str) -> bool:
+    """Keras' backend is fixed once keras is imported; a reused Ray worker may have another one."""
+    keras = sys.modules.get("keras")
+    return keras is None or keras.backend.backend() == backend
+
+
+def _load_model(archive: bytes, custom_objects: dict[str, Any]) -> Any:
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="gpu-proxy-keras-") as folder:
+        path = os.path.join(folder, "model.keras")
+        with open(path, "wb") as file:
+            file.write(archive)
+        return keras.saving.load_model(path, custom_objects=custom_objects)
+
+
+def _materialise(value: Any) -> Any:
+    """A callable that builds the data (a tf.data.Dataset, a PyDataset, ...) is called here, on the worker."""
+    if callable(value) and not hasattr(value, "__getitem__") and not hasattr(value, "__array__"):
+        return value()
+    return value
