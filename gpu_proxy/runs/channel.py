@@ -1,8 +1,10 @@
 """The Ray actor that carries events from workers to the supervisor, and small run-wide signals.
 
-It numbers events as they arrive (one sequence for the whole run) and hands them out with a
-long poll. It also holds the DDP rendezvous address that rank 0 publishes and the stop request
-that home sends, so the run needs no other coordination service.
+One channel serves every run a supervising process starts (creating an actor costs a new worker
+process, most of a warm run's fixed cost), keyed by run name. For each run it numbers events as
+they arrive (one sequence for the whole run) and hands them out with a long poll. It also holds
+the DDP rendezvous address that rank 0 publishes and the stop request that home sends, so a run
+needs no other coordination service.
 """
 from __future__ import annotations
 
@@ -12,47 +14,80 @@ from typing import Any
 import ray
 
 
+class _RunState:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.next_seq = 0
+        self.arrived = asyncio.Event()
+        self.rendezvous: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stop_requested = False
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class EventChannel:
     def __init__(self) -> None:
-        self._events: list[dict[str, Any]] = []
-        self._next_seq = 0
-        self._arrived = asyncio.Event()
-        self._rendezvous: asyncio.Future | None = None
-        self._stop_requested = False
+        self._runs: dict[str, _RunState] = {}
 
-    async def put(self, events: list[dict[str, Any]]) -> int:
+    def _run(self, run: str) -> _RunState:
+        if run not in self._runs:
+            self._runs[run] = _RunState()
+        return self._runs[run]
+
+    async def open(self, run: str) -> None:
+        self._run(run)
+
+    async def close(self, run: str) -> None:
+        self._runs.pop(run, None)
+
+    async def put(self, run: str, events: list[dict[str, Any]]) -> None:
+        state = self._runs.get(run)
+        if state is None:
+            return  # the run is over: a cancelled worker's last words go nowhere
+
         for event in events:
-            event["seq"] = self._next_seq
-            self._next_seq += 1
-            self._events.append(event)
-        self._arrived.set()
-        return self._next_seq
+            event["seq"] = state.next_seq
+            state.next_seq += 1
+            state.events.append(event)
+        state.arrived.set()
 
-    async def take(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Every event not yet taken; waits up to ``timeout_s`` for the first one."""
-        if not self._events:
-            self._arrived.clear()
+    async def take(self, run: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Every event of ``run`` not yet taken; waits up to ``timeout_s`` for the first one."""
+        state = self._run(run)
+        if not state.events:
+            state.arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+                await asyncio.wait_for(state.arrived.wait(), timeout_s)
             except asyncio.TimeoutError:
                 return []
-        events, self._events = self._events, []
+        events, state.events = state.events, []
         return events
 
-    def _future(self) -> asyncio.Future:
-        if self._rendezvous is None:
-            self._rendezvous = asyncio.get_running_loop().create_future()
-        return self._rendezvous
+    async def publish_rendezvous(self, run: str, address: str, port: int) -> None:
+        self._run(run).rendezvous.set_result((address, port))
 
-    async def publish_rendezvous(self, address: str, port: int) -> None:
-        self._future().set_result((address, port))
+    async def rendezvous(self, run: str) -> tuple[str, int]:
+        return await self._run(run).rendezvous
 
-    async def rendezvous(self) -> tuple[str, int]:
-        return await self._future()
+    async def request_stop(self, run: str) -> None:
+        self._run(run).stop_requested = True
 
-    async def request_stop(self) -> None:
-        self._stop_requested = True
+    async def stop_requested(self, run: str) -> bool:
+        state = self._runs.get(run)
+        return state.stop_requested if state else False
 
-    async def stop_requested(self) -> bool:
-        return self._stop_requested
+
+_shared: tuple[str, Any] | None = None
+
+
+def shared_channel() -> Any:
+    """This process's channel on the connected Ray cluster, created on first use."""
+    global _shared
+    job = ray.get_runtime_context().get_job_id()
+    if _shared is None or _shared[0] != job:
+        _shared = (job, EventChannel.remote())
+    return _shared[1]
+
+
+def forget_shared_channel() -> None:
+    global _shared
+    _shared = None

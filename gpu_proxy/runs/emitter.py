@@ -20,8 +20,9 @@ STOP_POLL_INTERVAL_S = 0.2
 
 
 class EventEmitter:
-    def __init__(self, channel: Any, rank: int | None) -> None:
+    def __init__(self, channel: Any, run: str, rank: int | None) -> None:
         self._channel = channel
+        self._run_name = run
         self._rank = rank
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._stop_requested = False
@@ -42,7 +43,7 @@ class EventEmitter:
         while self._queue:
             batch.append(self._queue.popleft())
         if batch:
-            self._last_put = self._channel.put.remote(batch)
+            self._last_put = self._channel.put.remote(self._run_name, batch)
 
     def _run(self) -> None:
         last_poll = 0.0
@@ -52,7 +53,8 @@ class EventEmitter:
             if now - last_poll > STOP_POLL_INTERVAL_S:
                 last_poll = now
                 try:
-                    self._stop_requested = ray.get(self._channel.stop_requested.remote(), timeout=5)
+                    self._stop_requested = ray.get(self._channel.stop_requested.remote(self._run_name),
+                                                   timeout=5)
                 except Exception:  # noqa: BLE001 - the channel is gone: the run is ending anyway
                     pass
 

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from gpu_proxy import events
 from gpu_proxy.errors import ClusterResourceError
 from gpu_proxy.events import Event
-from gpu_proxy.runs.channel import EventChannel
+from gpu_proxy.runs.channel import forget_shared_channel, shared_channel
 from gpu_proxy.runs.resources import check_fits
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.worker import WorkerPlacement, run_worker
@@ -91,36 +91,47 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | N
                 "work. Wait for it to finish, or lower num_workers."
             ) from None
         placements = _placements(spec, pg)
-        channel = EventChannel.remote()
+        channel = _open_channel(spec.name)
         payload_ref = ray.put(spec.payload)
         refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(payload_ref, placement, channel)
                 for bundle, placement in enumerate(placements)]
         rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
-        channel.put.remote([Event(events.RUN_STARTED, {
+        channel.put.remote(spec.name, [Event(events.RUN_STARTED, {
             "run_name": spec.name, "num_workers": spec.num_workers,
             "num_nodes": placements[0].num_nodes}).to_dict()])
-        return _follow(refs, rank_of, channel, sink, stop)
+        return _follow(spec.name, refs, rank_of, channel, sink, stop)
     finally:
         for ref in refs:
             ray.cancel(ref, force=True)  # a no-op for finished tasks; kills stragglers
         if channel is not None:
-            ray.kill(channel)
+            channel.close.remote(spec.name)
         remove_placement_group(pg)
 
 
-def _relay(channel: Any, sink: Callable[[Event], None], wait_s: float) -> None:
-    for raw in ray.get(channel.take.remote(wait_s)):
+def _open_channel(run: str) -> Any:
+    channel = shared_channel()
+    try:
+        ray.get(channel.open.remote(run), timeout=60)
+    except ray.exceptions.RayActorError:  # killed or lost with its node: start a new one
+        forget_shared_channel()
+        channel = shared_channel()
+        ray.get(channel.open.remote(run), timeout=60)
+    return channel
+
+
+def _relay(run: str, channel: Any, sink: Callable[[Event], None], wait_s: float) -> None:
+    for raw in ray.get(channel.take.remote(run, wait_s)):
         sink(Event.from_dict(raw))
 
 
-def _follow(refs: list[Any], rank_of: dict[Any, int], channel: Any,
+def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
             sink: Callable[[Event], None], stop: StopSignal) -> list[dict[str, Any]]:
     outcomes: dict[int, dict[str, Any]] = {}
     pending = list(refs)
     stop_sent = 0
     failed = False
     while pending:
-        _relay(channel, sink, POLL_S)
+        _relay(run, channel, sink, POLL_S)
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
         for ref in done:
             rank = rank_of[ref]
@@ -134,7 +145,7 @@ def _follow(refs: list[Any], rank_of: dict[Any, int], channel: Any,
         if stop.requests > stop_sent:
             stop_sent = stop.requests
             if stop_sent == 1:
-                ray.get(channel.request_stop.remote())
+                ray.get(channel.request_stop.remote(run))
         if pending and (failed or stop_sent > 1):
             # One rank failed: the others would wait forever in a collective. End them now.
             for ref in pending:
@@ -149,5 +160,5 @@ def _follow(refs: list[Any], rank_of: dict[Any, int], channel: Any,
             for ref in pending:
                 outcomes[rank_of[ref]] = {"rank": rank_of[ref], "cancelled": True, "lost": "did not stop in time"}
             pending = []
-    _relay(channel, sink, 0)
+    _relay(run, channel, sink, 0)
     return [outcomes[rank] for rank in sorted(outcomes)]

@@ -91,15 +91,15 @@ def _distributed_env(ctx: WorkerContext) -> Iterator[None]:
 def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
     if placement.rank == 0:
         port = _free_port()
-        ray.get(channel.publish_rendezvous.remote(placement.master_addr, port))
+        ray.get(channel.publish_rendezvous.remote(placement.run_name, placement.master_addr, port))
         return placement.master_addr, port
-    return tuple(ray.get(channel.rendezvous.remote()))  # type: ignore[return-value]
+    return tuple(ray.get(channel.rendezvous.remote(placement.run_name)))  # type: ignore[return-value]
 
 
 @ray.remote(max_retries=0)
 def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any) -> dict[str, Any]:
     """Call the payload as ``placement.rank``; return ``{"rank", "value"}`` or ``{"rank", "error"}``."""
-    emitter = EventEmitter(channel, placement.rank)
+    emitter = EventEmitter(channel, placement.run_name, placement.rank)
     outcome: dict[str, Any] = {"rank": placement.rank}
     try:
         master_addr, master_port = _rendezvous(placement, channel)
