@@ -9,7 +9,7 @@ import datetime as _dt
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from gpu_proxy.clusters import saved
 from gpu_proxy.errors import GpuProxyError

@@ -7,7 +7,6 @@ pickled by reference and must be installed on the cluster's nodes.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import sys

@@ -5,29 +5,18 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-import lightning as L
-import psutil
 import pytest
-import torch
 
 import gpu_proxy_lightning  # noqa: F401
 from gpu_proxy.clouds.runpod import LaunchError, RunPodCluster
 from gpu_proxy.clusters.ray_node import RayPorts
 from gpu_proxy.errors import ConfigurationError
-from gpu_proxy_lightning import RemoteStrategy
 from tests.fakes.runpod_api import EntrypointRuntime, FakeRunPod
-from tests.lightning_project.models import DigitsData, DigitsModel, RecordRanks, load_record
+from tests.lightning_project.models import fit_and_check_against_rank0
+from tests.support.processes import processes_mentioning
 from tests.support.sshd import sshd_missing_reason
 
 IMAGE = "registry.example.com/gpu-proxy-node:test"
-
-
-def _processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        if process.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(process.info["cmdline"] or []):
-            found.append(process)
-    return found
 
 
 def _cluster(fake: FakeRunPod, lines: list[str] | None = None, **options) -> RunPodCluster:
@@ -128,15 +117,7 @@ def test_the_tunnelled_dashboard_needs_the_token(cluster):
 
 @pytest.mark.timeout(300)
 def test_lightning_fits_on_the_runpod_cluster(cluster, tmp_path):
-    model = DigitsModel()
-    trainer = L.Trainer(strategy=RemoteStrategy(cluster=cluster), accelerator="cpu", devices=2, max_epochs=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[RecordRanks(str(tmp_path))])
-    trainer.fit(model, datamodule=DigitsData(limit=200))
-    rank0 = load_record(tmp_path, "fit", 0)
-    for key, value in rank0["state_dict"].items():
-        assert torch.equal(model.state_dict()[key], value)
-    assert trainer.state.finished and trainer.global_step == rank0["global_step"]
+    fit_and_check_against_rank0(cluster, tmp_path)
 
 
 @pytest.mark.timeout(240)
@@ -145,14 +126,14 @@ def test_stop_terminates_every_pod_and_leaves_no_process(fake, runtime):
     with cluster:
         (pod_id,) = cluster.pod_ids
         folder = f"{runtime.folder}/{pod_id}"
-        assert len(_processes_mentioning(folder)) >= 1  # the pod's sshd
+        assert len(processes_mentioning(folder)) >= 1  # the pod's sshd
         ray_temp = fake.pods[pod_id].env["RAY_TEMP_DIR"]
-        assert len(_processes_mentioning(ray_temp)) >= 2  # raylet, GCS...
+        assert len(processes_mentioning(ray_temp)) >= 2  # raylet, GCS...
         local_port = cluster._tunnel_box[0].local_port
     assert pod_id in fake.terminated and pod_id not in fake.pods
     fake.settle()
-    assert _processes_mentioning(folder) == [] and _processes_mentioning(ray_temp) == []
-    assert _processes_mentioning(f"127.0.0.1:{local_port}:") == []
+    assert processes_mentioning(folder) == [] and processes_mentioning(ray_temp) == []
+    assert processes_mentioning(f"127.0.0.1:{local_port}:") == []
     with pytest.raises(Exception, match="not started"):
         cluster.endpoint()
 

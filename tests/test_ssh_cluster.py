@@ -7,13 +7,13 @@ import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
 
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.ray_node import RayPorts, default_ray_executable
 from gpu_proxy.clusters.ssh import SSHCluster
 from gpu_proxy.errors import ConfigurationError
+from tests.support.processes import processes_mentioning
 from tests.support.sshd import sshd, this_machine_private_ip  # noqa: F401  (session fixture)
 
 
@@ -49,14 +49,6 @@ def test_a_missing_ray_is_reported_before_anything_starts(sshd):
     with pytest.raises(ConfigurationError, match="/opt/no-such-venv/bin/ray.*is not a command"):
         cluster.start()
     assert not os.path.exists(cluster._nodes[0].folder)
-
-
-def _processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        if process.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(process.info["cmdline"] or []):
-            found.append(process)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +106,10 @@ def test_stop_leaves_no_process_no_folder_and_no_tunnel(sshd):
     with cluster:
         folder = cluster._nodes[0].folder
         assert cluster.resources()["CPU"] == 1.0
-        assert len(_processes_mentioning(folder)) >= 3  # ray start, GCS, raylet... all under our folder
+        assert len(processes_mentioning(folder)) >= 3  # ray start, GCS, raylet... all under our folder
         local_port = cluster._tunnel.local_port
-    assert _processes_mentioning(folder) == []
-    assert _processes_mentioning(f"127.0.0.1:{local_port}:") == []
+    assert processes_mentioning(folder) == []
+    assert processes_mentioning(f"127.0.0.1:{local_port}:") == []
     assert not os.path.exists(folder)
     with pytest.raises(Exception, match="not started"):
         cluster.endpoint()

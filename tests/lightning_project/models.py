@@ -147,3 +147,18 @@ class KillOnce(Callback):
             if not os.path.exists(self.marker):
                 Path(self.marker).write_text("killed")
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit_and_check_against_rank0(cluster, folder) -> None:
+    """A 2-worker fit on ``cluster`` whose home model and trainer end as rank 0's did."""
+    from gpu_proxy_lightning import RemoteStrategy
+
+    model = DigitsModel()
+    trainer = L.Trainer(strategy=RemoteStrategy(cluster=cluster), accelerator="cpu", devices=2, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RecordRanks(str(folder))])
+    trainer.fit(model, datamodule=DigitsData(limit=200))
+    rank0 = load_record(folder, "fit", 0)
+    for key, value in rank0["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert trainer.state.finished and trainer.global_step == rank0["global_step"]
