@@ -38,6 +38,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"saved cluster {args.name!r}: {args.address}")
         return 0
     if args.kind == "ssh":
+        from gpu_proxy.clusters.ray_node import RayPorts
         from gpu_proxy.clusters.ssh import SSHCluster
 
         if not args.head:
@@ -45,7 +46,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = SSHCluster(args.head, workers=args.worker or [], identity_file=args.identity_file,
                              known_hosts_file=args.known_hosts_file,
                              private_ip=args.private_ip, worker_private_ips=args.worker_private_ip or None,
-                             ray_executable=args.ray_executable, keep_running=True)
+                             ray_executable=args.ray_executable, keep_running=True,
+                             head_ports=RayPorts.free_on_this_machine() if args.free_ports else None)
         print(f"starting Ray on {args.head}" + (f" and {len(args.worker)} worker(s)" if args.worker else ""),
               flush=True)
         cluster.start()
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--private-ip", help="ssh: the head's private IP, where Ray listens")
     up.add_argument("--worker-private-ip", action="append", help="ssh: each worker's private IP (repeat)")
     up.add_argument("--ray-executable", default="ray", help="ssh: the `ray` command on the machines")
+    up.add_argument("--free-ports", action="store_true",
+                    help="ssh: a head on this machine: pick free ports instead of Ray's defaults (6379, 8265...)")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="resources and state of saved clusters")

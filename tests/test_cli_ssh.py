@@ -23,7 +23,7 @@ def test_up_ssh_status_runs_and_down(sshd, tmp_path):
     env = dict(os.environ, GPU_PROXY_CONFIG_DIR=str(tmp_path))
     up = cli("up", "ssh", "--name", "box", "--head", f"{sshd.user}@127.0.0.1:{sshd.port}",
              "--identity-file", sshd.private_key, "--known-hosts-file", sshd.known_hosts,
-             "--private-ip", "127.0.0.1", "--ray-executable", default_ray_executable(), env=env)
+             "--private-ip", "127.0.0.1", "--ray-executable", default_ray_executable(), "--free-ports", env=env)
     assert up.returncode == 0, up.stderr[-2000:]
     assert "is up: 2 CPUs" in up.stdout
     token_file = tmp_path / "tokens" / "box"
