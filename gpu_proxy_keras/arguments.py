@@ -74,3 +74,21 @@ def check_fit(x: Any, epochs: Any, initial_epoch: Any, validation_split: Any,
             raise ConfigurationError(
                 "BackupAndRestore with num_workers > 1: its restore would run from rank 0's files "
                 "only and the workers would diverge. Use num_workers=1 with it.")
+
+
+def check_checkpoints(checkpoint_dir: Any, max_failures: Any, run_name: Any) -> None:
+    if checkpoint_dir is not None and (not isinstance(checkpoint_dir, str) or not checkpoint_dir):
+        raise ConfigurationError(f"checkpoint_dir={checkpoint_dir!r}: pass an fsspec URL or a path, "
+                                 "e.g. 's3://bucket/runs' or '/data/runs'.")
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0:
+        raise ConfigurationError(f"max_failures={max_failures!r}: pass a whole number >= 0.")
+    if max_failures and checkpoint_dir is None:
+        raise ConfigurationError(
+            f"max_failures={max_failures} needs checkpoint_dir=...: a restart resumes from the newest "
+            "committed epoch, and without checkpoint_dir nothing is committed.")
+    if run_name is not None:
+        if checkpoint_dir is None:
+            raise ConfigurationError(f"run_name={run_name!r} names a run's checkpoint folder; pass "
+                                     "checkpoint_dir=... too.")
+        if not isinstance(run_name, str) or not run_name or "/" in run_name or run_name in (".", ".."):
+            raise ConfigurationError(f"run_name={run_name!r}: pass a non-empty name without '/'.")

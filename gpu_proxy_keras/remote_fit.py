@@ -7,6 +7,7 @@ callback hooks on a home ``CallbackList`` while it runs, and take rank 0's resul
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -15,9 +16,10 @@ import keras
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
-from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.errors import ConfigurationError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy_keras import arguments, trained_state
+from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
 from gpu_proxy_keras.worker_job import KerasJob
 
@@ -33,16 +35,16 @@ class RemoteFit:
                  use_gpu: bool | None = None, resources_per_worker: dict[str, float] | None = None,
                  home_callbacks: list[keras.callbacks.Callback] | None = None,
                  checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                 max_failures: int = 0) -> None:
+                 max_failures: int = 0, run_name: str | None = None) -> None:
         arguments.check_model(model)
         self.backend = keras.backend.backend()
         arguments.check_workers(num_workers, self.backend)
-        if checkpoint_dir is not None or max_failures:
-            raise ConfigurationError(
-                f"checkpoint_dir={checkpoint_dir!r}, max_failures={max_failures!r}: per-epoch "
-                "checkpoints and restarts are not available in gpu_proxy_keras yet. Leave both unset "
-                "(or use keras.callbacks.ModelCheckpoint, which runs on rank 0).")
+        arguments.check_checkpoints(checkpoint_dir, max_failures, run_name)
         self.model = model
+        self.checkpoint_dir = checkpoint_dir
+        self.max_failures = max_failures
+        self.run_name = run_name  # None: a new run (new name) per fit; a name: continue that run
+        self.run_url: str | None = None  # the last fit's checkpoint folder
         self.cluster = cluster
         self.num_workers = num_workers
         self.use_gpu = use_gpu
@@ -69,13 +71,20 @@ class RemoteFit:
                       shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
                       steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                       validation_batch_size=validation_batch_size, validation_freq=validation_freq)
+        storage = self._run_checkpoints()
+        resumed = storage.latest() if storage is not None and self.run_name is not None else None
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=True)
-        result = self._run("fit", data, kwargs, callbacks, handler, self.num_workers)
-        trained_state.restore(self.model, result["state"])
+        result, resumed = self._fit_with_restarts(data, kwargs, callbacks, handler, storage, resumed)
+        if result is None:  # the named run had already committed its last epoch: nothing to train
+            trained_state.restore(self.model, _state_of(storage.read(resumed)))
+            result = {"history": {}, "epoch": []}
+        else:
+            trained_state.restore(self.model, result["state"])
         history = handler.history or keras.callbacks.History()
         history.set_model(self.model)
-        # The streamed logs went through float(); rank 0's own dict is the exact record.
-        history.history, history.epoch = result["history"], result["epoch"]
+        # The streamed logs went through float(); rank 0's own dict is the exact record, after the
+        # committed epochs' own record when the run was resumed from a checkpoint.
+        history.history, history.epoch = _joined(resumed, result)
         self.model.history = history
         return history
 
@@ -98,14 +107,50 @@ class RemoteFit:
                          list(callbacks or []), handler, num_workers=1)
 
     # ----- running -------------------------------------------------------------------------------
+    def _run_checkpoints(self) -> RunCheckpoints | None:
+        """This fit's checkpoint folder, checked at home before anything starts (None: no checkpoints)."""
+        if self.checkpoint_dir is None:
+            return None
+        storage = RunCheckpoints(self.checkpoint_dir, self.run_name or new_run_name(), self.storage_options)
+        storage.check()
+        self.run_url = storage.run_url
+        return storage
+
+    def _fit_with_restarts(self, data: dict[str, Any], kwargs: dict[str, Any], callbacks: list[Any],
+                           handler: HomeEventHandler, storage: RunCheckpoints | None,
+                           resumed: Committed | None) -> tuple[Any, Committed | None]:
+        """Run fit; when a worker dies, start again from the newest committed epoch, up to max_failures."""
+        failures: list[str] = []
+        while True:
+            if resumed is not None and resumed.epoch + 1 >= kwargs["epochs"]:
+                return None, resumed
+            run_kwargs = dict(kwargs, initial_epoch=resumed.epoch + 1) if resumed is not None else kwargs
+            try:
+                return self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
+                                 archive=storage.read(resumed) if resumed is not None else None,
+                                 checkpoint=storage.worker_spec(resumed) if storage is not None else None), resumed
+            except WorkerLostError as lost:
+                failures.append(str(lost))
+                if len(failures) > self.max_failures:
+                    if not self.max_failures:
+                        raise
+                    listing = "\n".join(f"  {i + 1}. {text}" for i, text in enumerate(failures))
+                    raise WorkerLostError(f"The run failed {len(failures)} times, more than max_failures="
+                                          f"{self.max_failures}:\n{listing}") from lost
+                resumed = storage.latest() if storage is not None else None
+                start = f"epoch {resumed.epoch + 2} ({resumed.url})" if resumed else "the start"
+                print(f"gpu-proxy: {lost}; restarting from {start}, attempt {len(failures) + 1} of "
+                      f"{self.max_failures + 1}", file=sys.stderr, flush=True)
+
     def _run(self, method: str, data: dict[str, Any], kwargs: dict[str, Any],
-             callbacks: list[Any], handler: HomeEventHandler, num_workers: int) -> Any:
+             callbacks: list[Any], handler: HomeEventHandler, num_workers: int,
+             archive: bytes | None = None, checkpoint: dict[str, Any] | None = None) -> Any:
         user_objects = shipping.dumps(
             {"custom_objects": dict(keras.saving.get_custom_objects()), "callbacks": callbacks,
              "data": {k: v for k, v in data.items() if v is not None}, "kwargs": kwargs},
             what="the data, callbacks and custom objects of the run")
-        job = KerasJob(method=method, backend=self.backend, model_archive=_archive(self.model),
-                       user_objects=user_objects)
+        job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
+                       user_objects=user_objects, checkpoint=checkpoint)
         spec = RunSpec(payload=shipping.dumps(job), num_workers=num_workers,
                        resources_per_worker=self._worker_resources())
         return values(execute(self._cluster(), spec, handler.handle))[0]
@@ -137,3 +182,20 @@ def _archive(model: keras.Model) -> bytes:
         model.save(path)
         with open(path, "rb") as file:
             return file.read()
+
+
+def _state_of(archive: bytes) -> trained_state.TrainedState:
+    """The weights and optimizer state held in a committed .keras archive."""
+    from gpu_proxy_keras.worker_job import _load_model
+
+    return trained_state.capture(_load_model(archive, dict(keras.saving.get_custom_objects())))
+
+
+def _joined(resumed: Committed | None, result: dict[str, Any]) -> tuple[dict[str, list], list[int]]:
+    """The committed epochs' History record, then the (resumed) run's own."""
+    if resumed is None:
+        return result["history"], result["epoch"]
+    history = {key: list(values) for key, values in resumed.history.items()}
+    for key, values in result["history"].items():
+        history.setdefault(key, []).extend(values)
+    return history, list(resumed.epochs) + list(result["epoch"])

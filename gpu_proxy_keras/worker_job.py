@@ -25,6 +25,7 @@ class KerasJob:
     backend: str
     model_archive: bytes  # the model's .keras archive: architecture, weights, compile, optimizer state
     user_objects: bytes  # cloudpickled {"custom_objects", "callbacks", "data", "kwargs"}
+    checkpoint: dict[str, Any] | None = None  # EpochCheckpoint's arguments (rank 0), see epoch_checkpoint.py
 
     def __call__(self, ctx: Any) -> Any:
         multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow"
@@ -54,7 +55,13 @@ class KerasJob:
         strategy = distribution.tensorflow_strategy(ctx.world_size) if self.backend == "tensorflow" else None
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model = _load_model(self.model_archive, user["custom_objects"])
-        callbacks = worker_callbacks.for_rank(user["callbacks"], ctx.rank) + [WorkerEventCallback(ctx)]
+        callbacks = worker_callbacks.for_rank(user["callbacks"], ctx.rank)
+        if self.checkpoint is not None and ctx.rank == 0:
+            from gpu_proxy_keras.epoch_checkpoint import EpochCheckpoint
+
+            # Before the event callback: an epoch home has heard of is already committed.
+            callbacks.append(EpochCheckpoint(**self.checkpoint))
+        callbacks.append(WorkerEventCallback(ctx))
         data = {name: _materialise(value) for name, value in user["data"].items()}
         kwargs = dict(user["kwargs"], **data, verbose=0, callbacks=callbacks)
         with keras.saving.custom_object_scope(user["custom_objects"]):

@@ -77,11 +77,6 @@ def test_several_workers_need_the_tensorflow_backend():
         arguments.check_workers(0, "tensorflow")
 
 
-def test_unfinished_options_say_so(no_runs):
-    with pytest.raises(ConfigurationError, match="not available in gpu_proxy_keras yet"):
-        RemoteFit(mlp(), checkpoint_dir="memory://ckpt")
-
-
 def test_an_unpicklable_callback_is_named_before_any_worker_starts(no_runs):
     x, y = blobs(n=16)
     with pytest.raises(ShippingError, match="lock"):

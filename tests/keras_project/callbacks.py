@@ -42,3 +42,35 @@ class FailAtEpoch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.epoch:
             raise ValueError(f"deliberate failure at epoch {epoch}")
+
+
+class KillOnceAtEpoch(keras.callbacks.Callback):
+    """Runs on the workers: SIGKILLs its own process when `epoch` begins, the first time only
+    (a marker file remembers it; always=True kills every time)."""
+
+    def __init__(self, epoch: int, marker: str, always: bool = False) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.marker = marker
+        self.always = always
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import os
+        import signal
+
+        if epoch == self.epoch and (self.always or not os.path.exists(self.marker)):
+            with open(self.marker, "a") as file:
+                file.write(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MarkTrainBegin(keras.callbacks.Callback):
+    """Runs on the workers: leaves a file behind when training starts."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        with open(self.path, "w") as file:
+            file.write("started\n")
