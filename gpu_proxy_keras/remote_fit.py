@@ -152,7 +152,7 @@ class RemoteFit:
         job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
                        user_objects=user_objects, checkpoint=checkpoint)
         spec = RunSpec(payload=shipping.dumps(job), num_workers=num_workers,
-                       resources_per_worker=self._worker_resources())
+                       resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}")
         return values(execute(self._cluster(), spec, handler.handle))[0]
 
     def _cluster(self) -> Cluster:

@@ -128,7 +128,7 @@ class RemoteLauncher(_Launcher):
         strategy = self._strategy
         return RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
-                       home_grace_s=None if strategy.detach else strategy.home_grace_s,
+                       home_grace_s=None if strategy.detach else strategy.home_grace_s, worker_pool="lightning",
                        metadata={"run_name": strategy.run_name})
 
     def _prepare_storage(self, trainer: Any, function: Callable) -> checkpointing.RunStorage | None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
-import psutil
 import pytest
 
 from gpu_proxy.clusters.ray_node import default_ray_executable
+from tests.support.processes import processes_mentioning
 
 CLI = [sys.executable, "-m", "gpu_proxy.cli"]
 
@@ -29,6 +30,10 @@ def test_up_ssh_status_runs_and_down(sshd, tmp_path):
     token_file = tmp_path / "tokens" / "box"
     assert token_file.stat().st_mode & 0o777 == 0o600
     token = token_file.read_text()
+    import json
+
+    node_folders = [n["folder"] for n in json.loads((tmp_path / "clusters.json").read_text())["box"]["nodes"]]
+    assert processes_mentioning(node_folders[0]), "the head's Ray processes run from its folder"
     try:
         status = cli("status", "box", env=env)
         assert status.returncode == 0 and "box" in status.stdout and "up" in status.stdout
@@ -39,6 +44,7 @@ def test_up_ssh_status_runs_and_down(sshd, tmp_path):
         down = cli("down", "box", env=env)
     assert down.returncode == 0, down.stderr[-2000:]
     assert "torn down" in down.stdout and not token_file.exists()
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "gp-" in " ".join(p.info["cmdline"] or [])
-                 and "ray" in " ".join(p.info["cmdline"] or []) and str(tmp_path) not in " ".join(p.info["cmdline"] or [])]
-    assert not [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    deadline = time.monotonic() + 15  # processes killed by `down` may take a moment to be reaped
+    while processes_mentioning(node_folders[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_mentioning(node_folders[0]), "down leaves no Ray process of the cluster"

@@ -19,6 +19,9 @@ class RunSpec:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     name: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}")
     env: dict[str, str] = field(default_factory=dict)
+    #: Runs of different pools never share a worker process: Ray reuses task processes, and a process
+    #: that imported TensorFlow crashes (SIGSEGV in LLVM) when it later runs torch. One pool per framework.
+    worker_pool: str = "default"
     placement_timeout_s: float = 120.0
     #: On a Ray Job: stop the run when home's heartbeat has been silent this long (None: never, detached).
     home_grace_s: float | None = 300.0

@@ -68,8 +68,8 @@ def _task_options(spec: RunSpec, pg: Any, bundle: int) -> dict[str, Any]:
     }
     if resources:
         options["resources"] = resources
-    if spec.env:
-        options["runtime_env"] = {"env_vars": dict(spec.env)}
+    # A distinct runtime env is a distinct pool of worker processes in Ray.
+    options["runtime_env"] = {"env_vars": {**spec.env, "GPU_PROXY_WORKER_POOL": spec.worker_pool}}
     return options
 
 
