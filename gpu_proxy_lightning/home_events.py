@@ -92,9 +92,10 @@ class HomeEventHandler:
             self._bar_ready = True
         hook = data["hook"]
         batch_idx, dataloader_idx = data.get("batch_idx"), data.get("dataloader_idx", 0)
-        if hook.endswith("_batch_end"):
-            getattr(bar, hook)(trainer, module, None, None, batch_idx, dataloader_idx) \
-                if hook != "on_train_batch_end" else bar.on_train_batch_end(trainer, module, None, None, batch_idx)
+        if hook == "on_train_batch_end":  # the only batch hook without a dataloader_idx
+            bar.on_train_batch_end(trainer, module, None, None, batch_idx)
+        elif hook.endswith("_batch_end"):
+            getattr(bar, hook)(trainer, module, None, None, batch_idx, dataloader_idx)
         elif hook.endswith("_batch_start"):
             getattr(bar, hook)(trainer, module, None, batch_idx, dataloader_idx)
         else:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ import pytest
 
 from gpu_proxy.clusters.ray_node import RayPorts, generate_token, wait_for_nodes
 from gpu_proxy.ssh import SSHTarget, SSHTunnel, put_file, run_remote
-from tests.support.sshd import free_port, generate_client_key, sshd_missing_reason, this_machine_private_ip
+from tests.support.sshd import (free_port, generate_client_key, ssh_banner_answers, sshd_missing_reason,
+                                this_machine_private_ip)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "cluster_image"
@@ -177,12 +177,9 @@ def _wait_for_banner(port: int, process: subprocess.Popen, timeout_s: float = 60
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, "the entrypoint exited early"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(8).startswith(b"SSH-"):
-                    return
-        except OSError:
-            time.sleep(0.2)
+        if ssh_banner_answers(port):
+            return
+        time.sleep(0.2)
     raise AssertionError("the pod's sshd did not answer")
 
 

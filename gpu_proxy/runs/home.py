@@ -87,15 +87,17 @@ def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
     """
     crashed = [o for o in outcomes if "lost" in o and not o.get("cancelled")]
     if crashed:
-        details = "; ".join(f"rank {o['rank']}: {o['lost']}" for o in crashed)
-        raise WorkerLostError(f"{len(crashed)} worker(s) died during the run: {details}")
+        raise WorkerLostError(f"{len(crashed)} worker(s) died during the run: {_lost_details(crashed)}")
     for outcome in outcomes:
         if "error" in outcome:
             raise shipping.unpack_exception(outcome["error"], f"rank {outcome['rank']}")
     lost = [o for o in outcomes if "lost" in o]
     if lost:
-        details = "; ".join(f"rank {o['rank']}: {o['lost']}" for o in lost)
-        raise WorkerLostError(f"{len(lost)} worker(s) were lost during the run: {details}")
+        raise WorkerLostError(f"{len(lost)} worker(s) were lost during the run: {_lost_details(lost)}")
+
+
+def _lost_details(outcomes: list[dict[str, Any]]) -> str:
+    return "; ".join(f"rank {o['rank']}: {o['lost']}" for o in outcomes)
 
 
 def values(outcomes: list[dict[str, Any]]) -> list[Any]:

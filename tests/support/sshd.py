@@ -112,12 +112,9 @@ def start_sshd() -> SshdServer:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sshd exited at start:\n{(folder / 'sshd.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(8).startswith(b"SSH-"):
-                    break
-        except OSError:
-            time.sleep(0.1)
+        if ssh_banner_answers(port):
+            break
+        time.sleep(0.1)
     else:
         stop_sshd_process(process)
         raise RuntimeError("sshd did not answer on its port within 20 s")
@@ -170,3 +167,12 @@ def generate_client_key(folder: str) -> tuple[str, str]:
     path = Path(folder) / "id_ed25519"
     _keygen(path, "gp-test")
     return str(path), path.with_suffix(".pub").read_text().strip()
+
+
+def ssh_banner_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """True when an SSH server greets on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            return sock.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
