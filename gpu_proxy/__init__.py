@@ -2,7 +2,7 @@
 from gpu_proxy.clusters.base import Cluster, Endpoint
 from gpu_proxy.clusters.local import LocalCluster
 from gpu_proxy.errors import (ClusterResourceError, ConfigurationError, GpuProxyError, RemoteError,
-                              ShippingError, WorkerLostError)
+                              RunStoppedError, ShippingError, WorkerLostError)
 
 from gpu_proxy.clusters.ray_cluster import RayCluster
 from gpu_proxy.clusters.ssh import SSHCluster
@@ -11,4 +11,4 @@ from gpu_proxy.runs.attach import attach, list_runs, run_events
 
 __version__ = "0.1.0"
 __all__ = ["RayCluster", "RunPodCluster", "SSHCluster", "attach", "list_runs", "run_events", "Cluster", "ClusterResourceError", "ConfigurationError", "Endpoint", "GpuProxyError",
-           "LocalCluster", "RemoteError", "ShippingError", "WorkerLostError"]
+           "LocalCluster", "RemoteError", "RunStoppedError", "ShippingError", "WorkerLostError"]

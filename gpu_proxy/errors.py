@@ -29,3 +29,14 @@ class RemoteError(GpuProxyError):
 
 class WorkerLostError(GpuProxyError):
     """A worker process or its node died during the run."""
+
+
+class RunStoppedError(GpuProxyError):
+    """The cluster stopped the run gracefully (its budget was spent, say): the workers stopped at a
+    step boundary and saved a checkpoint first. ``outcomes`` are the run's outcomes as it ended, so
+    the caller can still bring the trained state home."""
+
+    def __init__(self, reason: str, outcomes: list | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcomes = outcomes or []

@@ -18,6 +18,7 @@ LOG = "log"
 WARNING = "warning"
 CHECKPOINT = "checkpoint"
 RESTART = "restart"
+COST = "cost"  # added at home by a cluster that meters money: spent_usd, usd_per_hour, budget_usd
 ERROR = "error"
 FINISHED = "finished"
 RESULT = "result"  # a worker's final outcome; consumed by the home launcher, not by users

@@ -1,5 +1,8 @@
 """The home side of a Lightning run's event stream: the Trainer's own progress bar, home loggers, logs.
 
+A cluster that meters money (RunPod) adds cost events: the bar shows ``cost_usd`` beside the
+loss and the home loggers get it as a metric.
+
 The home Trainer never runs a loop, so its progress bar is driven by hand: before each relayed
 hook, the few numbers a bar reads (stage, epoch, batch counts, progress-bar metrics) are set on
 the home Trainer as rank 0 had them, then the bar's own hook is called. Whatever bar the user
@@ -27,6 +30,7 @@ class HomeEventHandler:
         self._max_step_logged = -1
         self._replayed_up_to = -1  # after a restart: steps up to here were logged before the failure
         self._hparams_logged = False
+        self._cost: dict[str, Any] | None = None  # the cluster's latest cost meter reading, if it meters
         self.restarts: list[dict[str, Any]] = []
 
     # ----- dispatch ---------------------------------------------------------------------------
@@ -43,6 +47,10 @@ class HomeEventHandler:
             self._hparams_logged = True
             for logger in self._loggers:
                 logger.log_hyperparams(event.data["params"])
+        elif event.kind == events.COST:
+            self._cost = event.data
+            for logger in self._loggers:  # beside the run's own metrics, at the latest step
+                logger.log_metrics({"cost_usd": event.data["spent_usd"]}, max(self._max_step_logged, 0))
         elif event.kind == events.RESTART:
             self.restarts.append(event.data)
             self._replayed_up_to = self._max_step_logged
@@ -79,7 +87,10 @@ class HomeEventHandler:
             trainer.test_loop._max_batches = list(data["num_test_batches"])
         if data.get("num_predict_batches") is not None:
             trainer.predict_loop.max_batches = list(data["num_predict_batches"])
-        trainer._logger_connector._progress_bar_metrics = dict(data.get("metrics") or {})
+        metrics = dict(data.get("metrics") or {})
+        if self._cost is not None:  # what the run has cost so far, in the bar beside the loss
+            metrics["cost_usd"] = round(float(self._cost["spent_usd"]), 2)
+        trainer._logger_connector._progress_bar_metrics = metrics
 
     def _progress(self, data: dict[str, Any]) -> None:
         trainer, bar = self._trainer, self._bar

@@ -20,6 +20,7 @@ from gpu_proxy import events, shipping
 from gpu_proxy.errors import ShippingError, WorkerLostError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
+from gpu_proxy.errors import RunStoppedError
 from gpu_proxy.runs.home import submit_detached
 from gpu_proxy_lightning import checkpointing, predictions, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
@@ -110,14 +111,23 @@ class RemoteLauncher(_Launcher):
             return None
         handler = HomeEventHandler(trainer, strategy.home_loggers)
         status = "failed"
+        stopped: RunStoppedError | None = None
         try:
-            outputs = self._run_with_restarts(spec, handler, storage, trainer, function, args, kwargs)
+            try:
+                outputs = self._run_with_restarts(spec, handler, storage, trainer, function, args, kwargs)
+            except RunStoppedError as stop:  # the cluster stopped it (budget): the state so far comes home
+                stopped, outputs = stop, values(stop.outcomes)
             status = "success"
         finally:
             handler.close(status)
         if trainer is None:
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
+        if stopped is not None:
+            latest = storage.latest() if storage is not None else None
+            hint = (f" The newest checkpoint is {latest}; fit again with the same run_name to continue."
+                    if latest else "")
+            raise RunStoppedError(f"{stopped.reason}.{hint}", stopped.outcomes)
         if outputs[0].interrupted:
             raise KeyboardInterrupt("the remote run stopped at home's request")
         if trainer.state.fn == TrainerFn.PREDICTING:

@@ -1,33 +1,44 @@
 """The home side of a run: execute it on a cluster, relay events to the caller, raise its errors."""
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any, Callable
 
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
-from gpu_proxy.errors import WorkerLostError
+from gpu_proxy.errors import RunStoppedError, WorkerLostError
 from gpu_proxy.events import Event
+from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.supervisor import StopSignal, supervise
-
-_DONE = object()
-
 
 def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
     """Run ``spec`` and return each rank's outcome; ``on_event`` is called here, on this thread.
 
     Ctrl-C asks the workers to stop at their next step boundary; a second Ctrl-C aborts them.
-    Either way ``KeyboardInterrupt`` is raised here once the workers are gone.
+    Either way ``KeyboardInterrupt`` is raised here once the workers are gone. A cluster may stop
+    the run itself (its budget spent): then :class:`RunStoppedError` is raised, carrying the
+    outcomes.
     """
     cluster.start()
+    control = RunControl(on_event, spec.name)
+    with cluster.running(control):
+        outcomes = cluster.execute(spec, control)
+    if control.interrupted:
+        raise KeyboardInterrupt("the remote run was stopped")
+    if control.stop_reason is not None:
+        raise RunStoppedError(control.stop_reason, outcomes)
+    return outcomes
+
+
+def execute_here_or_as_job(cluster: Cluster, spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
+    """How runs execute on a Ray cluster: in this process when it is embedded, else as a Ray Job."""
     endpoint = cluster.endpoint()
     if endpoint is None:
-        return _execute_in_process(spec, on_event)
+        return _execute_in_process(spec, control)
     from gpu_proxy.runs.job import JobRun  # the Jobs SDK is only needed for remote clusters
 
-    return JobRun.submit(endpoint, spec).follow(on_event)
+    return JobRun.submit(endpoint, spec).follow(control)
 
 
 def submit_detached(cluster: Cluster, spec: RunSpec) -> str:
@@ -45,36 +56,26 @@ def submit_detached(cluster: Cluster, spec: RunSpec) -> str:
     return JobRun.submit(endpoint, spec).job_id
 
 
-def _execute_in_process(spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
-    inbox: "queue.Queue[Any]" = queue.Queue()
+def _execute_in_process(spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
     stop = StopSignal()
     result: dict[str, Any] = {}
 
     def supervise_in_background() -> None:
         try:
-            result["outcomes"] = supervise(spec, inbox.put, stop)
+            result["outcomes"] = supervise(spec, control.post, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             result["error"] = exc
         finally:
-            inbox.put(_DONE)
+            control.finish()
 
     thread = threading.Thread(target=supervise_in_background, name=f"gpu-proxy-{spec.name}", daemon=True)
     thread.start()
-    interrupted = False
-    while True:
-        try:
-            item = inbox.get()
-            if item is _DONE:
-                break
-            on_event(item)
-        except KeyboardInterrupt:
-            interrupted = True
+    for item in control.items():
+        if isinstance(item, StopRequest):
             stop.request()
     thread.join()
     if "error" in result:
         raise result["error"]
-    if interrupted:
-        raise KeyboardInterrupt("the remote run was stopped")
     return result["outcomes"]
 
 

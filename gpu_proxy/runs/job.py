@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import queue
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,10 +16,10 @@ from gpu_proxy.clusters.base import Endpoint
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
+from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.heartbeat import HomeHeartbeat
 from gpu_proxy.runs.spec import RunSpec
 
-_END = object()
 ENTRYPOINT = "python -m gpu_proxy.runs.job_driver run.pkl"
 
 
@@ -47,18 +47,18 @@ class JobRun:
     def stop(self) -> None:
         self._client.stop_job(self.job_id)
 
-    def _tail_in_background(self, inbox: "queue.Queue[Any]") -> threading.Thread:
+    def _tail_in_background(self, control: RunControl) -> threading.Thread:
         async def tail() -> None:
             async for chunk in self._client.tail_job_logs(self.job_id):
-                inbox.put(chunk)
+                control.put(_LogText(chunk))
 
         def run() -> None:
             try:
                 asyncio.run(tail())
-            except Exception as exc:  # noqa: BLE001 - a broken stream is resumed from the full log
-                inbox.put(exc)
+            except Exception:  # noqa: BLE001 - a broken stream is resumed from the full log
+                pass
             finally:
-                inbox.put(_END)
+                control.finish()
 
         thread = threading.Thread(target=run, name=f"gpu-proxy-tail-{self.job_id}", daemon=True)
         thread.start()
@@ -76,39 +76,40 @@ class JobRun:
                 else:
                     on_event(event)
 
-    def follow(self, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
-        """Relay the run's events from where this object last was; return the outcomes at the end."""
-        result: dict[str, Any] = {}
-        inbox: "queue.Queue[Any]" = queue.Queue()
+    def follow(self, control: "RunControl | Callable[[Event], None]") -> list[dict[str, Any]]:
+        """Relay the run's events from where this object last was; return the outcomes at the end.
+
+        ``control`` is the run's :class:`RunControl` (or just an event handler, e.g. for attach).
+        """
+        if not isinstance(control, RunControl):
+            control = RunControl(control, self.job_id)
         heartbeat = HomeHeartbeat(self._endpoint, self.job_id).start()  # the job id is the run's name
         try:
-            return self._follow(on_event, result, inbox)
+            outcomes = self._follow(control)
         finally:
             heartbeat.close()
-
-    def _follow(self, on_event: Callable[[Event], None], result: dict[str, Any],
-                inbox: "queue.Queue[Any]") -> list[dict[str, Any]]:
-        self._tail_in_background(inbox)
-        decoder, pending, interrupts = log_codec.Decoder(), "", 0
-        while True:
-            try:
-                item = inbox.get()
-                if item is _END or isinstance(item, Exception):
-                    break
-                pending += item
-                complete, _, pending = pending.rpartition("\n")
-                if complete:
-                    self._deliver(complete, decoder, on_event, result)
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts == 1:
-                    self.stop()  # SIGTERM to the driver: a graceful stop at the next step boundary
-                else:
-                    raise
-        if not result:  # the live tail ended early or broke: catch up from the whole log
-            self._deliver(self._client.get_job_logs(self.job_id), log_codec.Decoder(), on_event, result)
-        if interrupts:
+        if control.interrupted:
             raise KeyboardInterrupt("the remote run was stopped")
+        return outcomes
+
+    def _follow(self, control: RunControl) -> list[dict[str, Any]]:
+        result: dict[str, Any] = {}
+        self._tail_in_background(control)
+        decoder, pending, stops = log_codec.Decoder(), "", 0
+        for item in control.items():
+            if isinstance(item, StopRequest):
+                stops += 1
+                if stops == 1:
+                    self.stop()  # SIGTERM to the driver: a graceful stop at the next step boundary
+                elif control.interrupted:
+                    raise KeyboardInterrupt("the remote run was stopped")
+                continue
+            pending += item.text
+            complete, _, pending = pending.rpartition("\n")
+            if complete:
+                self._deliver(complete, decoder, control.on_event, result)
+        if not result:  # the live tail ended early or broke: catch up from the whole log
+            self._deliver(self._client.get_job_logs(self.job_id), log_codec.Decoder(), control.on_event, result)
         if "driver_error" in result:
             raise shipping.unpack_exception(result["driver_error"], f"the driver of job {self.job_id}")
         if "outcomes" not in result:
@@ -116,3 +117,8 @@ class JobRun:
             raise GpuProxyError(f"Ray Job {self.job_id} ended ({self.status()}) without a result. "
                                 f"The end of its log:\n{logs}")
         return result["outcomes"]
+
+
+@dataclass(frozen=True)
+class _LogText:
+    text: str

@@ -245,6 +245,12 @@ class RunPodClient:
 
     # -- HTTP ----------------------------------------------------------------------------------------------
 
+    def call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+             body: Mapping[str, Any] | None = None, what: str = "") -> Any:
+        """Any REST v2 call (``client.call("GET", "/v2/serverless")``), with this client's key,
+        retries and errors; returns the decoded JSON. For endpoints without a typed method here."""
+        return self._request(method, path, params=params, body=body, what=what)
+
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  body: Mapping[str, Any] | None = None, what: str = "",
                  before_retry: Callable[[], Any] | None = None) -> Any:
