@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 from gpu_proxy.errors import RemoteError, ShippingError
+from gpu_proxy.secrets import collecting
 
 _INSTALLED_ROOTS = tuple(
     str(Path(p).resolve())
@@ -64,11 +65,19 @@ def register_project_modules() -> list[str]:
     return registered
 
 
-def dumps(obj: Any, what: str = "the run") -> bytes:
-    """Pickle ``obj`` for the workers, or raise :class:`ShippingError` naming what cannot be sent."""
+def dumps(obj: Any, what: str = "the run", secrets: dict[str, str] | None = None) -> bytes:
+    """Pickle ``obj`` for the workers, or raise :class:`ShippingError` naming what cannot be sent.
+
+    Secrets inside ``obj`` (:class:`gpu_proxy.secrets.Concealed`) pickle as references; their values
+    are added to ``secrets``, which must travel beside the pickle (``RunSpec.secrets``).
+    """
     register_project_modules()
     try:
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        with collecting() as found:
+            data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        if secrets is not None:
+            secrets.update(found)
+        return data
     except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
         path = find_unpicklable(obj, what)
         raise ShippingError(

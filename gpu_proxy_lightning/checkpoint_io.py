@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from gpu_proxy.secrets import conceal
 from gpu_proxy.storage import commit
 from gpu_proxy.storage.location import resolve, split
 from gpu_proxy.storage.uploader import BackgroundUploader
@@ -43,7 +44,7 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
     def __init__(self, storage_options: Optional[dict[str, Any]] = None, *, max_pending: int = 1,
                  spool_dir: Optional[str] = None,
                  on_commit: Optional[Callable[[str, dict[str, Any]], None]] = None) -> None:
-        self.storage_options = dict(storage_options) if storage_options else None
+        self.storage_options = conceal(dict(storage_options)) if storage_options else None  # see gpu_proxy.secrets
         self.max_pending = max_pending
         self.spool_dir = spool_dir
         self.on_commit = on_commit

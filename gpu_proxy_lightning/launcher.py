@@ -136,7 +136,9 @@ class RemoteLauncher(_Launcher):
 
     def _spec(self, trainer: Any, function: Callable, args: tuple, kwargs: dict) -> RunSpec:
         strategy = self._strategy
-        return RunSpec(payload=self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args),
+        secrets: dict[str, str] = {}
+        payload = self._ship(WorkerJob(trainer, function, args, kwargs), trainer, args, secrets)
+        return RunSpec(payload=payload, secrets=secrets,
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
                        home_grace_s=None if strategy.detach else strategy.home_grace_s, worker_pool="lightning",
                        metadata={"run_name": strategy.run_name})
@@ -176,9 +178,9 @@ class RemoteLauncher(_Launcher):
                 spec = self._spec(trainer, function, args, kwargs)
 
     @staticmethod
-    def _ship(job: WorkerJob, trainer: Any, args: tuple) -> bytes:
+    def _ship(job: WorkerJob, trainer: Any, args: tuple, secrets: dict[str, str]) -> bytes:
         try:
-            return shipping.dumps(job)
+            return shipping.dumps(job, secrets=secrets)
         except ShippingError as error:
             raise ShippingError(_name_unshippable(trainer, args) or str(error)) from error.__cause__
 

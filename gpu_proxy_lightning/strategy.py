@@ -14,6 +14,7 @@ from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
+from gpu_proxy.secrets import conceal
 from gpu_proxy_lightning.environment import RemoteWorkerEnvironment
 from gpu_proxy_lightning.remote_accelerator import RemoteCUDAAccelerator
 
@@ -79,7 +80,8 @@ class RemoteStrategy(DDPStrategy):
             raise ConfigurationError("max_failures needs checkpoint_dir=<fsspec URL>: a restart resumes from "
                                      "the newest committed checkpoint there.")
         self.checkpoint_dir = checkpoint_dir
-        self.storage_options = dict(storage_options) if storage_options else None
+        # Credentials reach the workers beside the run, never inside its pickle (gpu_proxy.secrets).
+        self.storage_options = conceal(dict(storage_options)) if storage_options else None
         self.run_name = run_name
         self.max_failures = max_failures
         self.home_loggers = list(home_loggers or [])

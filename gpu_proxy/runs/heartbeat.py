@@ -1,8 +1,7 @@
 """Home's heartbeat on the Ray Job path: a run whose home is gone stops after a grace period.
 
 The Jobs HTTP API is the one channel home has to the cluster, and it has no message endpoint; it
-does store runtime-env packages in the cluster's GCS key-value store by name
-(``PUT /api/packages/gcs/<name>``, token-checked like every dashboard route). Home overwrites one
+stores values in the cluster's key-value store (see :mod:`gpu_proxy.runs.cluster_kv`). Home overwrites one
 small "package" per run with a counter every few seconds; the job driver reads that key through
 ``ray.experimental.internal_kv`` and asks the run to stop when it has not changed for the grace
 period. Comparing counters, not timestamps, keeps the two machines' clocks out of it.
@@ -12,29 +11,21 @@ from __future__ import annotations
 import threading
 import time
 import urllib.error
-import urllib.request
 from typing import Callable
 
 from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.runs.cluster_kv import kv_key, put_value
 
 INTERVAL_S = 2.0
 MIN_GRACE_S = 3 * INTERVAL_S  # a few missed beats (a busy laptop, a slow request) are not a dead home
-
-
-def package_name(run_name: str) -> str:
-    return f"_gpu_proxy_heartbeat_{run_name}.zip"
-
-
-def kv_key(run_name: str) -> bytes:
-    return f"gcs://{package_name(run_name)}".encode()
 
 
 class HomeHeartbeat:
     """Beats while home follows a run (a daemon thread; stops with ``close()`` or the process)."""
 
     def __init__(self, endpoint: Endpoint, run_name: str, interval_s: float = INTERVAL_S) -> None:
-        self._url = f"{endpoint.dashboard_url}/api/packages/gcs/{package_name(run_name)}"
-        self._headers = endpoint.headers()
+        self._endpoint = endpoint
+        self._run_name = run_name
         self._interval_s = interval_s
         self._count = 0
         self._closed = threading.Event()
@@ -47,10 +38,8 @@ class HomeHeartbeat:
 
     def beat(self) -> None:
         self._count += 1
-        request = urllib.request.Request(self._url, data=str(self._count).encode(), method="PUT",
-                                         headers=self._headers)
         try:
-            urllib.request.urlopen(request, timeout=10).close()
+            put_value(self._endpoint, self._run_name, "heartbeat", str(self._count).encode())
         except (urllib.error.URLError, OSError):
             pass  # a missed beat is what the grace period is for
 
@@ -67,7 +56,7 @@ class HeartbeatWatch:
 
     def __init__(self, run_name: str, grace_s: float, on_gone: Callable[[], None],
                  poll_s: float = 1.0) -> None:
-        self._key = kv_key(run_name)
+        self._key = kv_key(run_name, "heartbeat")
         self._grace_s = grace_s
         self._on_gone = on_gone
         self._poll_s = poll_s

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from gpu_proxy import events, shipping
 from gpu_proxy.clusters.base import Endpoint
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
-from gpu_proxy.runs import log_codec
+from gpu_proxy.runs import cluster_kv, log_codec
 from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.heartbeat import HomeHeartbeat
 from gpu_proxy.runs.spec import RunSpec
@@ -33,6 +34,8 @@ class JobRun:
     @classmethod
     def submit(cls, endpoint: Endpoint, spec: RunSpec) -> "JobRun":
         client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+        if spec.secrets:  # beside the job, not in its package (run.pkl never holds them)
+            cluster_kv.put_value(endpoint, spec.name, "secrets", json.dumps(spec.secrets).encode())
         with tempfile.TemporaryDirectory(prefix="gpu-proxy-") as folder:
             (Path(folder) / "run.pkl").write_bytes(pickle.dumps(spec))
             job_id = client.submit_job(

@@ -6,6 +6,7 @@ which ``ray job stop`` sends, is home's stop request.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import signal
@@ -17,7 +18,7 @@ import ray
 
 from gpu_proxy import events, shipping
 from gpu_proxy.events import Event
-from gpu_proxy.runs import log_codec
+from gpu_proxy.runs import cluster_kv, log_codec
 from gpu_proxy.runs.heartbeat import HeartbeatWatch
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.supervisor import StopSignal, supervise
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> int:
     watch = None
     try:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        secrets = cluster_kv.take_value(spec.name, "secrets")
+        if secrets is not None:
+            spec.secrets = json.loads(secrets)
         if spec.home_grace_s is not None:
             watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop)).start()
         outcomes = supervise(spec, sink, stop)

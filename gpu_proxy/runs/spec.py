@@ -28,6 +28,13 @@ class RunSpec:
     #: Where the job driver writes the result when it is too large to stream (fsspec URL), if any.
     result_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Values the payload refers to but does not contain (see :mod:`gpu_proxy.secrets`); never pickled.
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["secrets"] = {}  # a RunSpec is pickled as a Ray Job's run.pkl, which the cluster keeps
+        return state
 
     @property
     def use_gpu(self) -> bool:

@@ -93,7 +93,9 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | N
         placements = _placements(spec, pg)
         channel = _open_channel(spec.name)
         payload_ref = ray.put(spec.payload)
-        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(payload_ref, placement, channel)
+        secrets_ref = ray.put(spec.secrets)  # in the object store for the run only; never in a file
+        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(payload_ref, placement, channel,
+                                                                            secrets_ref)
                 for bundle, placement in enumerate(placements)]
         rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
         channel.put.remote(spec.name, [Event(events.RUN_STARTED, {

@@ -17,6 +17,7 @@ import ray
 from gpu_proxy import events, shipping
 from gpu_proxy.runs.emitter import EventEmitter
 from gpu_proxy.runs.output_capture import OutputCapture
+from gpu_proxy.secrets import installed
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
 
 
 @ray.remote(max_retries=0)
-def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any) -> dict[str, Any]:
+def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any,
+               secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Call the payload as ``placement.rank``; return ``{"rank", "value"}`` or ``{"rank", "error"}``."""
     emitter = EventEmitter(channel, placement.run_name, placement.rank)
     outcome: dict[str, Any] = {"rank": placement.rank}
@@ -108,7 +110,7 @@ def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any) -> dict
         def forward_line(stream: str, line: str) -> None:
             emitter.emit(events.LOG, {"stream": stream, "line": line, "node": placement.node_rank})
 
-        with OutputCapture(forward_line), _distributed_env(ctx):
+        with OutputCapture(forward_line), _distributed_env(ctx), installed(secrets or {}):
             try:
                 function = shipping.loads(payload)
                 outcome["value"] = shipping.dumps(function(ctx), what="the worker's result")

@@ -4,24 +4,19 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
+from gpu_proxy.secrets import is_secret_name
+
 REDACTED = "***"
 # Shorter values are not credible secrets, and replacing them would mangle every message.
 MIN_SECRET_LENGTH = 4
-_SECRET_KEY_WORDS = ("key", "secret", "token", "password", "passwd", "passphrase", "credential",
-                     "auth", "sas", "signature", "private")
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s]+)@")
-
-
-def _is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_KEY_WORDS)
 
 
 def secret_values(storage_options: Any, _under_secret_name: bool = False) -> Iterator[str]:
     """Every string in `storage_options` that sits under a secret-sounding key, at any depth."""
     if isinstance(storage_options, dict):
         for name, value in storage_options.items():
-            yield from secret_values(value, _under_secret_name or _is_secret_name(str(name)))
+            yield from secret_values(value, _under_secret_name or is_secret_name(str(name)))
     elif isinstance(storage_options, (list, tuple)):
         for value in storage_options:
             yield from secret_values(value, _under_secret_name)

@@ -1,0 +1,38 @@
+"""Home -> cluster values through the Jobs HTTP API: the one channel home has to a remote cluster.
+
+The API has no message endpoint, but it stores runtime-env packages in the cluster's GCS key-value
+store by name (``PUT /api/packages/gcs/<name>``, token-checked like every dashboard route); the job
+driver reads them through ``ray.experimental.internal_kv``. Home's heartbeat and the run's secrets
+travel this way.
+"""
+from __future__ import annotations
+
+import urllib.request
+
+from gpu_proxy.clusters.base import Endpoint
+
+
+def package_name(run_name: str, what: str) -> str:
+    return f"_gpu_proxy_{what}_{run_name}.zip"
+
+
+def kv_key(run_name: str, what: str) -> bytes:
+    return f"gcs://{package_name(run_name, what)}".encode()
+
+
+def put_value(endpoint: Endpoint, run_name: str, what: str, value: bytes, timeout_s: float = 10.0) -> None:
+    """Store ``value`` under the run's ``what`` key (raises ``urllib.error.URLError`` on failure)."""
+    url = f"{endpoint.dashboard_url}/api/packages/gcs/{package_name(run_name, what)}"
+    request = urllib.request.Request(url, data=value, method="PUT", headers=endpoint.headers())
+    urllib.request.urlopen(request, timeout=timeout_s).close()
+
+
+def take_value(run_name: str, what: str) -> bytes | None:
+    """Driver side: read the run's ``what`` value and delete it from the store."""
+    from ray.experimental import internal_kv
+
+    key = kv_key(run_name, what)
+    value = internal_kv._internal_kv_get(key)
+    if value is not None:
+        internal_kv._internal_kv_del(key)
+    return value
