@@ -6,8 +6,21 @@ Configuration comes from environment variables (the way RunPod and Docker pass i
 ``ROLE``                    ``head`` or ``worker`` (required)
 ``PRIVATE_IP``              the node's private IP, where Ray listens. Default for a head:
                             ``127.0.0.1`` (a single-node cluster, every Ray port on loopback);
-                            required for a worker, and for a head that workers join
-``HEAD_ADDRESS``            worker only: ``<head private IP or private DNS name>:<GCS port>``
+                            required for a worker, and for a head that workers join.
+                            ``auto``: learn it: on a RunPod pod with global networking, the
+                            address of ``$RUNPOD_POD_ID.runpod.internal``; in a RunPod Instant
+                            Cluster, ``$NODE_ADDR`` or the address that reaches ``$MASTER_ADDR``
+``HEAD_ADDRESS``            worker only: ``<head private IP or private DNS name>:<GCS port>``;
+                            a ``*.runpod.internal`` name is resolved here (Ray gets the IP)
+``NODE_RANK``, ``MASTER_ADDR``  set by RunPod in an Instant Cluster: without ``ROLE``, rank 0 is
+                            the head and the others join ``$MASTER_ADDR:<GCS port>``; NCCL is
+                            pointed at the cluster's ``ens*`` interfaces (``NCCL_SOCKET_IFNAME``)
+``IDLE_TIMEOUT_S``          end this pod (RunPod REST v2, with the pod-scoped ``RUNPOD_API_KEY``
+                            RunPod injects) after this long with no Ray Job and no home
+                            heartbeat; ``600``, ``10m``, ``1h``. See ``idle_watch.py``
+``GPU_PROXY_TEST_INTERNAL_IP``  TEST ONLY (RunPod never sets it): the address every
+                            ``*.runpod.internal`` name resolves to; the tests' fake RunPod, whose
+                            pods are processes on one machine, sets it to that machine's address
 ``RAY_TOKEN_FILE``          the Ray auth token's file (default ``/run/gpu-proxy/ray_token``),
                             mode 0600. It may arrive after start (copied in over SSH): the
                             entrypoint waits ``RAY_TOKEN_WAIT_S`` seconds (default 900) for it.
@@ -34,6 +47,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +55,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+# Ray reads its auth mode once, when it is first imported (gpu_proxy imports it): this process's own
+# GCS client (the idle watcher's) must use token auth like the node it starts.
+if __name__ == "__main__":  # as the node's process only: importing this module changes nothing
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH",
+                          os.environ.get("RAY_TOKEN_FILE", "").strip() or "/run/gpu-proxy/ray_token")
+
 from gpu_proxy.clusters.ray_node import (RayNodeSpec, RayPorts, check_head_address, check_node_ip,
                                          default_ray_executable, start_node)
 from gpu_proxy.errors import ConfigurationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # idle_watch.py beside this file
+from idle_watch import Activity, IdleWatch, PodSelf, parse_seconds, pod_self_from_env  # noqa: E402
 
 PREFIX = "gpu-proxy node:"
 DEFAULT_TOKEN_FILE = "/run/gpu-proxy/ray_token"
@@ -70,6 +94,53 @@ class NodeConfig:
     node: RayNodeSpec
     token_wait_s: float
     sshd: SshdConfig | None
+    idle_timeout_s: float | None = None
+
+
+INTERNAL_SUFFIX = ".runpod.internal"
+TEST_INTERNAL_IP_ENV = "GPU_PROXY_TEST_INTERNAL_IP"  # test only: see the table above
+
+
+def resolve_private_name(host: str, env: Mapping[str, str], wait_s: float = 120.0) -> str:
+    """The IP of a private DNS name; RunPod's internal DNS may lag a pod's start, so wait for it."""
+    if host.endswith(INTERNAL_SUFFIX) and env.get(TEST_INTERNAL_IP_ENV):
+        return env[TEST_INTERNAL_IP_ENV]
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return socket.gethostbyname(host)
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"{host} does not resolve ({error}): is the pod created with global networking, in a data "
+                    f"centre that supports it?") from None
+            time.sleep(1.0)
+
+
+def _address_towards(host: str) -> str:
+    """This machine's source address for packets to ``host`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))
+        return sock.getsockname()[0]
+
+
+def _auto_private_ip(env: Mapping[str, str]) -> str:
+    if env.get("MASTER_ADDR") and env.get("NODE_RANK"):  # an Instant Cluster
+        if env.get(TEST_INTERNAL_IP_ENV):
+            return env[TEST_INTERNAL_IP_ENV]
+        return env.get("NODE_ADDR", "").strip() or _address_towards(env["MASTER_ADDR"].strip())
+    pod_id = env.get("RUNPOD_POD_ID", "").strip()
+    if not pod_id:
+        raise ConfigurationError("PRIVATE_IP=auto needs RUNPOD_POD_ID (set by RunPod) or an Instant Cluster's "
+                                 "MASTER_ADDR and NODE_RANK; elsewhere give the node's private IP.")
+    return resolve_private_name(pod_id + INTERNAL_SUFFIX, env)
+
+
+def _resolve_head_address(value: str, env: Mapping[str, str]) -> str:
+    host, _, port = value.rpartition(":")
+    if host.endswith(INTERNAL_SUFFIX):
+        return f"{resolve_private_name(host, env)}:{port}"
+    return value
 
 
 def _integer(env: Mapping[str, str], name: str, problems: list[str], low: int = 0,
@@ -88,9 +159,21 @@ def read_config(env: Mapping[str, str]) -> NodeConfig:
     """The node's configuration from ``env``; raises ConfigurationError listing every problem."""
     problems: list[str] = []
     role = env.get("ROLE", "").strip().lower()
+    instant = not role and env.get("NODE_RANK", "").strip().isdigit() and env.get("MASTER_ADDR", "").strip()
+    if instant:  # RunPod's Instant Cluster: rank 0 is the head, every node learns its address
+        role = "head" if int(env["NODE_RANK"]) == 0 else "worker"
+        env = {**env, "PRIVATE_IP": env.get("PRIVATE_IP") or "auto"}
+        if role == "worker" and not env.get("HEAD_ADDRESS"):
+            env["HEAD_ADDRESS"] = f"{env['MASTER_ADDR'].strip()}:{env.get('GCS_PORT', '').strip() or 6379}"
     if role not in ("head", "worker"):
         problems.append(f"ROLE={env.get('ROLE')!r}: set ROLE=head or ROLE=worker.")
     private_ip = env.get("PRIVATE_IP", "").strip() or ("127.0.0.1" if role == "head" else "")
+    if private_ip.lower() == "auto":
+        try:
+            private_ip = _auto_private_ip(env)
+        except (ConfigurationError, OSError) as error:
+            problems.append(f"PRIVATE_IP=auto: {error}")
+            private_ip = ""
     if not private_ip and role == "worker":
         problems.append("PRIVATE_IP is required for a worker: the node's private IP, where Ray listens.")
     elif private_ip:
@@ -99,6 +182,11 @@ def read_config(env: Mapping[str, str]) -> NodeConfig:
         except ConfigurationError as error:
             problems.append(str(error))
     head_address = env.get("HEAD_ADDRESS", "").strip() or None
+    if head_address and role == "worker":
+        try:
+            head_address = _resolve_head_address(head_address, env)
+        except ConfigurationError as error:
+            problems.append(f"HEAD_ADDRESS: {error}")
     if role == "worker" and not head_address:
         problems.append("HEAD_ADDRESS is required for a worker: '<head private IP>:<GCS port>', e.g. 10.0.0.5:6379.")
     elif role == "head" and head_address:
@@ -114,6 +202,11 @@ def read_config(env: Mapping[str, str]) -> NodeConfig:
     num_gpus = _integer(env, "NUM_GPUS", problems)
     num_cpus = _integer(env, "NUM_CPUS", problems)
     token_wait_s = _integer(env, "RAY_TOKEN_WAIT_S", problems)
+    idle_timeout_s = None
+    try:
+        idle_timeout_s = parse_seconds(env.get("IDLE_TIMEOUT_S", ""))
+    except (ValueError, KeyError):
+        problems.append(f"IDLE_TIMEOUT_S={env.get('IDLE_TIMEOUT_S')!r}: give seconds, or e.g. 10m, 1h.")
     token_file = env.get("RAY_TOKEN_FILE", "").strip() or DEFAULT_TOKEN_FILE
     if not os.path.isabs(token_file):
         problems.append(f"RAY_TOKEN_FILE={token_file!r} must be an absolute path.")
@@ -129,7 +222,8 @@ def read_config(env: Mapping[str, str]) -> NodeConfig:
     node = RayNodeSpec(role, private_ip, token_file, head_address=head_address, ports=ports, num_cpus=num_cpus,
                        num_gpus=num_gpus, temp_dir=env.get("RAY_TEMP_DIR") or None,
                        ray_executable=env.get("RAY_BIN") or default_ray_executable())
-    return NodeConfig(node=node, token_wait_s=900 if token_wait_s is None else token_wait_s, sshd=sshd)
+    return NodeConfig(node=node, token_wait_s=900 if token_wait_s is None else token_wait_s, sshd=sshd,
+                      idle_timeout_s=idle_timeout_s)
 
 
 def _read_sshd_config(env: Mapping[str, str], problems: list[str]) -> SshdConfig | None:
@@ -238,14 +332,46 @@ def _end(process: subprocess.Popen | None) -> None:
             process.kill()
 
 
+def _private_environment(env: Mapping[str, str]) -> PodSelf | None:
+    """Take RunPod's pod-scoped key out of the environment Ray and the user's code inherit; keep it
+    in memory for the idle watcher only. Point NCCL at an Instant Cluster's ``ens*`` interfaces."""
+    pod = pod_self_from_env(dict(env))
+    if env is os.environ:
+        os.environ.pop("RUNPOD_API_KEY", None)
+        if os.environ.get("MASTER_ADDR") and os.environ.get("NODE_RANK"):
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "ens")  # the cluster's fast interfaces, not eth0
+    return pod
+
+
+def _end_self(pod: PodSelf | None, stop: "_Stop") -> None:
+    if pod is None:
+        say("idle: not on a RunPod pod (no RUNPOD_POD_ID/RUNPOD_API_KEY); stopping Ray and exiting instead")
+        stop.requested = True
+        return
+    if not pod.end(say):
+        say("idle: could not end this pod through RunPod's API; stopping Ray (GPU billing continues until "
+            "the pod is stopped: stop it in the RunPod console)")
+        stop.requested = True
+
+
+def _watch_idle(config: NodeConfig, pod: PodSelf | None, stop: "_Stop") -> IdleWatch | None:
+    spec = config.node
+    if config.idle_timeout_s is None or spec.role != "head":
+        return None
+    activity = Activity(f"http://127.0.0.1:{spec.dashboard_port}", spec.gcs_address, spec.token_file)
+    return IdleWatch(activity, config.idle_timeout_s, lambda: _end_self(pod, stop), say).start()
+
+
 def main(env: Mapping[str, str] = os.environ) -> int:
     try:
         config = read_config(env)
     except ConfigurationError as error:
         say(f"bad configuration, not starting:\n{error}")
         return 2
+    pod = _private_environment(env)
     stop = _Stop()
     sshd = None
+    watch = None
     try:
         # Home copies the token here over SSH; the folder must exist and be ours alone.
         Path(config.node.token_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -262,6 +388,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         where = (f"on {spec.node_ip}, GCS {spec.gcs_address}, dashboard 127.0.0.1:{spec.dashboard_port}"
                  if spec.role == "head" else f"on {spec.node_ip}, joining {spec.head_address}")
         say(f"Ray {spec.role} starting {where} (token auth on)")
+        watch = _watch_idle(config, pod, stop)
     except ConfigurationError as error:
         say(f"bad configuration, not starting:\n  - {error}")
         _end(sshd)
@@ -275,6 +402,9 @@ def main(env: Mapping[str, str] = os.environ) -> int:
             if not node.alive():
                 code = node.process.returncode
                 say(f"Ray exited with status {code}")
+                if config.idle_timeout_s is not None and spec.role == "worker":
+                    # The head is gone (ended itself when idle, or was terminated): so is this node's use.
+                    _end_self(pod, stop)
                 return code or 1
             if sshd is not None and sshd.poll() is not None:
                 say(f"sshd exited with status {sshd.returncode}; stopping Ray")
@@ -282,6 +412,8 @@ def main(env: Mapping[str, str] = os.environ) -> int:
                 return 1
             time.sleep(0.5)
     finally:
+        if watch is not None:
+            watch.close()
         _end(sshd)
 
 

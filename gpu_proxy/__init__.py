@@ -7,8 +7,9 @@ from gpu_proxy.errors import (ClusterResourceError, ConfigurationError, GpuProxy
 from gpu_proxy.clusters.ray_cluster import RayCluster
 from gpu_proxy.clusters.ssh import SSHCluster
 from gpu_proxy.clouds.runpod import RunPodCluster
+from gpu_proxy.clouds.runpod.serverless import RunPodServerless
 from gpu_proxy.runs.attach import attach, list_runs, run_events
 
 __version__ = "0.1.0"
-__all__ = ["RayCluster", "RunPodCluster", "SSHCluster", "attach", "list_runs", "run_events", "Cluster", "ClusterResourceError", "ConfigurationError", "Endpoint", "GpuProxyError",
+__all__ = ["RayCluster", "RunPodCluster", "RunPodServerless", "SSHCluster", "attach", "list_runs", "run_events", "Cluster", "ClusterResourceError", "ConfigurationError", "Endpoint", "GpuProxyError",
            "LocalCluster", "RemoteError", "RunStoppedError", "ShippingError", "WorkerLostError"]

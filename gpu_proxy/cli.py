@@ -57,8 +57,67 @@ def cmd_up(args: argparse.Namespace) -> int:
         resources = cluster.resources()
         print(f"cluster {args.name!r} is up: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         return 0
+    if args.kind == "runpod":
+        return _up_runpod(args)
     print(f"gpu-proxy up: cluster kind {args.kind!r} is not available in this version", file=sys.stderr)
     return 2
+
+
+def _up_runpod(args: argparse.Namespace) -> int:
+    """Launch RunPod pods, show the estimate, ask above a threshold, keep them and save the cluster."""
+    from gpu_proxy.clouds.runpod import RunPodCluster
+    from gpu_proxy.clusters.ray_node import RayPorts
+
+    if not args.gpu:
+        raise SystemExit("gpu-proxy up runpod: --gpu is required, e.g. --gpu H100 or --gpu 'NVIDIA H100 80GB HBM3'")
+    if args.name in saved.saved_clusters():
+        print(f"gpu-proxy up: a cluster named {args.name!r} is already saved; `gpu-proxy down {args.name}` first, "
+              f"or pick another --name", file=sys.stderr)
+        return 1
+    state_dir = saved.state_folder("runpod", args.name)
+    cluster = RunPodCluster(args.gpu, args.gpus_per_node, args.nodes, instant_cluster=args.instant_cluster,
+                            idle_timeout=args.idle_timeout, budget_usd=args.budget_usd, keep=True, image=args.image,
+                            cloud=args.cloud, data_centers=args.data_center or (), expected_hours=args.hours,
+                            ray_ports=RayPorts.free_on_this_machine() if args.free_ports else None,
+                            worker_ray_ports=RayPorts.free_on_this_machine() if args.free_ports else None,
+                            state_dir=str(state_dir))
+    estimate = cluster.check()
+    print(f"estimated cost: {estimate}", flush=True)
+    if not args.yes and estimate.per_hour > args.confirm_above:
+        question = (f"This cluster costs ${estimate.per_hour:.2f}/hour, above --confirm-above "
+                    f"${args.confirm_above:g}/hour, until `gpu-proxy down {args.name}`")
+        if not sys.stdin.isatty():
+            print(f"gpu-proxy up: {question}. Not launching without confirmation: pass --yes (or raise "
+                  f"--confirm-above) to launch from a script.", file=sys.stderr)
+            return 1
+        if input(f"{question}. Launch? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not launched")
+            return 1
+    cluster.start()
+    try:
+        state = cluster.saved_state()
+        state["token_file"] = saved.save_token(args.name, cluster.token or "")
+        saved.save_cluster(args.name, state)
+        resources = cluster.resources()
+    except BaseException:
+        cluster.stop(raise_errors=False)  # not saved: nothing would ever terminate these pods
+        raise
+    cluster.detach()
+    guards = [f"idle timeout {args.idle_timeout}" if args.idle_timeout else "no idle timeout",
+              f"budget ${args.budget_usd:g}" if args.budget_usd else "no budget"]
+    print(f"cluster {args.name!r} is up: {len(state['pod_ids'])} pod(s), {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs, ${state['usd_per_hour']:.2f}/hour ({', '.join(guards)}); "
+          f"`gpu-proxy down {args.name}` terminates it")
+    return 0
+
+
+def _cost_text(cluster) -> str:
+    cost = getattr(cluster, "cost", None)
+    if cost is None:
+        return "-"
+    meter = cost()
+    text = f"${meter['spent_usd']:.2f} (${meter['usd_per_hour']:.2f}/h"
+    return text + (f", budget ${meter['budget_usd']:g})" if meter.get("budget_usd") else ")")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -75,10 +134,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             cluster.start()
             resources = cluster.resources()
             rows.append([name, "up", f"{resources.get('CPU', 0):g}", f"{resources.get('GPU', 0):g}",
-                         cluster.dashboard_url() or "-"])
+                         _cost_text(cluster), cluster.dashboard_url() or "-"])
+            if getattr(cluster, "owns_nodes", False):
+                cluster.stop()  # only this process's tunnel: the nodes keep running
         except GpuProxyError as exc:
-            rows.append([name, "unreachable", "-", "-", str(exc).split(".")[0]])
-    print(_table(rows, ["CLUSTER", "STATE", "CPUS", "GPUS", "DASHBOARD"]))
+            rows.append([name, "unreachable", "-", "-", "-", str(exc).split(". ")[0]])
+    print(_table(rows, ["CLUSTER", "STATE", "CPUS", "GPUS", "COST", "DASHBOARD"]))
     return 0 if all(row[1] == "up" for row in rows) else 1
 
 
@@ -131,6 +192,13 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"no saved cluster named {args.cluster!r}", file=sys.stderr)
         return 1
     definition = saved.saved_clusters()[args.cluster]
+    if definition["kind"] == "runpod":  # needs no token: the pods are terminated by id
+        from gpu_proxy.clouds.runpod.saved import SavedRunPodCluster
+
+        SavedRunPodCluster(args.cluster, definition, token="").terminate()
+        saved.forget_cluster(args.cluster)
+        print(f"cluster {args.cluster!r} torn down: pod(s) {', '.join(definition['pod_ids'])} terminated")
+        return 0
     cluster = resolve_cluster(args.cluster)
     if definition["kind"] == "ssh":
         from gpu_proxy.clusters.ssh import stop_saved_nodes
@@ -149,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
-    up.add_argument("kind", choices=["ray", "ssh"],
-                    help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines")
+    up.add_argument("kind", choices=["ray", "ssh", "runpod"],
+                    help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines; "
+                         "runpod: launch RunPod GPU pods (key from RUNPOD_API_KEY or ~/.runpod/config.toml)")
     up.add_argument("--name", default="default", help="name to save the cluster under (default: default)")
     up.add_argument("--address", help="ray: the Ray dashboard URL, e.g. http://127.0.0.1:8265")
     up.add_argument("--head", help="ssh: user@host[:port] of the head machine")
@@ -161,7 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-private-ip", action="append", help="ssh: each worker's private IP (repeat)")
     up.add_argument("--ray-executable", default="ray", help="ssh: the `ray` command on the machines")
     up.add_argument("--free-ports", action="store_true",
-                    help="ssh: a head on this machine: pick free ports instead of Ray's defaults (6379, 8265...)")
+                    help="ssh/runpod: nodes sharing a machine with other Ray clusters: pick free ports instead of "
+                         "Ray's defaults (6379, 8265...)")
+    up.add_argument("--gpu", help="runpod: GPU type, e.g. H100, 'RTX 4090', 'NVIDIA H100 80GB HBM3'")
+    up.add_argument("--gpus-per-node", type=int, default=1, help="runpod: GPUs per pod (default 1)")
+    up.add_argument("--nodes", type=int, default=1,
+                    help="runpod: pods (default 1); above 1 they share RunPod's global network")
+    up.add_argument("--instant-cluster", action="store_true",
+                    help="runpod: several nodes as one RunPod Instant Cluster (fast interconnect)")
+    up.add_argument("--idle-timeout", help="runpod: pods end themselves after this long unused, e.g. 10m, 1h")
+    up.add_argument("--budget-usd", type=float, help="runpod: stop the run and terminate the pods before this spend")
+    up.add_argument("--hours", type=float, help="runpod: expected hours, for the estimate")
+    up.add_argument("--image", help="runpod: the node image (default $GPU_PROXY_RUNPOD_IMAGE)")
+    up.add_argument("--cloud", default="SECURE", choices=["SECURE", "COMMUNITY"], help="runpod: RunPod cloud")
+    up.add_argument("--data-center", action="append", help="runpod: preferred data centre id (repeat)")
+    up.add_argument("--confirm-above", type=float, default=5.0,
+                    help="runpod: ask before launching a cluster above this many USD/hour (default 5)")
+    up.add_argument("--yes", "-y", action="store_true", help="runpod: launch without asking")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="resources and state of saved clusters")
@@ -186,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="tear down a cluster gpu-proxy started, and forget it")
     down.add_argument("cluster", help="a saved name")
     down.set_defaults(func=cmd_down)
+    from gpu_proxy.clouds.runpod.serverless.cli import add_serverless_commands
+
+    add_serverless_commands(sub)
     return parser
 
 

@@ -60,8 +60,10 @@ def test_bad_input_is_refused_before_any_pod_is_created(fake, options, words):
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(nodes=2), ["not supported yet", "gpus_per_node=8"]),
-    (dict(idle_timeout="10m"), ["idle_timeout is not implemented"]),
+    (dict(nodes=1, instant_cluster=True), ["needs nodes >= 2"]),
+    (dict(nodes=2, instant_cluster=True), ["not available in this version", "global networking"]),
+    (dict(idle_timeout="soon"), ["positive duration", "10m"]),
+    (dict(idle_timeout=0), ["positive duration"]),
     (dict(image=None), ["No node image", "GPU_PROXY_RUNPOD_IMAGE"]),
     (dict(budget_usd=-5), ["positive"]),
     (dict(data_centers="US-TX-3"), ["pass a list"]),
@@ -163,30 +165,172 @@ def test_a_launch_failing_half_way_leaves_zero_pods(fake, broken, words):
     assert "terminated pod(s)" in "\n".join(lines)
 
 
-@pytest.mark.timeout(240)
-def test_the_budget_terminates_the_pods_when_the_spend_reaches_it(fake):
-    gpu = next(g for g in fake.gpus if g.id == "NVIDIA RTX A4000")
-    price = gpu.price_secure
-    gpu.price_secure = 1800.0  # $1/s for two GPUs: the budget is reached within seconds
-    lines: list[str] = []
-    try:
-        cluster = _cluster(fake, lines, budget_usd=12.0, meter_interval_s=0.5)
-        cluster.start()
-        (pod_id,) = cluster.pod_ids
-        import time
+def test_the_meter_adds_cost_events_to_each_active_run(cluster):
+    from gpu_proxy import events
+    from gpu_proxy.runs.control import RunControl
 
+    seen: list = []
+    control = RunControl(seen.append, "metered")
+    with cluster.running(control):
+        cluster._meter.tick()
+        cluster._meter.tick()
+    control.finish()
+    assert list(control.items()) == []  # events go to on_event
+    costs = [event.data for event in seen if event.kind == events.COST]
+    assert len(costs) == 2 and costs[0]["usd_per_hour"] == pytest.approx(0.5)  # 2 x RTX A4000 at $0.25
+    assert 0 < costs[0]["spent_usd"] <= costs[1]["spent_usd"] and costs[1]["budget_usd"] is None
+    assert cluster.cost()["spent_usd"] >= costs[1]["spent_usd"] - 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_the_budget_stops_the_run_with_a_checkpoint_then_terminates_the_pods(fake, tmp_path):
+    """The spend nears the budget mid-run: the run stops at a step boundary and commits a checkpoint,
+    home raises RunStoppedError, and only then are the pods terminated."""
+    import threading
+    import time
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpu_proxy import RunStoppedError
+    from gpu_proxy.storage import list_committed
+    from gpu_proxy_lightning import RemoteStrategy
+    from tests.lightning_project.models import DigitsData
+    from tests.test_lightning_live_events import Endless, TimedLogger
+
+    lines: list[str] = []
+    cluster = _cluster(fake, lines, budget_usd=40.0, meter_interval_s=0.5, checkpoint_margin_s=1.0,
+                       budget_grace_s=120)
+    cluster.start()
+    (pod_id,) = cluster.pod_ids
+    states: dict = {}
+
+    home = TimedLogger()
+
+    def expensive_once_running() -> None:  # RunPod's price is what it is; the fake's can jump mid-run
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("cost_usd" not in m for _, m, _ in home.calls):
+            time.sleep(0.1)  # until the workers train and log
+        fake.pods[pod_id].price = 36000.0  # $10/s
+        deadline = time.monotonic() + 120
+        while cluster.active_runs() and time.monotonic() < deadline:  # the stop was requested, the run ends...
+            states["pod_alive_while_run_active"] = pod_id in fake.pods
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=expensive_once_running, daemon=True)
+    watcher.start()
+    strategy = RemoteStrategy(cluster=cluster, checkpoint_dir=f"file://{tmp_path}/runs", run_name="budget",
+                              home_loggers=[home])
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=1000, logger=False,
+                        callbacks=[ModelCheckpoint(save_last=True)], enable_progress_bar=False,
+                        enable_model_summary=False)
+    try:
+        with pytest.raises(RunStoppedError) as info:
+            trainer.fit(Endless(), datamodule=DigitsData(limit=200))
+        watcher.join(30)
+        assert "budget_usd=40 reached" in str(info.value)
+        assert trainer.state.status == "interrupted" and trainer.global_step > 0
+        committed = list_committed(f"file://{tmp_path}/runs/budget/checkpoints")
+        assert any(url.endswith("interrupted.ckpt") for url in committed)
+        costs = [metrics["cost_usd"] for _, metrics, _ in home.calls if "cost_usd" in metrics]
+        assert len(costs) >= 2 and costs == sorted(costs) and costs[-1] < 40.0
+        assert states.get("pod_alive_while_run_active") is True  # pods outlived the run's checkpoint
         deadline = time.monotonic() + 60
-        while not cluster.budget_exceeded:
-            assert time.monotonic() < deadline, "the budget never stopped the cluster"
-            time.sleep(0.2)
-        assert cluster.spent_usd() >= 12.0
-        deadline = time.monotonic() + 30
         while pod_id in fake.pods and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pod_id in fake.terminated and pod_id not in fake.pods
-        assert any("budget reached" in line for line in lines)
+        assert cluster.budget_exceeded and any("budget_usd=40 reached" in line for line in lines)
         with pytest.raises(Exception, match="budget_usd"):
             cluster.endpoint()
     finally:
-        gpu.price_secure = price
         cluster.stop(raise_errors=False)
+
+
+@pytest.mark.timeout(240)
+def test_an_idle_cluster_ends_its_pods_with_their_own_pod_scoped_key(fake):
+    """No run and no home heartbeat for idle_timeout: the head's idle watcher terminates its own pod through
+    RunPod's API with the pod-scoped key RunPod injected (the user's key never reaches the pod)."""
+    import time
+
+    lines: list[str] = []
+    cluster = _cluster(fake, lines, idle_timeout="6s")
+    cluster.start()
+    (pod_id,) = cluster.pod_ids
+    try:
+        pod = fake.pods[pod_id]
+        assert pod.env["IDLE_TIMEOUT_S"] == "6" and fake.api_key not in repr(pod.env)
+        time.sleep(10)  # home's heartbeat keeps it up past the timeout
+        assert pod_id in fake.pods, fake.runtime.pod_log(pod_id)[-2000:]
+        cluster.detach()  # home goes away, the pods stay (as after `gpu-proxy up`)
+        deadline = time.monotonic() + 60
+        while pod_id in fake.pods and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert fake.terminated_by.get(pod_id) == "pod key", fake.runtime.pod_log(pod_id)[-3000:]
+    finally:
+        cluster.stop(raise_errors=False)
+        if pod_id in fake.pods:
+            cluster.client.terminate_pod(pod_id)
+
+
+def test_a_pod_scoped_key_acts_on_its_own_pod_only(fake):
+    import requests
+
+    from gpu_proxy.clouds.runpod import RunPodClient
+
+    client = RunPodClient(fake.api_key, base_url=fake.url)
+    first = client.create_pod(__import__("gpu_proxy.clouds.runpod", fromlist=["CreatePodRequest"]).CreatePodRequest(
+        name="scoped-a", image=IMAGE, gpu_id="NVIDIA RTX A4000", env={"SSHD": "off", "ROLE": "head"}))
+    second = client.create_pod(__import__("gpu_proxy.clouds.runpod", fromlist=["CreatePodRequest"]).CreatePodRequest(
+        name="scoped-b", image=IMAGE, gpu_id="NVIDIA RTX A4000", env={"SSHD": "off", "ROLE": "head"}))
+    try:
+        key = fake.pods[first.id].scoped_key
+        headers = {"Authorization": f"Bearer {key}"}
+        assert requests.get(f"{fake.url}/v2/pods/{first.id}", headers=headers, timeout=10).status_code == 200
+        assert requests.get(f"{fake.url}/v2/pods/{second.id}", headers=headers, timeout=10).status_code == 403
+        assert requests.get(f"{fake.url}/v2/pods", headers=headers, timeout=10).status_code == 403
+        assert requests.delete(f"{fake.url}/v2/pods/{second.id}", headers=headers, timeout=10).status_code == 403
+        assert second.id in fake.pods
+    finally:
+        client.terminate_pod(first.id)
+        client.terminate_pod(second.id)
+
+
+@pytest.mark.timeout(300)
+def test_two_pods_with_global_networking_form_one_ray_cluster_and_train(fake, tmp_path):
+    """nodes=2: the worker pod joins the head at <headPodId>.runpod.internal (resolved through the fake's
+    test-only seam to this machine's address); a fit runs one rank per node; stop leaves zero pods."""
+    import lightning as L
+
+    from gpu_proxy.clusters.ray_node import alive_nodes
+    from gpu_proxy_lightning import RemoteStrategy
+    from tests.lightning_project.models import DigitsData, DigitsModel, RecordRanks, load_record
+
+    from tests.fakes.runpod_api import machine_address
+
+    if machine_address() is None:
+        pytest.skip("this machine has no non-loopback address for the pods' private network")
+    lines: list[str] = []
+    head_ports = RayPorts.free_on_this_machine()
+    cluster = _cluster(fake, lines, gpus_per_node=1, nodes=2, ray_ports=head_ports,
+                       worker_ray_ports=RayPorts.free_on_this_machine())
+    with cluster:
+        head_id, worker_id = cluster.pod_ids
+        head, worker = fake.pods[head_id], fake.pods[worker_id]
+        assert head.global_networking and worker.global_networking and head.data_center == worker.data_center
+        assert worker.env["HEAD_ADDRESS"] == f"{head_id}.runpod.internal:{head_ports.gcs}"
+        assert head.env["PRIVATE_IP"] == worker.env["PRIVATE_IP"] == "auto" and "ROLE" in worker.env
+        endpoint = cluster.endpoint()
+        nodes = alive_nodes(endpoint.dashboard_url, endpoint.token)
+        assert len(nodes) == 2 and {n["node_ip"] for n in nodes} == {machine_address()}
+        assert cluster.resources()["GPU"] == 2.0
+        assert "all 2 node(s) and 2 GPU(s) joined" in "\n".join(lines)
+        # Two CPUs per worker: each pod has two, so the ranks land one per node (as GPUs would on RunPod).
+        trainer = L.Trainer(strategy=RemoteStrategy(cluster=cluster, resources_per_worker={"CPU": 2}),
+                            accelerator="cpu", devices=1, num_nodes=2,
+                            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[RecordRanks(str(tmp_path))])
+        trainer.fit(DigitsModel(), datamodule=DigitsData(limit=100))
+        records = [load_record(tmp_path, "fit", rank) for rank in (0, 1)]
+        assert [(r["num_nodes"], r["node_rank"]) for r in records] == [(2, 0), (2, 1)]
+    assert {head_id, worker_id} <= set(fake.terminated)
+    assert not any(pod.id in (head_id, worker_id) for pod in fake.live_pods())

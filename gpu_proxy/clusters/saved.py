@@ -50,6 +50,13 @@ def save_token(name: str, token: str) -> str:
     return str(path)
 
 
+def state_folder(kind: str, name: str) -> Path:
+    """A private folder for what a saved cluster of ``kind`` keeps besides its definition (SSH keys)."""
+    folder = config_dir() / kind / name
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
 def load_saved_cluster(name: str) -> Cluster:
     clusters = saved_clusters()
     if name not in clusters:
@@ -74,4 +81,12 @@ def load_saved_cluster(name: str) -> Cluster:
                                      host_key_policy=definition.get("host_key_policy", "accept-new"))
         cluster.owns_nodes = True  # `gpu-proxy up ssh` started them; `down` stops them
         return cluster
+    if kind == "runpod":
+        from gpu_proxy.clouds.runpod.saved import SavedRunPodCluster
+
+        token_file = Path(definition["token_file"])
+        if not token_file.is_file():
+            raise ConfigurationError(f"saved RunPod cluster {name!r}: its token file {token_file} is missing; "
+                                     f"`gpu-proxy down {name}` terminates its pods.")
+        return SavedRunPodCluster(name, {**definition, "kind": kind}, token_file.read_text().strip())
     raise ConfigurationError(f"saved cluster {name!r} has kind {kind!r}, which this version cannot open.")

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
     watch = None
     try:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        # ray.init() installs its own SIGTERM handler (sys.exit): put back the graceful stop.
+        signal.signal(signal.SIGTERM, lambda *_: stop.request())
         secrets = cluster_kv.take_value(spec.name, "secrets")
         if secrets is not None:
             spec.secrets = json.loads(secrets)

@@ -13,7 +13,15 @@ What it models:
   ``actions`` each status allows; ``cost`` per hour while not EXITED; ``env`` echoed back as RunPod does;
 * a catalog (GPU types, prices, per-cloud max counts) and data centres with stock per GPU type, so a
   create can fail for capacity (400, RunPod's wording) and availability can be read;
-* a wrong API key (401), and injected failures (429 with ``Retry-After``, 5xx, slow answers).
+* a wrong API key (401), and injected failures (429 with ``Retry-After``, 5xx, slow answers);
+* RunPod's pod-scoped API key: each pod's container gets its own ``RUNPOD_API_KEY``, which the
+  fake accepts for that pod's ``/v2/pods/{id}`` and ``/v2/pods/{id}/action`` only (403 elsewhere,
+  401 for any other pod), as RunPod documents it; ``terminated_by`` records who ended each pod.
+
+Test seams that RunPod itself never sets (documented in cluster_image/entrypoint.py):
+``RUNPOD_REST_URL`` (the fake's address, so a pod's idle watcher reaches the fake) and, for pods
+with global networking, ``GPU_PROXY_TEST_INTERNAL_IP`` (``<podId>.runpod.internal`` resolves to this
+machine's own address, because every fake pod is a process on this one machine).
 
 Pods are pluggable: a :class:`PodRuntime` is called when a pod starts, stops and is terminated.
 :class:`NullRuntime` runs nothing (client tests); :class:`EntrypointRuntime` starts the real
@@ -132,6 +140,8 @@ class FakePod:
     public_ip: str | None = None
     ssh_port: int | None = None
     error: str | None = None
+    rest_url: str = ""
+    scoped_key: str = field(default_factory=lambda: "rpa_pod_" + secrets.token_hex(16), repr=False)
 
     ACTIONS = {"PROVISIONING": ["stop", "terminate"], "STARTING": ["stop", "terminate"],
                "RUNNING": ["stop", "restart", "terminate"], "EXITED": ["start", "terminate"],
@@ -198,6 +208,23 @@ class NullRuntime:
         pass
 
 
+def machine_address() -> str | None:
+    """This machine's non-loopback IPv4 address (where fake pods with global networking meet), if any."""
+    import socket
+
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            if not info[4][0].startswith("127."):
+                return info[4][0]
+    except OSError:
+        pass
+    try:
+        output = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((item for item in output if "." in item and not item.startswith("127.")), None)
+
+
 def _free_port() -> int:
     import socket
 
@@ -240,7 +267,12 @@ class EntrypointRuntime:
         env.update(SSHD_PORT=str(port), SSHD_LISTEN_ADDRESS="127.0.0.1", SSHD_DIR=str(folder / "ssh"),
                    SSH_AUTHORIZED_KEYS=str(folder / "authorized_keys"), SSHD_STRICT_MODES="no",
                    RUNPOD_POD_ID=pod.id, RUNPOD_PUBLIC_IP="127.0.0.1", RUNPOD_TCP_PORT_22=str(port),
-                   RUNPOD_GPU_COUNT=str(pod.gpu_count))
+                   RUNPOD_GPU_COUNT=str(pod.gpu_count), RUNPOD_API_KEY=pod.scoped_key, RUNPOD_REST_URL=pod.rest_url)
+        if pod.global_networking:
+            address = machine_address()
+            if address is None:
+                raise RuntimeError("this machine has no non-loopback address for fake global networking")
+            env.update(GPU_PROXY_TEST_INTERNAL_IP=address)
         env.update(self.extra_env)
         with open(folder / "pod.log", "w") as log:
             process = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -326,6 +358,7 @@ class FakeRunPod:
         self.gpus, self.data_centers = default_catalog()
         self.pods: dict[str, FakePod] = {}
         self.terminated: list[str] = []  # ids, in order
+        self.terminated_by: dict[str, str] = {}  # pod id -> "account key" or "pod key"
         self.violations: list[str] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.bodies: list[Any] = []  # JSON bodies received, in order
@@ -335,6 +368,7 @@ class FakeRunPod:
         self._stopping: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
         self._contract = contract()
+        self._principal = "account key"  # who makes the request being handled (under _lock)
 
     # -- life cycle of the server ---------------------------------------------------------------------
 
@@ -391,9 +425,26 @@ class FakeRunPod:
     def _gpu(self, gpu_id: str) -> FakeGpu | None:
         return next((gpu for gpu in self.gpus if gpu.id == gpu_id), None)
 
-    def handle(self, operation: Operation, query: Mapping[str, list[str]], body: Any) -> tuple[int, Any]:
+    def authorize(self, operation: Operation, header: str | None) -> tuple[int, str] | None:
+        """None when ``header`` may make this request; else (status, detail). Sets who is asking."""
+        if header == f"Bearer {self.api_key}":
+            self._principal = "account key"
+            return None
+        with self._lock:
+            pod = next((p for p in self.pods.values() if header == f"Bearer {p.scoped_key}"), None)
+        if pod is None:
+            return 401, "invalid api key"
+        if (operation.template in ("/v2/pods/{id}", "/v2/pods/{id}/action")
+                and operation.path_params.get("id") == pod.id):
+            self._principal = "pod key"
+            return None
+        return 403, "this pod-scoped API key may only act on its own pod"
+
+    def handle(self, operation: Operation, query: Mapping[str, list[str]], body: Any,
+               principal: str = "account key") -> tuple[int, Any]:
         key = (operation.method, operation.template)
         with self._lock:
+            self._principal = principal
             if key == ("GET", "/v2/pods"):
                 return 200, {"pods": [pod.to_json() for pod in self._refreshed()]}
             if key == ("POST", "/v2/pods"):
@@ -443,7 +494,7 @@ class FakeRunPod:
             pod = FakePod(pod_id, body["name"], body["image"], gpu.id, count, dict(body.get("env", {})),
                           list(body.get("ports", [])), body.get("disk", 50), cloud, centre.id,
                           round((gpu.price_secure if cloud == "SECURE" else gpu.price_community) * count, 4),
-                          bool(body.get("globalNetworking")))
+                          bool(body.get("globalNetworking")), rest_url=self.url)
             self.pods[pod_id] = pod
             threading.Thread(target=self._boot, args=(pod,), daemon=True, name=f"pod-{pod_id}").start()
             return 201, pod.to_json()
@@ -481,6 +532,7 @@ class FakeRunPod:
             self._release(pod)
         pod.status = "TERMINATED"
         self.terminated.append(pod_id)
+        self.terminated_by[pod_id] = self._principal
         self._stop_container(pod)
         return 204, None
 
@@ -552,7 +604,7 @@ class FakeRunPod:
 
 
 def _problem(status: int, detail: str, errors: list[str] | None = None) -> tuple[int, Any]:
-    titles = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
+    titles = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
               422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
               501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
     body: dict[str, Any] = {"title": titles.get(status, "Error"), "status": status, "detail": detail}
@@ -616,10 +668,13 @@ class _Handler(BaseHTTPRequestHandler):
                 extra_headers["Retry-After"] = str(injected.retry_after)
             self._send(operation, *_problem(injected.status, "injected failure"), headers=extra_headers)
             return
-        if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-            self._send(operation, *_problem(401, "invalid api key"))
-            return
-        status, answer = fake.handle(operation, query, body)
+        with fake._lock:
+            refused = fake.authorize(operation, self.headers.get("Authorization"))
+            if refused is not None:
+                self._send(operation, *_problem(*refused))
+                return
+            principal = fake._principal
+        status, answer = fake.handle(operation, query, body, principal)
         if slow is not None:
             time.sleep(slow[1])
         self._send(operation, status, answer)

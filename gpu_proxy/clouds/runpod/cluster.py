@@ -5,14 +5,19 @@
 1. checks everything that can be checked for free: the arguments, the API key, the GPU name
    against RunPod's catalog (close names when it is unknown), the GPU count against the largest
    machine, the estimated cost against ``budget_usd``;
-2. makes a fresh SSH key pair for this cluster; its public half goes to the pod as ``PUBLIC_KEY``
-   (the only thing in the pod's environment besides Ray's settings: RunPod echoes a pod's
+2. makes a fresh SSH key pair for this cluster; its public half goes to the pods as ``PUBLIC_KEY``
+   (the only thing in the pods' environment besides Ray's settings: RunPod echoes a pod's
    environment back in its API, so no secret may go there);
-3. creates the pod from the node image (``cluster_image/``), exposing only ``22/tcp``, and waits,
-   saying what it waits for: pod RUNNING, SSH answering, Ray head up, all GPUs present;
-4. generates the Ray token here and copies it to the pod over SSH as a 0600 file (the node's
+3. creates the pods from the node image (``cluster_image/``), exposing only ``22/tcp``: one pod,
+   or for ``nodes > 1`` a head and workers with global networking (workers join the head at
+   ``<headPodId>.runpod.internal``) or one Instant Cluster (``POST /v2/clusters``); waits, saying
+   what it waits for: pods RUNNING, SSH answering, Ray head up, all nodes and GPUs joined;
+4. generates the Ray token here and copies it to every pod over SSH as a 0600 file (the node's
    entrypoint waits for it before starting Ray), then tunnels a local port to the dashboard, which
-   listens on the pod's loopback only.
+   listens on the head's loopback only;
+5. while up: meters the cost (:mod:`.meter`: cost events to the runs, the budget stop) and, with
+   ``idle_timeout``, beats a home heartbeat into the head's GCS so the pods' idle watcher knows
+   home is here.
 
 ``stop()`` terminates every pod this object created. A launch that fails at any step terminates
 what it created before the error reaches the caller; so does the end of this Python process
@@ -26,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -34,16 +38,34 @@ from typing import Callable, Sequence
 
 from gpu_proxy.clouds.runpod.catalog import CLOUDS, CostEstimate, check_count, estimate_cost, resolve_gpu
 from gpu_proxy.clouds.runpod.client import CreatePodRequest, Pod, RunPodClient
+from gpu_proxy.clouds.runpod.meter import CostMeter
 from gpu_proxy.clouds.runpod.provision import (LaunchError, query_instances, run_instances, terminate_instances,
                                                wait_instances)
 from gpu_proxy.clusters.base import Cluster, Endpoint
-from gpu_proxy.clusters.ray_node import DEFAULT_DASHBOARD_PORT, RayNodeError, RayPorts, generate_token, wait_for_nodes
+from gpu_proxy.clusters.ray_node import (DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, RayNodeError, RayPorts, generate_token,
+                                         wait_for_nodes)
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
 from gpu_proxy.ssh import SSHError, SSHTarget, SSHTunnel, put_file, run_remote
 
 log = logging.getLogger(__name__)
 
 IMAGE_ENV = "GPU_PROXY_RUNPOD_IMAGE"
+INTERNAL_DNS = "{pod_id}.runpod.internal"  # RunPod's private name of a pod with global networking
+
+
+def parse_duration(value: "str | float | int | None", what: str = "idle_timeout") -> float | None:
+    """``600``, ``"600"``, ``"90s"``, ``"10m"``, ``"1h"`` -> seconds; None -> None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise ConfigurationError(f"{what}={value!r}: give a positive duration, e.g. 600, '90s', '10m' or '1h'.")
+    return seconds
 
 
 def _print_progress(message: str) -> None:
@@ -71,11 +93,16 @@ class RunPodCluster(Cluster):
         gpu: a RunPod GPU type: its id (``"NVIDIA H100 80GB HBM3"``), display name (``"H100 SXM"``) or
             an unambiguous part of either.
         gpus_per_node: GPUs per pod (one machine).
-        nodes: pods. Only 1 today (see docs/runpod.md, "Several nodes").
-        idle_timeout: not implemented yet; must stay None (see docs/runpod.md).
+        nodes: pods. Above 1: pods with global networking in one data centre that supports it
+            (about 100 Mbps between pods), or ``instant_cluster=True`` (see docs/runpod.md).
+        instant_cluster: several nodes as one RunPod Instant Cluster (``POST /v2/clusters``): a
+            fast interconnect between the nodes, made for multi-node training.
+        idle_timeout: ``"10m"``, ``"1h"`` or seconds: the pods end themselves after this long with no
+            Ray Job and no home heartbeat, with RunPod's pod-scoped key (never yours). None: never.
         budget_usd: the most this cluster may cost. Refused before launch when the expected run
-            (``expected_hours``) would pass it; while up, the pods are terminated when the metered
-            spend reaches it (home meters it, so it holds only while this process lives).
+            (``expected_hours``) would pass it; while up, a run is stopped with a checkpoint and the
+            pods are terminated before the metered spend passes it (home meters it, so it holds
+            while a home process holds the cluster; ``idle_timeout`` covers the rest).
         keep: leave the pods running when this Python process ends without ``stop()``.
         image: the node image built from ``cluster_image/Dockerfile``; default ``$GPU_PROXY_RUNPOD_IMAGE``.
         cloud: ``"SECURE"`` (RunPod's data centres) or ``"COMMUNITY"``.
@@ -83,19 +110,27 @@ class RunPodCluster(Cluster):
         disk_gb: container disk per pod.
         expected_hours: for the cost estimate shown before launch.
         api_key, base_url: see :class:`RunPodClient` (default ``$RUNPOD_API_KEY``, ``$RUNPOD_REST_URL``).
-        ray_ports: Ray's ports on the pod (default Ray's own).
+        ray_ports: Ray's ports on the head (default Ray's own); ``worker_ray_ports`` on the workers
+            (several nodes on one machine, as in the tests, need distinct ones).
         launch_timeout_s, ssh_timeout_s, ray_timeout_s: how long each stage may take.
+        meter_interval_s: how often the cost is metered; budget_grace_s: how long a run stopped by
+            the budget may take to commit its checkpoint; checkpoint_margin_s: spend kept in reserve
+            for that checkpoint.
+        state_dir: where the cluster's SSH key and known_hosts live (default a private temp folder,
+            deleted with the pods); ``gpu-proxy up`` keeps them under its config folder.
         progress: called with each progress line; default prints to stderr.
     """
 
     owns_nodes = True
 
-    def __init__(self, gpu: str, gpus_per_node: int = 1, nodes: int = 1, *, idle_timeout: "str | float | None" = None,
-                 budget_usd: float | None = None, keep: bool = False, image: str | None = None,
-                 cloud: str = "SECURE", data_centers: Sequence[str] = (), disk_gb: int = 50,
-                 expected_hours: float | None = None, api_key: str | None = None, base_url: str | None = None,
-                 ray_ports: RayPorts | None = None, launch_timeout_s: float = 900.0, ssh_timeout_s: float = 300.0,
-                 ray_timeout_s: float = 300.0, meter_interval_s: float = 30.0,
+    def __init__(self, gpu: str, gpus_per_node: int = 1, nodes: int = 1, *, instant_cluster: bool = False,
+                 idle_timeout: "str | float | None" = None, budget_usd: float | None = None, keep: bool = False,
+                 image: str | None = None, cloud: str = "SECURE", data_centers: Sequence[str] = (),
+                 disk_gb: int = 50, expected_hours: float | None = None, api_key: str | None = None,
+                 base_url: str | None = None, ray_ports: RayPorts | None = None,
+                 worker_ray_ports: RayPorts | None = None, launch_timeout_s: float = 900.0,
+                 ssh_timeout_s: float = 300.0, ray_timeout_s: float = 300.0, meter_interval_s: float = 30.0,
+                 budget_grace_s: float = 180.0, checkpoint_margin_s: float = 60.0, state_dir: str | None = None,
                  progress: Callable[[str], None] | None = None) -> None:
         import os
 
@@ -105,15 +140,13 @@ class RunPodCluster(Cluster):
             raise ConfigurationError(f"gpus_per_node={gpus_per_node!r} must be a whole number >= 1.")
         if not isinstance(nodes, int) or nodes < 1:
             raise ConfigurationError(f"nodes={nodes!r} must be a whole number >= 1.")
-        if nodes > 1:
-            raise ConfigurationError(
-                f"nodes={nodes}: several RunPod nodes are not supported yet (the node image cannot yet learn its "
-                f"global-networking address; see docs/runpod.md). Use one pod with up to 8 GPUs (gpus_per_node=8).")
-        if idle_timeout is not None:
-            raise ConfigurationError(
-                "idle_timeout is not implemented yet for RunPod: it needs the pods to stop themselves, without "
-                "your API key on them. Until then pods are terminated by stop(), by the end of this process "
-                "(unless keep=True), and by budget_usd.")
+        if instant_cluster and nodes < 2:
+            raise ConfigurationError(f"instant_cluster=True needs nodes >= 2 (got nodes={nodes}): one node is one pod.")
+        if instant_cluster:
+            # The node image already handles an Instant Cluster's NODE_RANK/MASTER_ADDR (entrypoint.py); the
+            # client and the fake do not yet speak /v2/clusters, so refuse rather than launch half of it.
+            raise ConfigurationError("instant_cluster=True is not available in this version: use nodes>1 with "
+                                     "global networking (the default), see docs/runpod.md.")
         if budget_usd is not None and (not isinstance(budget_usd, (int, float)) or budget_usd <= 0):
             raise ConfigurationError(f"budget_usd={budget_usd!r} must be a positive number of US dollars.")
         if cloud not in CLOUDS:
@@ -128,6 +161,8 @@ class RunPodCluster(Cluster):
         self.gpu = gpu.strip()
         self.gpus_per_node = gpus_per_node
         self.nodes = nodes
+        self.instant_cluster = instant_cluster
+        self.idle_timeout_s = parse_duration(idle_timeout)
         self.budget_usd = budget_usd
         self.keep = keep
         self.image = image
@@ -136,10 +171,14 @@ class RunPodCluster(Cluster):
         self.disk_gb = disk_gb
         self.expected_hours = expected_hours
         self.ray_ports = ray_ports or RayPorts()
+        self.worker_ray_ports = worker_ray_ports or RayPorts()
         self.launch_timeout_s = launch_timeout_s
         self.ssh_timeout_s = ssh_timeout_s
         self.ray_timeout_s = ray_timeout_s
         self.meter_interval_s = meter_interval_s
+        self.budget_grace_s = budget_grace_s
+        self.checkpoint_margin_s = checkpoint_margin_s
+        self.state_dir = state_dir
         self._progress = progress or _print_progress
         self._api_key = api_key
         self._base_url = base_url
@@ -147,6 +186,7 @@ class RunPodCluster(Cluster):
         self.name = f"gpu-proxy-{secrets.token_hex(4)}"
         self.estimate: CostEstimate | None = None
         self.budget_exceeded = False
+        self.cluster_id: str | None = None  # the Instant Cluster's id
         self._pod_ids: list[str] = []
         self._pods: list[Pod] = []
         self._tunnel_box: list[SSHTunnel] = []
@@ -154,10 +194,10 @@ class RunPodCluster(Cluster):
         self._folder: str | None = None
         self._key_file: str | None = None
         self._token_file = ""
-        self._launched_at: float | None = None
+        self._launched_at: float | None = None  # wall clock, so a saved cluster can go on metering
         self._finalizer: weakref.finalize | None = None
-        self._meter_stop = threading.Event()
-        self._meter: threading.Thread | None = None
+        self._meter: CostMeter | None = None
+        self._heartbeat = None
 
     def __repr__(self) -> str:  # no key, no token
         return (f"RunPodCluster(gpu={self.gpu!r}, gpus_per_node={self.gpus_per_node}, nodes={self.nodes}, "
@@ -184,22 +224,39 @@ class RunPodCluster(Cluster):
         return self._token is not None and bool(self._tunnel_box) and self._tunnel_box[0].is_open
 
     @property
+    def token(self) -> str | None:
+        return self._token
+
+    @property
     def head(self) -> SSHTarget:
         if not self._pods:
             raise GpuProxyError(f"{self!r} has no pod yet: call start().")
         return self._ssh_target(self._pods[0])
 
     def cost_per_hour(self) -> float:
-        """What the pods cost per hour, as RunPod reports them (the catalog estimate before launch)."""
+        """What the pods cost per hour, as RunPod last reported them (the catalog estimate before launch)."""
+        if self._meter is not None:
+            return self._meter.usd_per_hour
         if self._pods:
             return sum(pod.cost_per_hour for pod in self._pods)
         return self.estimate.per_hour if self.estimate else 0.0
 
     def spent_usd(self) -> float:
-        """Metered spend since the first pod was created (billing is per second)."""
+        """Metered spend since the first pod was created (RunPod bills per second)."""
+        if self._meter is not None:
+            return self._meter.spent_usd()
         if self._launched_at is None:
             return 0.0
-        return self.cost_per_hour() * (time.monotonic() - self._launched_at) / 3600
+        return self.cost_per_hour() * (time.time() - self._launched_at) / 3600
+
+    def cost(self) -> dict[str, float | None]:
+        """The cost meter: ``spent_usd``, ``usd_per_hour``, ``budget_usd`` (``gpu-proxy status`` shows it)."""
+        return {"spent_usd": self.spent_usd(), "usd_per_hour": self.cost_per_hour(), "budget_usd": self.budget_usd}
+
+    def _pods_rate(self) -> float:
+        """USD per hour of the pods now, from RunPod (a pod gone or stopped costs nothing)."""
+        return sum(pod.cost_per_hour for pod in query_instances(self.client, self._pod_ids).values()
+                   if pod is not None and pod.status != "EXITED")
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -219,6 +276,8 @@ class RunPodCluster(Cluster):
     def start(self) -> None:
         if self.started:
             return
+        if self.budget_exceeded:
+            raise GpuProxyError(f"{self!r} was torn down: it reached budget_usd={self.budget_usd:g}.")
         if self._pod_ids:
             raise GpuProxyError(f"{self!r} was started and then lost its tunnel; stop() it and make a new one.")
         try:
@@ -230,40 +289,60 @@ class RunPodCluster(Cluster):
                                + "; ".join(failures))
             raise
 
+    def _node_env(self, role: str, ports: RayPorts, index: int) -> dict[str, str]:
+        suffix = self.name.rsplit("-", 1)[-1]
+        env = {"PUBLIC_KEY": Path(self._key_file).with_suffix(".pub").read_text().strip(), "SSHD": "on",
+               "RAY_TOKEN_FILE": self._token_file,
+               # One folder per node: on RunPod each pod has its own disk; in the tests they share one machine.
+               "RAY_TEMP_DIR": f"/tmp/gp-{suffix}/r{index}",
+               "RAY_TOKEN_WAIT_S": str(int(self.launch_timeout_s + self.ssh_timeout_s + 60))}
+        if not self.instant_cluster:
+            env["ROLE"] = role  # in an Instant Cluster the node's rank decides (NODE_RANK, set by RunPod)
+        if self.nodes > 1:
+            env["PRIVATE_IP"] = "auto"  # the node learns its private address itself (entrypoint.py)
+        if self.idle_timeout_s is not None:
+            env["IDLE_TIMEOUT_S"] = str(int(self.idle_timeout_s))
+        for field_name, variable in RayPorts.environment_names().items():
+            value = getattr(ports, field_name)
+            if value is not None and not (role == "worker" and field_name in ("dashboard", "client_server")):
+                env[variable] = str(value)
+        return env
+
     def _start(self) -> None:
         estimate = self.check()
         self._progress(f"estimated cost: {estimate}")
         gpu_id = estimate.gpu
-        self._folder = tempfile.mkdtemp(prefix="gprp-")
+        if self.state_dir:
+            Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._folder = self.state_dir
+        else:
+            self._folder = tempfile.mkdtemp(prefix="gprp-")
         key = Path(self._folder, "id_ed25519")
+        key.unlink(missing_ok=True)
+        key.with_suffix(".pub").unlink(missing_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.name, "-f", str(key)], check=True,
                        stdin=subprocess.DEVNULL, capture_output=True)
         self._key_file = str(key)
         suffix = self.name.rsplit("-", 1)[-1]
         self._token_file = f"/tmp/gp-{suffix}/token"  # on the pod; short: Ray's socket paths are length-limited
-        env = {"ROLE": "head", "PUBLIC_KEY": key.with_suffix(".pub").read_text().strip(), "SSHD": "on",
-               "RAY_TOKEN_FILE": self._token_file, "RAY_TEMP_DIR": f"/tmp/gp-{suffix}/r",
-               "RAY_TOKEN_WAIT_S": str(int(self.launch_timeout_s + self.ssh_timeout_s + 60))}
-        for field_name, variable in RayPorts.environment_names().items():
-            value = getattr(self.ray_ports, field_name)
-            if value is not None:
-                env[variable] = str(value)
-        request = CreatePodRequest(name=f"{self.name}-head", image=self.image, gpu_id=gpu_id,
-                                   gpu_count=self.gpus_per_node, env=env, ports=("22/tcp",), disk_gb=self.disk_gb,
-                                   cloud=self.cloud, data_center_ids=self.data_centers)
         client = self.client
         if not self.keep:  # pods must not outlive this process by accident
             self._finalizer = weakref.finalize(self, _teardown, client, self._pod_ids, self._tunnel_box, self._folder)
-        self._progress(f"creating pod {request.name}: {self.gpus_per_node} x {gpu_id} ({self.cloud.lower()} cloud)")
-        run_instances(client, [request], self._created)
+        if self.instant_cluster:
+            self._create_instant_cluster(gpu_id)
+        else:
+            self._create_pods(gpu_id)
         self._pods = wait_instances(client, self._pod_ids, self.launch_timeout_s, self._progress)
-        target = self._ssh_target(self._pods[0])
-        self._progress(f"waiting for SSH on {target.destination}")
-        self._wait_for_ssh(target)
+        if self.nodes > 1 and self._pods[0].data_center_id:
+            self._progress(f"{self.nodes} pods in {self._pods[0].data_center_id}")
         self._token = generate_token()
-        put_file(target, self._token_file, self._token)
+        for pod in self._pods:
+            target = self._ssh_target(pod)
+            self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
+            self._wait_for_ssh(target)
+            put_file(target, self._token_file, self._token)
         self._progress("Ray token delivered over SSH; waiting for the Ray head")
-        tunnel = SSHTunnel(target, self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
+        tunnel = SSHTunnel(self._ssh_target(self._pods[0]), self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
                            ready_timeout_s=self.ray_timeout_s)
         self._tunnel_box.append(tunnel)
         try:
@@ -271,16 +350,43 @@ class RunPodCluster(Cluster):
         except SSHError as error:
             raise LaunchError(f"The Ray head did not come up on the pod: {self._pod_failure() or error}") from None
         self._wait_for_ray()
+        self._watch()
         self._progress(f"Ray is up on {self.nodes} pod(s); dashboard tunnelled to http://{tunnel.local_address} "
                        f"(${self.cost_per_hour():.2f}/hour while up)")
-        if self.budget_usd is not None:
-            self._meter = threading.Thread(target=self._watch_budget, name=f"{self.name}-budget", daemon=True)
-            self._meter.start()
+
+    def _create_pods(self, gpu_id: str) -> None:
+        several = self.nodes > 1
+        common = dict(image=self.image, gpu_id=gpu_id, gpu_count=self.gpus_per_node, ports=("22/tcp",),
+                      disk_gb=self.disk_gb, cloud=self.cloud, global_networking=several)
+        head = CreatePodRequest(name=f"{self.name}-head", env=self._node_env("head", self.ray_ports, 0),
+                                data_center_ids=self.data_centers, **common)
+        where = " with global networking" if several else ""
+        self._progress(f"creating pod {head.name}: {self.gpus_per_node} x {gpu_id} ({self.cloud.lower()} cloud{where})")
+        (head_pod,) = run_instances(self.client, [head], self._created)
+        if not several:
+            return
+        # Workers go to the head's data centre (global networking spans data centres, but slower) and join
+        # the head by its private name, which exists as soon as the head pod does.
+        gcs = self.ray_ports.gcs or DEFAULT_GCS_PORT
+        workers = []
+        for index in range(1, self.nodes):
+            env = self._node_env("worker", self.worker_ray_ports, index)
+            env["HEAD_ADDRESS"] = f"{INTERNAL_DNS.format(pod_id=head_pod.id)}:{gcs}"
+            workers.append(CreatePodRequest(
+                name=f"{self.name}-worker{index}", env=env,
+                data_center_ids=(head_pod.data_center_id,) if head_pod.data_center_id else self.data_centers,
+                **common))
+        self._progress(f"creating {len(workers)} worker pod(s) joining {env['HEAD_ADDRESS']}")
+        run_instances(self.client, workers, self._created)
+
+    def _create_instant_cluster(self, gpu_id: str) -> None:
+        raise ConfigurationError("instant_cluster=True is not available in this version: use nodes>1 with "
+                                 "global networking (the default), see docs/runpod.md.")
 
     def _created(self, pod: Pod) -> None:
         self._pod_ids.append(pod.id)
         if self._launched_at is None:
-            self._launched_at = time.monotonic()
+            self._launched_at = time.time()
         self._progress(f"pod {pod.id} created ({pod.status}, ${pod.cost_per_hour:.2f}/hour)")
 
     def _ssh_target(self, pod: Pod) -> SSHTarget:
@@ -318,7 +424,7 @@ class RunPodCluster(Cluster):
         try:
             wait_for_nodes(url, self._token, self.nodes, timeout_s=self.ray_timeout_s, failure=failure)
         except RayNodeError as error:
-            raise LaunchError(f"Ray did not come up on the pod: {error}") from None
+            raise LaunchError(f"Ray did not come up on the pods: {error}") from None
         wanted = float(self.gpus_per_node * self.nodes)
         deadline = time.monotonic() + self.ray_timeout_s
         while (found := self.resources().get("GPU", 0.0)) < wanted:
@@ -328,16 +434,33 @@ class RunPodCluster(Cluster):
             time.sleep(1.0)
         self._progress(f"all {self.nodes} node(s) and {wanted:g} GPU(s) joined")
 
-    def _watch_budget(self) -> None:
-        while not self._meter_stop.wait(self.meter_interval_s):
-            spent = self.spent_usd()
-            if spent >= self.budget_usd:
-                self.budget_exceeded = True
-                self._progress(f"budget reached: ${spent:.2f} of budget_usd={self.budget_usd:g}; terminating the pods")
-                failures = self._end(from_meter=True)
-                if failures:
-                    self._progress("could not terminate: " + "; ".join(failures))
-                return
+    # -- while up: cost meter, budget, home heartbeat ---------------------------------------------------------
+
+    def _watch(self, spent_usd: float = 0.0) -> None:
+        """Start the cost meter and (with ``idle_timeout``) the home heartbeat."""
+        self._meter = CostMeter(self, self._pods_rate, interval_s=self.meter_interval_s, spent_usd=spent_usd,
+                                budget_usd=self.budget_usd, grace_s=self.budget_grace_s,
+                                checkpoint_margin_s=self.checkpoint_margin_s, end=self._end_for_budget,
+                                progress=self._progress).start()
+        if self.idle_timeout_s is not None:
+            from gpu_proxy.runs.heartbeat import HomeHeartbeat
+
+            # While this process holds the cluster, the head's idle watcher sees home (gpu_proxy/runs/heartbeat.py).
+            self._heartbeat = HomeHeartbeat(Endpoint(f"http://{self._tunnel_box[0].local_address}", self._token),
+                                            f"cluster-{self.name}").start()
+
+    def _end_for_budget(self) -> None:
+        self.budget_exceeded = True
+        failures = self._end(from_meter=True)
+        if failures:
+            self._progress("could not terminate: " + "; ".join(failures))
+
+    def _unwatch(self, from_meter: bool = False) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+            self._heartbeat = None
+        if self._meter is not None and not from_meter:
+            self._meter.close()
 
     # -- the Cluster interface ------------------------------------------------------------------------------
 
@@ -361,9 +484,33 @@ class RunPodCluster(Cluster):
             raise LaunchError("Could not terminate every RunPod pod; terminate them in the RunPod console "
                               "(https://www.runpod.io/console/pods):\n" + "\n".join(failures))
 
+    def saved_state(self) -> dict:
+        """What ``gpu-proxy up`` saves to reach these pods again (no secret: the token goes to its own file)."""
+        if not self.started:
+            raise GpuProxyError(f"{self!r} is not started.")
+        return {"kind": "runpod", "name": self.name, "pod_ids": list(self._pod_ids), "cluster_id": self.cluster_id,
+                "identity_file": self._key_file, "known_hosts_file": str(Path(self._folder, "known_hosts")),
+                "state_dir": self._folder, "dashboard_port": self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
+                "launched_at": self._launched_at, "usd_per_hour": self.cost_per_hour(),
+                "budget_usd": self.budget_usd, "idle_timeout_s": self.idle_timeout_s, "gpu": self.gpu,
+                "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "base_url": self._base_url,
+                "meter_interval_s": self.meter_interval_s}
+
+    def detach(self) -> None:
+        """Leave the pods running (``gpu-proxy up``): close the tunnel, stop metering, keep the key folder."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._unwatch()
+        for tunnel in self._tunnel_box:
+            tunnel.close()
+        self._tunnel_box.clear()
+        self._pod_ids = []
+        self._pods = []
+        self._token = None
+
     def _end(self, from_meter: bool = False) -> list[str]:
-        if not from_meter:
-            self._meter_stop.set()
+        self._unwatch(from_meter)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None

@@ -1,0 +1,181 @@
+"""The node's idle watcher: a pod with no run and no home for ``IDLE_TIMEOUT_S`` ends itself.
+
+Why on the node: home may be gone (a closed laptop) exactly when the pods must stop costing
+money, so the decision cannot live at home. Why without the user's API key: RunPod injects a
+*pod-scoped* ``RUNPOD_API_KEY`` into every pod (https://docs.runpod.io/runpodctl: "Every Pod you
+deploy comes preinstalled with the runpodctl command and a Pod-scoped API key"); it may act on
+that pod only, so a leaked copy cannot touch the rest of the account. The user's key never goes
+to a pod.
+
+Idle means, on the head, all of these for ``IDLE_TIMEOUT_S`` seconds:
+
+* no Ray Job is PENDING or RUNNING (the Jobs API on the head's loopback, with the Ray token);
+* no home heartbeat: no key ``gcs://_gpu_proxy_heartbeat_*`` in the GCS key-value store changed
+  (home beats there for each run it follows, and for the cluster itself while a home process
+  holds it: see ``gpu_proxy/runs/heartbeat.py``).
+
+A worker has no Jobs API; it ends itself when its Ray node exits because the head is gone.
+
+Ending a pod = ``DELETE /v2/pods/{RUNPOD_POD_ID}`` (REST v2) with the pod-scoped key; if RunPod
+refuses a terminate to that key, ``POST /v2/pods/{id}/action {"action": "stop"}`` (GPU billing
+ends either way). ``RUNPOD_REST_URL`` overrides RunPod's address (the tests' fake sets it; RunPod
+does not).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+HEARTBEAT_PREFIX = b"gcs://_gpu_proxy_heartbeat_"
+DEFAULT_REST_URL = "https://api.runpod.io"
+
+
+def parse_seconds(text: str) -> float | None:
+    """``"600"``, ``"10m"``, ``"90s"``, ``"1h"`` -> seconds; empty -> None. Raises ValueError."""
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be a positive duration")
+    return value
+
+
+class PodSelf:
+    """This pod, acting on itself through REST v2 with the pod-scoped key."""
+
+    def __init__(self, pod_id: str, api_key: str, base_url: str = DEFAULT_REST_URL) -> None:
+        self.pod_id = pod_id
+        self._key = api_key  # in memory only: the entrypoint removes it from the environment Ray inherits
+        self.base_url = base_url.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"PodSelf({self.pod_id!r})"
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> int:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self._key}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def end(self, say: Callable[[str], None], attempts: int = 5) -> bool:
+        """Terminate this pod (stop it if the key may not terminate). True once RunPod accepted."""
+        for attempt in range(attempts):
+            try:
+                status = self._call("DELETE", f"/v2/pods/{self.pod_id}")
+                if status in (200, 204, 404):
+                    say(f"pod {self.pod_id} terminated itself ({status})")
+                    return True
+                if status in (401, 403):
+                    status = self._call("POST", f"/v2/pods/{self.pod_id}/action", {"action": "stop"})
+                    if status in (200, 204):
+                        say(f"pod {self.pod_id} stopped itself (the pod's key may not terminate it)")
+                        return True
+                say(f"RunPod answered {status} when pod {self.pod_id} tried to end itself")
+            except (urllib.error.URLError, OSError) as error:
+                say(f"could not reach RunPod to end pod {self.pod_id}: {error}")
+            time.sleep(min(30, 2 ** attempt))
+        return False
+
+
+def pod_self_from_env(env: dict) -> PodSelf | None:
+    """This pod's handle, or None when RunPod gave it no pod-scoped key (not on RunPod)."""
+    pod_id, key = env.get("RUNPOD_POD_ID", "").strip(), env.get("RUNPOD_API_KEY", "").strip()
+    if not pod_id or not key:
+        return None
+    return PodSelf(pod_id, key, env.get("RUNPOD_REST_URL", "").strip() or DEFAULT_REST_URL)
+
+
+class Activity:
+    """What the head reads to decide whether anyone uses the cluster."""
+
+    def __init__(self, dashboard_url: str, gcs_address: str, token_file: str) -> None:
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.gcs_address = gcs_address
+        self.token_file = token_file
+        self._gcs = None
+        self._beats: dict[bytes, bytes | None] = {}
+
+    def _token(self) -> str:
+        with open(self.token_file) as file:
+            return file.read().strip()
+
+    def running_jobs(self) -> int | None:
+        """Ray Jobs PENDING or RUNNING; None when the Jobs API did not answer (counts as busy)."""
+        request = urllib.request.Request(self.dashboard_url + "/api/jobs/",
+                                         headers={"Authorization": f"Bearer {self._token()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                jobs = json.loads(answer.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return sum(1 for job in jobs if job.get("status") in ("PENDING", "RUNNING"))
+
+    def heartbeats_changed(self) -> bool:
+        """Whether any home heartbeat key appeared or changed since the last call."""
+        if self._gcs is None:
+            # Ray's GCS client reads token auth from these variables (set before it is created).
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", self.token_file)
+            from ray._raylet import GcsClient
+
+            self._gcs = GcsClient(address=self.gcs_address)
+        beats = {}
+        for key in self._gcs.internal_kv_keys(HEARTBEAT_PREFIX, None):
+            beats[key] = self._gcs.internal_kv_get(key, None)
+        changed = any(self._beats.get(key, b"\0new") != value for key, value in beats.items())
+        self._beats = beats
+        return changed
+
+
+class IdleWatch:
+    """Calls ``on_idle`` once the head has been idle for ``timeout_s`` (a daemon thread)."""
+
+    def __init__(self, activity: Activity, timeout_s: float, on_idle: Callable[[], None],
+                 say: Callable[[str], None], poll_s: float | None = None) -> None:
+        self.activity = activity
+        self.timeout_s = timeout_s
+        self.on_idle = on_idle
+        self.say = say
+        self.poll_s = poll_s or max(0.5, min(10.0, timeout_s / 10))
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-proxy-idle-watch", daemon=True)
+
+    def start(self) -> "IdleWatch":
+        self.say(f"idle watch: the pod ends itself after {self.timeout_s:g} s with no run and no home heartbeat")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _busy(self) -> bool:
+        jobs = self.activity.running_jobs()
+        try:
+            beating = self.activity.heartbeats_changed()
+        except Exception as error:  # noqa: BLE001 - GCS not up yet, or restarting: not a reason to end
+            self.say(f"idle watch: could not read heartbeats ({type(error).__name__}: {error})")
+            return True
+        return jobs is None or jobs > 0 or beating
+
+    def _run(self) -> None:
+        last_active = time.monotonic()
+        while not self._closed.wait(self.poll_s):
+            if self._busy():
+                last_active = time.monotonic()
+            elif time.monotonic() - last_active >= self.timeout_s:
+                self.say(f"idle for {self.timeout_s:g} s (no Ray Job, no home heartbeat): ending the pod")
+                self.on_idle()
+                return

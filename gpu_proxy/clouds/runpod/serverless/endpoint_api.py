@@ -1,0 +1,149 @@
+"""A client of one RunPod serverless endpoint's job API (``https://api.runpod.ai/v2/{endpoint_id}``).
+
+Not the ``runpod`` SDK's ``Endpoint``: that one sleeps a second between stream polls, cannot be given
+a key per object without keeping it in a plain attribute, and raises bare ``RuntimeError`` s. This
+one is small, uses the same key loading and errors as :class:`~gpu_proxy.clouds.runpod.RunPodClient`,
+and never puts the key in a repr, a message or a pickle.
+
+Retries: reads (status, stream, health) are retried on 429, 5xx and network errors. ``/run`` is
+retried only on 429 (RunPod did not queue the job): after a timeout or a 5xx the job may exist,
+and running it twice would train twice.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import requests
+
+from gpu_proxy.clouds.runpod.client import (RunPodAuthError, RunPodError, RunPodNotFoundError,
+                                            RunPodRateLimitError, RunPodUnavailableError, load_api_key)
+from gpu_proxy.errors import ConfigurationError
+
+DEFAULT_ENDPOINT_BASE_URL = "https://api.runpod.ai/v2"
+ENDPOINT_BASE_URL_ENV = "RUNPOD_ENDPOINT_BASE_URL"  # the same variable the runpod SDK reads
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+_LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+
+
+def endpoint_base_url(base_url: str | None = None) -> str:
+    url = (base_url or os.environ.get(ENDPOINT_BASE_URL_ENV) or DEFAULT_ENDPOINT_BASE_URL).rstrip("/")
+    if not url.startswith(("https://", *_LOOPBACK)):
+        raise ConfigurationError(f"endpoint base URL {url!r}: RunPod's endpoint API must be reached over https "
+                                 "(the API key travels in a header); plain http only on loopback, for tests.")
+    return url
+
+
+class _Secret:
+    """Holds the key so that printing the object's attributes (a debugger, vars()) shows no secret."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<RunPod API key>"
+
+    def __reduce__(self):
+        raise TypeError("the RunPod API key cannot be pickled")
+
+
+class EndpointAPI:
+    """The job API of the serverless endpoint ``endpoint_id``."""
+
+    def __init__(self, endpoint_id: str, api_key: str | None = None, *, base_url: str | None = None,
+                 timeout_s: float = 30.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not endpoint_id or "/" in endpoint_id:
+            raise ConfigurationError(f"endpoint_id={endpoint_id!r}: give the endpoint's id as the RunPod "
+                                     "console shows it (Serverless > your endpoint), e.g. 'abc123xyz'.")
+        self.endpoint_id = endpoint_id
+        self.base_url = endpoint_base_url(base_url)
+        self.__key = _Secret(load_api_key(api_key))
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self._session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"EndpointAPI({self.endpoint_id!r}, base_url={self.base_url!r})"
+
+    def __reduce__(self):
+        raise TypeError("an EndpointAPI holds your RunPod API key and cannot be pickled")
+
+    # ---- operations ------------------------------------------------------------------------------
+    def run(self, job_input: Mapping[str, Any]) -> str:
+        """Queue a job; its id."""
+        answer = self._request("POST", "run", body={"input": dict(job_input)}, what="submit a job",
+                               retry_unsent_only=True)
+        return answer["id"]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"status/{job_id}", what=f"read the status of job {job_id}")
+
+    def stream(self, job_id: str) -> dict[str, Any]:
+        """The job's outputs since the last call: ``{"status", "stream": [{"output": ...}]}``."""
+        return self._request("GET", f"stream/{job_id}", what=f"stream job {job_id}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"cancel/{job_id}", what=f"cancel job {job_id}")
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "health", what="check the endpoint's health")
+
+    def purge_queue(self) -> dict[str, Any]:
+        return self._request("POST", "purge-queue", what="purge the endpoint's queue")
+
+    # ---- HTTP ------------------------------------------------------------------------------------
+    def _request(self, method: str, operation: str, *, body: Mapping[str, Any] | None = None, what: str,
+                 retry_unsent_only: bool = False) -> Any:
+        url = f"{self.base_url}/{self.endpoint_id}/{operation}"
+        headers = {"Authorization": f"Bearer {self.__key.value}", "Accept": "application/json"}
+        attempt = 0
+        while True:
+            status: int | None = None
+            try:
+                response = self._session.request(method, url, json=body, headers=headers, timeout=self.timeout_s)
+            except (requests.Timeout, requests.ConnectionError) as error:
+                problem = f"could not reach {self.base_url} ({type(error).__name__})"
+                if retry_unsent_only:
+                    raise RunPodUnavailableError(
+                        f"RunPod: {what} on endpoint {self.endpoint_id}: {problem}. The job may or may not have "
+                        "been queued: look at the endpoint's Requests tab before submitting again.") from None
+            else:
+                status = response.status_code
+                if status < 400:
+                    return response.json() if response.content else {}
+                detail = response.text[:300].strip()
+                if status == 429:
+                    problem = f"rate limited ({detail})"
+                elif status >= 500 and not retry_unsent_only:
+                    problem = f"RunPod answered {status} ({detail})"
+                else:
+                    raise self._error(status, detail, what)
+            if attempt >= self.max_retries:
+                kind = RunPodRateLimitError if status == 429 else RunPodUnavailableError
+                raise kind(f"RunPod: {what} on endpoint {self.endpoint_id} failed after {attempt + 1} attempts: "
+                           f"{problem}. Try again later; https://status.runpod.io shows outages.", status)
+            self._sleep(min(30.0, self.backoff_s * 2 ** attempt))
+            attempt += 1
+
+    def _error(self, status: int, detail: str, what: str) -> RunPodError:
+        if status in (401, 403):
+            return RunPodAuthError(
+                f"RunPod refused the API key ({status}) while trying to {what} on serverless endpoint "
+                f"{self.endpoint_id}. Check RUNPOD_API_KEY (or ~/.runpod/config.toml) and that the key may use "
+                "serverless endpoints: https://www.runpod.io/console/user/settings.", status, detail)
+        if status == 404:
+            return RunPodNotFoundError(
+                f"RunPod: no serverless endpoint {self.endpoint_id!r} (or no such job) at {self.base_url} "
+                f"(404: {detail}). Check the id in the console (Serverless), or create the endpoint with "
+                "`gpu-proxy serverless deploy`.", status, detail)
+        if status == 413:
+            return RunPodError(f"RunPod: {what}: the request is over the endpoint's size limit (413). Give "
+                               "RunPodServerless a storage_url so large runs travel through storage.", status, detail)
+        return RunPodError(f"RunPod refused to {what} on endpoint {self.endpoint_id} ({status}: {detail}).",
+                           status, detail)
