@@ -26,6 +26,16 @@ class HomeEventHandler:
         self.callbacks: keras.callbacks.CallbackList | None = None
         self.history: keras.callbacks.History | None = None
 
+    @property
+    def wants_batches(self) -> bool:
+        """Whether anything at home draws from batch ends: the progress bar or a home batch hook."""
+        if self._verbose != 0:
+            return True
+        return any(getattr(type(callback), hook) is not getattr(keras.callbacks.Callback, hook)
+                   for callback in self._home_callbacks
+                   for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end",
+                                "on_predict_batch_end"))
+
     def handle(self, event: Event) -> None:
         if event.kind == events.LOG:
             stream = sys.stderr if event.data.get("stream") == "stderr" else sys.stdout

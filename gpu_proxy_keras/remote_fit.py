@@ -150,7 +150,8 @@ class RemoteFit:
              "data": {k: v for k, v in data.items() if v is not None}, "kwargs": kwargs},
             what="the data, callbacks and custom objects of the run")
         job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
-                       user_objects=user_objects, checkpoint=checkpoint)
+                       user_objects=user_objects, checkpoint=checkpoint,
+                       batch_events=handler.wants_batches)
         spec = RunSpec(payload=shipping.dumps(job), num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}")
         return values(execute(self._cluster(), spec, handler.handle))[0]

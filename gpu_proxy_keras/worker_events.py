@@ -64,6 +64,19 @@ def _forwarder(hook: str) -> Any:
     return forward
 
 
+class WorkerBatchEventCallback(WorkerEventCallback):
+    """Also forwards every batch's end: only when home draws a progress bar or a home callback has a
+    batch hook. Keras makes every step wait for its logs while any callback has a batch-end hook
+    (no async dispatch), which costs a realistic run seconds (see docs/performance-keras.md)."""
+
+
+_BATCH_HOOKS = ("on_train_batch_end", "on_test_batch_end", "on_predict_batch_end")
+
 for _hook in _FORWARDED:
     if _hook != "on_epoch_end":
-        setattr(WorkerEventCallback, _hook, _forwarder(_hook))
+        owner = WorkerBatchEventCallback if _hook in _BATCH_HOOKS else WorkerEventCallback
+        setattr(owner, _hook, _forwarder(_hook))
+
+
+def for_job(ctx: Any, batch_events: bool) -> WorkerEventCallback:
+    return WorkerBatchEventCallback(ctx) if batch_events else WorkerEventCallback(ctx)

@@ -7,7 +7,6 @@ objects) travel as bytes inside the job and are unpickled only once the backend 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ class KerasJob:
     model_archive: bytes  # the model's .keras archive: architecture, weights, compile, optimizer state
     user_objects: bytes  # cloudpickled {"custom_objects", "callbacks", "data", "kwargs"}
     checkpoint: dict[str, Any] | None = None  # EpochCheckpoint's arguments (rank 0), see epoch_checkpoint.py
+    batch_events: bool = True  # forward every batch's end home (progress bar, home batch hooks)
 
     def __call__(self, ctx: Any) -> Any:
         multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow"
@@ -49,19 +49,25 @@ class KerasJob:
         import keras
 
         from gpu_proxy_keras import trained_state, worker_callbacks
-        from gpu_proxy_keras.worker_events import WorkerEventCallback
+        from gpu_proxy_keras import worker_events
 
         user = cloudpickle.loads(self.user_objects)
         strategy = distribution.tensorflow_strategy(ctx.world_size) if self.backend == "tensorflow" else None
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            model = _load_model(self.model_archive, user["custom_objects"])
+        if strategy is not None:
+            with strategy.scope():
+                model = _load_model(self.model_archive, user["custom_objects"])
+        else:
+            from gpu_proxy_keras import model_cache
+
+            model = model_cache.load(self.model_archive, user["custom_objects"],
+                                     lambda archive: _load_model(archive, user["custom_objects"]))
         callbacks = worker_callbacks.for_rank(user["callbacks"], ctx.rank)
         if self.checkpoint is not None and ctx.rank == 0:
             from gpu_proxy_keras.epoch_checkpoint import EpochCheckpoint
 
             # Before the event callback: an epoch home has heard of is already committed.
             callbacks.append(EpochCheckpoint(**self.checkpoint))
-        callbacks.append(WorkerEventCallback(ctx))
+        callbacks.append(worker_events.for_job(ctx, self.batch_events))
         data = {name: _materialise(value) for name, value in user["data"].items()}
         kwargs = dict(user["kwargs"], **data, verbose=0, callbacks=callbacks)
         with keras.saving.custom_object_scope(user["custom_objects"]):
