@@ -99,12 +99,18 @@ def collecting() -> Iterator[dict[str, str]]:
             previous.update(found)
 
 
-@contextlib.contextmanager
-def installed(secrets: dict[str, str]) -> Iterator[None]:
-    """Make a run's secrets resolvable in this (worker) process for the block; forget them after."""
+def install(secrets: dict[str, str]) -> dict[str, str]:
+    """Make a run's secrets resolvable in this process; returns those that were new here."""
     with _known_lock:
         added = {ref: value for ref, value in secrets.items() if ref not in _known}
         _known.update(added)
+    return added
+
+
+@contextlib.contextmanager
+def installed(secrets: dict[str, str]) -> Iterator[None]:
+    """Make a run's secrets resolvable in this (worker) process for the block; forget them after."""
+    added = install(secrets)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ closes, and the child exits: no orphan keeps a port or a GPU.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 import cloudpickle
 
 from gpu_proxy import shipping
+from gpu_proxy.secrets import install
 
 STOP_POLL_S = 0.2
 
@@ -54,13 +56,19 @@ _CONTEXT_FIELDS = ("rank", "local_rank", "node_rank", "world_size", "num_nodes",
 def run_in_fresh_process(job: Any, ctx: Any, env: dict[str, str]) -> Any:
     """Call ``job.run_here(child_ctx)`` in a new Python process; return its result or raise its error."""
     fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
+    secrets: dict[str, str] = {}
     with tempfile.NamedTemporaryFile(prefix="gpu-proxy-keras-", suffix=".pkl", delete=False) as file:
-        file.write(cloudpickle.dumps((job, fields)))
+        file.write(shipping.dumps((job, fields), what="the Keras job", secrets=secrets))
+    job_path = file.name
+    # The run's credentials go beside the pickle, in a file only this user reads; the child deletes it.
+    with tempfile.NamedTemporaryFile("w", prefix="gpu-proxy-keras-", suffix=".json", delete=False) as file:
+        json.dump(secrets, file)
+    secrets_path = file.name
     read_end, write_end = os.pipe()
     child_env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", "gpu_proxy_keras.fresh_process", file.name, str(write_end)],
+            [sys.executable, "-m", "gpu_proxy_keras.fresh_process", job_path, str(write_end), secrets_path],
             stdin=subprocess.PIPE, env=child_env, pass_fds=(write_end,))
         os.close(write_end)
         watcher = threading.Thread(target=_forward_stop, args=(ctx, child), daemon=True)
@@ -69,7 +77,9 @@ def run_in_fresh_process(job: Any, ctx: Any, env: dict[str, str]) -> Any:
         child.stdin.close()
         code = child.wait()
     finally:
-        os.unlink(file.name)
+        for path in (job_path, secrets_path):
+            if os.path.exists(path):
+                os.unlink(path)
     if outcome is None:
         raise RuntimeError(f"rank {ctx.rank}'s training process exited with code {code} before "
                            "reporting a result (see its output above)")
@@ -112,7 +122,11 @@ def _watch_stdin(ctx: ChildContext) -> None:
     os._exit(3)  # stdin closed: the parent is gone (or done with us); never outlive it
 
 
-def _main(job_file: str, fd: int) -> None:
+def _main(job_file: str, fd: int, secrets_file: str) -> None:
+    with open(secrets_file) as file:
+        secrets = json.load(file)
+    os.unlink(secrets_file)
+    install(secrets)  # for this whole process: the job unpickles its nested parts later
     with open(job_file, "rb") as file:
         job, fields = cloudpickle.loads(file.read())
     pipe = os.fdopen(fd, "wb")
@@ -131,4 +145,4 @@ def _main(job_file: str, fd: int) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]))
+    _main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -18,6 +18,7 @@ from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
+from gpu_proxy.secrets import conceal
 from gpu_proxy_keras import arguments, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
@@ -50,7 +51,7 @@ class RemoteFit:
         self.use_gpu = use_gpu
         self.resources_per_worker = resources_per_worker
         self.home_callbacks = list(home_callbacks or [])
-        self.storage_options = storage_options
+        self.storage_options = conceal(dict(storage_options)) if storage_options else None  # gpu_proxy.secrets
         self._resolved_cluster: Cluster | None = None
 
     # ----- Keras' methods ------------------------------------------------------------------------
@@ -152,7 +153,8 @@ class RemoteFit:
         job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
                        user_objects=user_objects, checkpoint=checkpoint,
                        batch_events=handler.wants_batches)
-        spec = RunSpec(payload=shipping.dumps(job), num_workers=num_workers,
+        secrets: dict[str, str] = {}
+        spec = RunSpec(payload=shipping.dumps(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}")
         return values(execute(self._cluster(), spec, handler.handle))[0]
 
