@@ -225,7 +225,7 @@ class RunPodClient:
     def __init__(self, api_key: str | None = None, *, base_url: str | None = None, timeout_s: float = 30.0,
                  max_retries: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        self.__key = _Secret(load_api_key(api_key))
+        self.__key = APIKey(load_api_key(api_key))
         self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
         if not self.base_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
             raise ConfigurationError(f"base_url={self.base_url!r}: RunPod's API must be reached over https "
@@ -395,8 +395,8 @@ class RunPodClient:
                    else "No GPU type has that many available: try fewer GPUs per node, or later."))
 
 
-class _Secret:
-    """Holds the key so that printing the client's attributes (a debugger, vars()) shows no secret."""
+class APIKey:
+    """Holds the key so that printing an object's attributes (a debugger, vars()) shows no secret."""
 
     __slots__ = ("value",)
 

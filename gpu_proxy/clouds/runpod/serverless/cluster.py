@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from gpu_proxy.clouds.runpod.serverless import wire
-from gpu_proxy.clouds.runpod.serverless.endpoint_api import EndpointAPI, _Secret
+from gpu_proxy.clouds.runpod.client import APIKey
+from gpu_proxy.clouds.runpod.serverless.endpoint_api import EndpointAPI
 from gpu_proxy.clouds.runpod.serverless.run import ServerlessRun
 from gpu_proxy.clusters.base import Cluster, Endpoint
 from gpu_proxy.errors import ClusterResourceError, ConfigurationError
@@ -53,7 +54,7 @@ class RunPodServerless(Cluster):
         self.result_inline_max = result_inline_max
         self.max_request_bytes = max_request_bytes
         self.poll_s = poll_s
-        self._api_key = _Secret(api_key) if api_key else None  # shows as <RunPod API key>
+        self._api_key = APIKey(api_key) if api_key else None  # shows as <RunPod API key>
         self._api: EndpointAPI | None = EndpointAPI(endpoint_id, api_key, base_url=base_url)  # checks id, key, URL
         self._health: dict[str, Any] | None = None
 

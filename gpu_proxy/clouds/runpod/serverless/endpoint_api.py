@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import requests
 
-from gpu_proxy.clouds.runpod.client import (RunPodAuthError, RunPodError, RunPodNotFoundError,
+from gpu_proxy.clouds.runpod.client import (APIKey, RunPodAuthError, RunPodError, RunPodNotFoundError,
                                             RunPodRateLimitError, RunPodUnavailableError, load_api_key)
 from gpu_proxy.errors import ConfigurationError
 
@@ -35,21 +35,6 @@ def endpoint_base_url(base_url: str | None = None) -> str:
     return url
 
 
-class _Secret:
-    """Holds the key so that printing the object's attributes (a debugger, vars()) shows no secret."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<RunPod API key>"
-
-    def __reduce__(self):
-        raise TypeError("the RunPod API key cannot be pickled")
-
-
 class EndpointAPI:
     """The job API of the serverless endpoint ``endpoint_id``."""
 
@@ -61,7 +46,7 @@ class EndpointAPI:
                                      "console shows it (Serverless > your endpoint), e.g. 'abc123xyz'.")
         self.endpoint_id = endpoint_id
         self.base_url = endpoint_base_url(base_url)
-        self.__key = _Secret(load_api_key(api_key))
+        self.__key = APIKey(load_api_key(api_key))
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
