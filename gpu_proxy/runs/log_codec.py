@@ -17,28 +17,28 @@ PART_MARKER = "@@gpu-proxy-part@@ "
 MAX_LINE = 512 * 1024
 
 
-def _encode_value(value: Any) -> Any:
+def encode_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"__bytes__": base64.b64encode(value).decode("ascii")}
     if isinstance(value, dict):
-        return {k: _encode_value(v) for k, v in value.items()}
+        return {k: encode_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_encode_value(v) for v in value]
+        return [encode_value(v) for v in value]
     return value
 
 
-def _decode_value(value: Any) -> Any:
+def decode_value(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"__bytes__"}:
             return base64.b64decode(value["__bytes__"])
-        return {k: _decode_value(v) for k, v in value.items()}
+        return {k: decode_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode_value(v) for v in value]
+        return [decode_value(v) for v in value]
     return value
 
 
 def encode(event: Event) -> list[str]:
-    text = json.dumps(_encode_value(event.to_dict()), separators=(",", ":"))
+    text = json.dumps(encode_value(event.to_dict()), separators=(",", ":"))
     if len(text) <= MAX_LINE:
         return [MARKER + text]
     parts = [text[i:i + MAX_LINE] for i in range(0, len(text), MAX_LINE)]
@@ -54,7 +54,7 @@ class Decoder:
     def feed(self, line: str) -> Iterator[Event]:
         line = line.rstrip("\n")
         if line.startswith(MARKER):
-            yield Event.from_dict(_decode_value(json.loads(line[len(MARKER):])))
+            yield Event.from_dict(decode_value(json.loads(line[len(MARKER):])))
         elif line.startswith(PART_MARKER):
             index, total, part = line[len(PART_MARKER):].split(" ", 2)
             if int(index) == 0:
@@ -62,4 +62,4 @@ class Decoder:
             self._parts.append(part)
             if int(index) == int(total) - 1 and len(self._parts) == int(total):
                 text, self._parts = "".join(self._parts), []
-                yield Event.from_dict(_decode_value(json.loads(text)))
+                yield Event.from_dict(decode_value(json.loads(text)))

@@ -16,6 +16,7 @@ import pickle
 from typing import Any, Mapping
 
 from gpu_proxy.events import Event
+from gpu_proxy.runs.log_codec import decode_value, encode_value  # JSON with bytes, as in job logs
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.secrets import is_secret_name
 
@@ -24,26 +25,6 @@ PROTOCOL = 1
 MAX_REQUEST_BYTES = 9_500_000
 #: A result larger than this goes to storage (when the run has some) instead of the stream.
 DEFAULT_RESULT_INLINE_MAX = 8_000_000
-
-
-def encode_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"__bytes__": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, dict):
-        return {k: encode_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_value(v) for v in value]
-    return value
-
-
-def decode_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__bytes__"}:
-            return base64.b64decode(value["__bytes__"])
-        return {k: decode_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_value(v) for v in value]
-    return value
 
 
 def encode_event(event: Event) -> dict[str, Any]:
