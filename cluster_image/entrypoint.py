@@ -12,15 +12,22 @@ Configuration comes from environment variables (the way RunPod and Docker pass i
                             Cluster, ``$NODE_ADDR`` or the address that reaches ``$MASTER_ADDR``
 ``HEAD_ADDRESS``            worker only: ``<head private IP or private DNS name>:<GCS port>``;
                             a ``*.runpod.internal`` name is resolved here (Ray gets the IP)
-``NODE_RANK``, ``MASTER_ADDR``  set by RunPod in an Instant Cluster: without ``ROLE``, rank 0 is
-                            the head and the others join ``$MASTER_ADDR:<GCS port>``; NCCL is
-                            pointed at the cluster's ``ens*`` interfaces (``NCCL_SOCKET_IFNAME``)
+``NODE_RANK``, ``MASTER_ADDR``  set by RunPod in an Instant Cluster (with ``NODE_ADDR``,
+                            ``NUM_NODES``, ...): without ``ROLE``, rank 0 is the head and the
+                            others join ``$MASTER_ADDR:<GCS port>``; NCCL is pointed at the
+                            cluster's ``ens*`` interfaces (``NCCL_SOCKET_IFNAME``). Every node gets
+                            the same env there, so ``RAY_TEMP_DIR`` becomes ``<it>/r<NODE_RANK>``
+                            and ranks above 0 take ``WORKER_<NAME>_PORT`` over ``<NAME>_PORT``
+                            when given (several nodes on one machine: tests). Idle, a member ends
+                            its whole cluster (``DELETE /v2/clusters/{id}``: RunPod refuses to
+                            terminate one member through the pod endpoints)
 ``IDLE_TIMEOUT_S``          end this pod (RunPod REST v2, with the pod-scoped ``RUNPOD_API_KEY``
                             RunPod injects) after this long with no Ray Job and no home
                             heartbeat; ``600``, ``10m``, ``1h``. See ``idle_watch.py``
 ``GPU_PROXY_TEST_INTERNAL_IP``  TEST ONLY (RunPod never sets it): the address every
-                            ``*.runpod.internal`` name resolves to; the tests' fake RunPod, whose
-                            pods are processes on one machine, sets it to that machine's address
+                            ``*.runpod.internal`` name and every Instant Cluster address
+                            (``MASTER_ADDR``, ``NODE_ADDR``) stands for; the tests' fake RunPod,
+                            whose pods are processes on one machine, sets it to that machine's address
 ``RAY_TOKEN_FILE``          the Ray auth token's file (default ``/run/gpu-proxy/ray_token``),
                             mode 0600. It may arrive after start (copied in over SSH): the
                             entrypoint waits ``RAY_TOKEN_WAIT_S`` seconds (default 900) for it.
@@ -161,10 +168,19 @@ def read_config(env: Mapping[str, str]) -> NodeConfig:
     role = env.get("ROLE", "").strip().lower()
     instant = not role and env.get("NODE_RANK", "").strip().isdigit() and env.get("MASTER_ADDR", "").strip()
     if instant:  # RunPod's Instant Cluster: rank 0 is the head, every node learns its address
-        role = "head" if int(env["NODE_RANK"]) == 0 else "worker"
+        rank = int(env["NODE_RANK"])
+        role = "head" if rank == 0 else "worker"
         env = {**env, "PRIVATE_IP": env.get("PRIVATE_IP") or "auto"}
+        if env.get("RAY_TEMP_DIR", "").strip():  # one env for every node: one folder per node
+            env["RAY_TEMP_DIR"] = f"{env['RAY_TEMP_DIR'].strip().rstrip('/')}/r{rank}"
+        if role == "worker":
+            for variable in RayPorts.environment_names().values():
+                if env.get("WORKER_" + variable, "").strip():
+                    env[variable] = env["WORKER_" + variable]
         if role == "worker" and not env.get("HEAD_ADDRESS"):
-            env["HEAD_ADDRESS"] = f"{env['MASTER_ADDR'].strip()}:{env.get('GCS_PORT', '').strip() or 6379}"
+            # The test seam stands for every cluster address (all fake pods are on one machine).
+            master = env.get(TEST_INTERNAL_IP_ENV, "").strip() or env["MASTER_ADDR"].strip()
+            env["HEAD_ADDRESS"] = f"{master}:{env.get('GCS_PORT', '').strip() or 6379}"
     if role not in ("head", "worker"):
         problems.append(f"ROLE={env.get('ROLE')!r}: set ROLE=head or ROLE=worker.")
     private_ip = env.get("PRIVATE_IP", "").strip() or ("127.0.0.1" if role == "head" else "")
@@ -332,10 +348,65 @@ def _end(process: subprocess.Popen | None) -> None:
             process.kill()
 
 
-def _private_environment(env: Mapping[str, str]) -> PodSelf | None:
+class ClusterMemberSelf:
+    """A member of a RunPod Instant Cluster, ending itself: RunPod refuses (409) to terminate or stop a
+    member pod through the pod endpoints, so it reads its own pod (``cluster.id``) and deletes the whole
+    cluster, with the same pod-scoped key. Whether RunPod lets a pod-scoped key delete its own cluster
+    is not documented: if it refuses, the caller stops Ray and says that billing continues."""
+
+    def __init__(self, pod: PodSelf) -> None:
+        self.pod = pod
+
+    def __repr__(self) -> str:
+        return f"ClusterMemberSelf({self.pod.pod_id!r})"
+
+    def _call(self, method: str, path: str) -> tuple[int, dict]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.pod.base_url + path, method=method, headers={
+            "Authorization": f"Bearer {self.pod._key}", "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                raw = answer.read()
+                return answer.status, (json.loads(raw) if raw.strip() else {})
+        except urllib.error.HTTPError as error:
+            return error.code, {}
+
+    def end(self, say, attempts: int = 5) -> bool:
+        pod_id = self.pod.pod_id
+        for attempt in range(attempts):
+            try:
+                status, data = self._call("GET", f"/v2/pods/{pod_id}")
+                if status == 404:
+                    say(f"pod {pod_id} is already gone")
+                    return True
+                cluster_id = (data.get("cluster") or {}).get("id") if status == 200 else None
+                if status == 200 and not cluster_id:
+                    return self.pod.end(say, attempts)  # not a cluster member after all
+                if cluster_id:
+                    status, _ = self._call("DELETE", f"/v2/clusters/{cluster_id}")
+                    if status in (200, 204, 404):
+                        say(f"pod {pod_id} deleted its Instant Cluster {cluster_id} ({status}): all its pods end")
+                        return True
+                    if status in (401, 403):
+                        say(f"RunPod answered {status}: this pod's key may not delete its Instant Cluster "
+                            f"{cluster_id}")
+                        return False
+                say(f"RunPod answered {status} when pod {pod_id} tried to end its Instant Cluster")
+            except OSError as error:  # urllib's URLError is an OSError
+                say(f"could not reach RunPod to end the Instant Cluster of pod {pod_id}: {error}")
+            time.sleep(min(30, 2 ** attempt))
+        return False
+
+
+def _private_environment(env: Mapping[str, str]) -> "PodSelf | ClusterMemberSelf | None":
     """Take RunPod's pod-scoped key out of the environment Ray and the user's code inherit; keep it
     in memory for the idle watcher only. Point NCCL at an Instant Cluster's ``ens*`` interfaces."""
     pod = pod_self_from_env(dict(env))
+    if pod is not None and env.get("MASTER_ADDR") and env.get("NODE_RANK"):
+        pod = ClusterMemberSelf(pod)
     if env is os.environ:
         os.environ.pop("RUNPOD_API_KEY", None)
         if os.environ.get("MASTER_ADDR") and os.environ.get("NODE_RANK"):
@@ -343,7 +414,7 @@ def _private_environment(env: Mapping[str, str]) -> PodSelf | None:
     return pod
 
 
-def _end_self(pod: PodSelf | None, stop: "_Stop") -> None:
+def _end_self(pod: "PodSelf | ClusterMemberSelf | None", stop: "_Stop") -> None:
     if pod is None:
         say("idle: not on a RunPod pod (no RUNPOD_POD_ID/RUNPOD_API_KEY); stopping Ray and exiting instead")
         stop.requested = True
@@ -354,7 +425,7 @@ def _end_self(pod: PodSelf | None, stop: "_Stop") -> None:
         stop.requested = True
 
 
-def _watch_idle(config: NodeConfig, pod: PodSelf | None, stop: "_Stop") -> IdleWatch | None:
+def _watch_idle(config: NodeConfig, pod: "PodSelf | ClusterMemberSelf | None", stop: "_Stop") -> IdleWatch | None:
     spec = config.node
     if config.idle_timeout_s is None or spec.role != "head":
         return None

@@ -105,3 +105,31 @@ def test_up_keeps_and_saves_the_pods_for_status_dashboard_runs_and_down(fake, tm
     assert "pods" not in json.loads((config / "clusters.json").read_text())
     fake.settle()
     assert not fake.runtime.alive(type("Gone", (), {"id": pod_id})())  # its container is gone too
+
+
+@pytest.mark.timeout(300)
+def test_up_instant_cluster_saves_the_cluster_id_and_down_deletes_the_cluster(fake, tmp_path):
+    from tests.fakes.runpod_api import machine_address
+
+    if machine_address() is None:
+        pytest.skip("this machine has no non-loopback address for the cluster's private network")
+    config = tmp_path / "config"
+    env = _env(fake, str(config))
+    up = cli("up", "runpod", "--gpu", "RTX A4000", "--nodes", "2", "--instant-cluster", "--free-ports", "--yes",
+             "--name", "ic", env=env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "cluster 'ic' is up: 2 pod(s), 4 CPUs, 2 GPUs, $0.50/hour" in up.stdout
+    definition = json.loads((config / "clusters.json").read_text())["ic"]
+    cluster_id = definition["cluster_id"]
+    assert definition["kind"] == "runpod" and cluster_id in fake.clusters  # kept after `up` exited
+    assert definition["pod_ids"] == fake.clusters[cluster_id].pod_ids  # head (rank 0) first
+    try:
+        status = cli("status", "ic", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        row = next(line for line in status.stdout.splitlines() if line.startswith("ic"))
+        assert " up " in row and "$0.50/h)" in row  # the meter reads both member pods
+    finally:
+        down = cli("down", "ic", env=env)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert fake.deleted_clusters[-1] == cluster_id and fake.live_clusters() == [] and fake.live_pods() == []
+    assert "ic" not in json.loads((config / "clusters.json").read_text())

@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from gpu_proxy.clouds.runpod import (CreatePodRequest, RunPodAuthError, RunPodCapacityError, RunPodClient,
+from gpu_proxy.clouds.runpod.client import CreateClusterRequest
+from gpu_proxy.clouds.runpod import (CreatePodRequest, RunPodAuthError, RunPodCapacityError, RunPodClient, RunPodError,
                                      RunPodNotFoundError, RunPodRateLimitError, RunPodUnavailableError, estimate_cost,
                                      load_api_key, resolve_gpu)
 from gpu_proxy.errors import ConfigurationError
@@ -31,6 +32,8 @@ def client(fake):
     client = RunPodClient(fake.api_key, base_url=fake.url, timeout_s=5, max_retries=3, sleep=sleeps.append)
     client.sleeps = sleeps  # type: ignore[attr-defined]
     yield client
+    for cluster in fake.live_clusters():
+        client.delete_cluster(cluster.id)
     for pod in fake.live_pods():
         client.terminate_pod(pod.id)
 
@@ -190,3 +193,138 @@ def test_the_fake_refuses_and_records_a_request_that_breaks_the_contract(fake):
     assert answer.status_code == 422 and answer.json()["errors"]
     assert len(fake.violations) > before
     del fake.violations[before:]  # the module's final check is about the client's requests
+
+
+# ---- Instant Clusters and billing ------------------------------------------------------------------------
+
+def _wait_cluster_running(client: RunPodClient, cluster_id: str, timeout_s: float = 10) -> list:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pods = client.cluster_pods(cluster_id)
+        if pods and all(pod.status == "RUNNING" and pod.cluster_rank is not None for pod in pods):
+            return pods
+        assert time.monotonic() < deadline, "cluster never RUNNING"
+        time.sleep(0.05)
+
+
+def test_an_instant_cluster_is_created_read_and_deleted_as_a_whole(client, fake):
+    cluster = client.create_cluster(CreateClusterRequest("gp-test-ic", "img:1", "NVIDIA RTX A4000", 2, 3,
+                                                         env={"PUBLIC_KEY": "ssh-ed25519 AAAA x"}))
+    assert (cluster.pod_count, cluster.gpus_per_pod, cluster.type, cluster.pods_total) == (3, 2, "TRAINING", 3)
+    assert cluster.data_center_id == "US-TX-3"  # one data centre, with stock for all 3 x 2 GPUs
+    early = client.cluster_pods(cluster.id)
+    assert len(early) == 3 and all(pod.cluster_id == cluster.id for pod in early)
+    pods = _wait_cluster_running(client, cluster.id)
+    assert [pod.cluster_rank for pod in pods] == [0, 1, 2]  # rank order, the primary first
+    assert all(pod.ssh_direct and pod.raw["env"] == {"PUBLIC_KEY": "ssh-ed25519 AAAA x"} for pod in pods)
+    read = client.get_cluster(cluster.id)
+    assert read.primary_pod_id == pods[0].id and read.pods_by_status == {"RUNNING": 3}
+    assert read.primary_ssh == f"{pods[0].ssh_direct.host}:{pods[0].ssh_direct.port}"
+    assert client.find_cluster("gp-test-ic").id == cluster.id and client.list_pods() == []  # members hidden
+    assert len(client.list_pods(include_cluster_pods=True)) == 3
+    with pytest.raises(RunPodError, match="delete the cluster instead") as refused:
+        client.terminate_pod(pods[1].id)  # RunPod: members cannot be deleted through the pod endpoints
+    assert refused.value.status == 409
+    client.delete_cluster(cluster.id)
+    client.delete_cluster(cluster.id)  # already gone: fine
+    assert fake.live_pods() == [] and fake.live_clusters() == [] and set(fake.terminated) >= {p.id for p in pods}
+    with pytest.raises(RunPodNotFoundError):
+        client.get_cluster(cluster.id)
+    assert client.list_clusters() == []
+
+
+def test_a_cluster_create_that_timed_out_is_not_bought_twice(fake):
+    client = RunPodClient(fake.api_key, base_url=fake.url, timeout_s=0.5, sleep=lambda s: None)
+    before = len(fake.requests)
+    fake.slow_next(1.5, path_prefix="/v2/clusters")  # RunPod makes the cluster, the answer comes too late
+    cluster = client.create_cluster(CreateClusterRequest("gp-test-ic-once", "img:1", "NVIDIA RTX A4000", 1, 2))
+    time.sleep(1.2)
+    assert [c.name for c in fake.live_clusters()] == ["gp-test-ic-once"] and len(fake.live_pods()) == 2
+    assert cluster.id == fake.live_clusters()[0].id
+    assert [path for method, path, _ in fake.requests[before:] if method == "POST"] == ["/v2/clusters"]
+    client.delete_cluster(cluster.id)
+    assert fake.live_pods() == []
+
+
+def test_a_cluster_without_capacity_says_where_the_gpus_are(client, fake):
+    with pytest.raises(RunPodCapacityError) as refused:  # 2 x 4 A4000 fit nowhere in one data centre
+        client.create_cluster(CreateClusterRequest("gp-test-ic-cap", "img:1", "NVIDIA RTX A4000", 4, 3))
+    assert "no capacity" in str(refused.value) and "NVIDIA RTX A4000" in str(refused.value)
+    assert fake.live_clusters() == [] and fake.live_pods() == []
+
+
+def test_the_fake_refuses_a_cluster_request_outside_the_contract(fake):
+    before = len(fake.violations)
+    body = {"name": "x", "type": "TRAINING", "image": "i", "cloud": "SECURE",  # clusters have no cloud
+            "compute": {"gpuTypeId": "NVIDIA RTX A4000", "gpuCountPerPod": 1, "podCount": 1}}  # and >= 2 pods
+    answer = requests.post(f"{fake.url}/v2/clusters", json=body, headers={"Authorization": f"Bearer {fake.api_key}"},
+                           timeout=10)
+    assert answer.status_code == 422 and len(answer.json()["errors"]) >= 2
+    assert fake.live_clusters() == []
+    del fake.violations[before:]  # the module's final check is about the client's requests
+
+
+def test_the_spend_summary_equals_what_runpod_billed(client, fake):
+    from datetime import datetime, timezone
+
+    began = datetime.now(timezone.utc)
+    pod = client.create_pod(CreatePodRequest("gp-test-bill", "img:1", "NVIDIA RTX A4000", 2))  # $0.50/h
+    cluster = client.create_cluster(CreateClusterRequest("gp-test-bill-ic", "img:1", "NVIDIA RTX A4000", 1, 2))
+    _wait_cluster_running(client, cluster.id)
+    time.sleep(0.5)
+    client.stop_pod(pod.id)  # billing stops with the pod's compute
+    time.sleep(0.3)
+    stopped_bill = fake.billed_usd(pod_id=pod.id)
+    client.terminate_pod(pod.id)
+    client.delete_cluster(cluster.id)
+    assert fake.billed_usd(pod_id=pod.id) == pytest.approx(stopped_bill)  # nothing billed while stopped
+    pod_bill, cluster_bill = fake.billed_usd(pod_id=pod.id), fake.billed_usd(cluster_id=cluster.id)
+    assert pod_bill > 0 and cluster_bill > 0
+    summary = client.spend(began, pod_ids=[pod.id], cluster_ids=[cluster.id])
+    assert summary.pods_usd == pytest.approx(pod_bill, abs=1e-5)  # the members bill as the cluster only
+    assert summary.clusters_usd == pytest.approx(cluster_bill, abs=1e-5)
+    assert set(summary.by_resource) == {pod.id, cluster.id} and "Instant Clusters $" in str(summary)
+    assert summary.total_usd == pytest.approx(pod_bill + cluster_bill, abs=1e-5)
+    everything = client.spend(began)  # every pod and cluster of the account in the window (RunPod snaps it out)
+    assert everything.pods_usd >= summary.pods_usd - 1e-5 and everything.by_resource[cluster.id] == summary.clusters_usd
+    only = client.spend(began, cluster_ids=[cluster.id], pod_ids=[])
+    assert only.pods_usd == 0 and set(only.by_resource) == {cluster.id}
+    report = client.cluster_billing(last_n=1, cluster_id=cluster.id)
+    assert report.bucket_size == "hour" and report.start.endswith(":00:00Z") and report.end > report.start
+    assert report.total_usd == pytest.approx(cluster_bill, abs=1e-5)
+    assert {record.resource_id for record in report.records} == {cluster.id}
+    with pytest.raises(ConfigurationError, match="not both"):
+        client.pod_billing(start=began, last_n=2)
+    with pytest.raises(ConfigurationError, match="bucket_size"):
+        client.pod_billing(bucket_size="minute")
+
+
+def test_an_idle_cluster_member_deletes_its_whole_cluster_with_its_pod_scoped_key(client, fake):
+    """The node's idle watcher in an Instant Cluster (entrypoint.py): RunPod refuses to terminate a member
+    pod, so the member reads its own pod with RunPod's pod-scoped key and deletes its cluster."""
+    import sys
+
+    sys.path.insert(0, "cluster_image")
+    try:
+        import entrypoint
+    finally:
+        sys.path.remove("cluster_image")
+    cluster = client.create_cluster(CreateClusterRequest("gp-test-ic-idle", "img:1", "NVIDIA RTX A4000", 1, 2))
+    worker = _wait_cluster_running(client, cluster.id)[1]
+    member = fake.pods[worker.id]
+    env = {"RUNPOD_POD_ID": worker.id, "RUNPOD_API_KEY": member.scoped_key, "RUNPOD_REST_URL": fake.url,
+           **member.cluster_env}
+    me = entrypoint._private_environment(env)
+    assert isinstance(me, entrypoint.ClusterMemberSelf) and member.scoped_key not in repr(me)
+    said: list[str] = []
+    assert me.end(said.append) is True
+    assert fake.cluster_deleted_by[cluster.id] == "pod key" and fake.live_pods() == []
+    assert f"deleted its Instant Cluster {cluster.id}" in said[-1]
+    other = client.create_cluster(CreateClusterRequest("gp-test-ic-other", "img:1", "NVIDIA RTX A4000", 1, 2))
+    headers = {"Authorization": f"Bearer {member.scoped_key}"}  # a gone pod's key: nothing
+    assert requests.delete(f"{fake.url}/v2/clusters/{other.id}", headers=headers, timeout=10).status_code == 401
+    key = fake.pods[_wait_cluster_running(client, other.id)[0].id].scoped_key
+    third = client.create_cluster(CreateClusterRequest("gp-test-ic-third", "img:1", "NVIDIA RTX A4000", 1, 2))
+    assert requests.delete(f"{fake.url}/v2/clusters/{third.id}", headers={"Authorization": f"Bearer {key}"},
+                           timeout=10).status_code == 403  # another cluster: refused
+    assert {c.id for c in fake.live_clusters()} == {other.id, third.id}

@@ -61,7 +61,7 @@ def test_bad_input_is_refused_before_any_pod_is_created(fake, options, words):
 
 @pytest.mark.parametrize("options, words", [
     (dict(nodes=1, instant_cluster=True), ["needs nodes >= 2"]),
-    (dict(nodes=2, instant_cluster=True), ["not available in this version", "global networking"]),
+    (dict(nodes=2, instant_cluster=True, cloud="COMMUNITY"), ["secure cloud only"]),
     (dict(idle_timeout="soon"), ["positive duration", "10m"]),
     (dict(idle_timeout=0), ["positive duration"]),
     (dict(image=None), ["No node image", "GPU_PROXY_RUNPOD_IMAGE"]),
@@ -334,3 +334,121 @@ def test_two_pods_with_global_networking_form_one_ray_cluster_and_train(fake, tm
         assert [(r["num_nodes"], r["node_rank"]) for r in records] == [(2, 0), (2, 1)]
     assert {head_id, worker_id} <= set(fake.terminated)
     assert not any(pod.id in (head_id, worker_id) for pod in fake.live_pods())
+
+
+@pytest.mark.timeout(240)
+def test_an_instant_cluster_of_two_nodes_is_one_ray_cluster_runs_and_is_deleted_as_a_whole(fake, runtime):
+    """instant_cluster=True: one POST /v2/clusters; RunPod's NODE_RANK/MASTER_ADDR make rank 0 the head and
+    the other node join it (overlay addresses stand for this machine through the fake's test-only seam);
+    only 22/tcp, the token over SSH; the meter counts both pods; a run places one rank per node; stop
+    deletes the cluster (zero pods, zero clusters, zero processes); RunPod's billing equals what it billed."""
+    from datetime import datetime, timezone
+
+    from gpu_proxy import events, shipping
+    from gpu_proxy.clusters.ray_node import alive_nodes
+    from gpu_proxy.runs import RunSpec
+    from gpu_proxy.runs.control import RunControl
+    from tests.fakes.runpod_api import machine_address
+
+    if machine_address() is None:
+        pytest.skip("this machine has no non-loopback address for the cluster's private network")
+    lines: list[str] = []
+    began = datetime.now(timezone.utc)
+    before = len(fake.requests)
+    cluster = _cluster(fake, lines, gpus_per_node=1, nodes=2, instant_cluster=True,
+                       worker_ray_ports=RayPorts.free_on_this_machine())
+    with cluster:
+        cluster_id = cluster.cluster_id
+        head_id, worker_id = cluster.pod_ids
+        assert fake.clusters[cluster_id].pod_ids == [head_id, worker_id]  # rank order: the head is rank 0
+        posts = [path for method, path, _ in fake.requests[before:] if method == "POST"]
+        assert posts == ["/v2/clusters"] and fake.start_ssh_flags[-1] is False  # our own key, not the account's
+        head, worker = fake.pods[head_id], fake.pods[worker_id]
+        assert head.env == worker.env and "ROLE" not in head.env and "HEAD_ADDRESS" not in head.env
+        assert head.ports == worker.ports == ["22/tcp"] and head.env["PUBLIC_KEY"].startswith("ssh-ed25519 ")
+        assert worker.cluster_env["MASTER_ADDR"] == head.cluster_env["NODE_ADDR"] != worker.cluster_env["NODE_ADDR"]
+        token = cluster.endpoint().token
+        for value in head.env.values():  # RunPod echoes env back: no secret there
+            assert token not in value and fake.api_key not in value
+        endpoint = cluster.endpoint()
+        assert len(alive_nodes(endpoint.dashboard_url, endpoint.token)) == 2 and cluster.resources()["GPU"] == 2.0
+        text = "\n".join(lines)
+        for stage in (f"Instant Cluster {cluster_id} created", "rank 1", "Ray token delivered",
+                      "all 2 node(s) and 2 GPU(s) joined"):
+            assert stage in text, text
+        assert cluster.cost_per_hour() == pytest.approx(0.5)  # the meter reads both pods: 2 x 1 x $0.25
+
+        def where(ctx):
+            import os
+            return {"rank": ctx.rank, "pod_rank": os.environ.get("NODE_RANK"), "nccl": os.environ.get(
+                "NCCL_SOCKET_IFNAME"), "key": "RUNPOD_API_KEY" in os.environ}
+
+        seen: list = []
+        spec = RunSpec(shipping.dumps(where), num_workers=2, resources_per_worker={"CPU": 2})  # one per node
+        control = RunControl(seen.append, spec.name)
+        with cluster.running(control):
+            cluster._meter.tick()
+            outcomes = cluster.execute(spec, control)
+        control.finish()
+        values = sorted((shipping.loads(o["value"]) for o in outcomes), key=lambda v: v["rank"])
+        assert sorted(v["pod_rank"] for v in values) == ["0", "1"]  # each rank ran on its own pod
+        assert all(v["nccl"] == "ens" and v["key"] is False for v in values)
+        cost = next(event.data for event in seen if event.kind == events.COST)
+        assert cost["usd_per_hour"] == pytest.approx(0.5)
+        folders = [f"{runtime.folder}/{pod_id}" for pod_id in (head_id, worker_id)]
+        assert all(processes_mentioning(folder) for folder in folders)
+    assert fake.deleted_clusters[-1] == cluster_id and fake.cluster_deleted_by[cluster_id] == "account key"
+    assert cluster_id not in fake.clusters and {head_id, worker_id} <= set(fake.terminated)
+    assert not any(pod.cluster_id == cluster_id for pod in fake.live_pods())
+    assert not any(method == "DELETE" and path.startswith("/v2/pods/") for method, path, _ in fake.requests[before:])
+    assert f"deleted Instant Cluster {cluster_id}" in "\n".join(lines) and cluster.cluster_id is None
+    fake.settle()
+    assert all(processes_mentioning(folder) == [] for folder in folders)
+    billed = fake.billed_usd(cluster_id=cluster_id)
+    spend = cluster.client.spend(began, cluster_ids=[cluster_id], pod_ids=[])
+    assert billed > 0 and spend.clusters_usd == pytest.approx(billed, abs=1e-5) and spend.pods_usd == 0
+    assert spend.total_usd == pytest.approx(billed, abs=1e-5) and set(spend.by_resource) == {cluster_id}
+
+
+@pytest.mark.timeout(120)
+def test_an_instant_cluster_failing_to_start_is_deleted(fake):
+    """A member's container exits at once (no sshd): the wait fails fast and the whole cluster is deleted."""
+    from tests.fakes.runpod_api import machine_address
+
+    if machine_address() is None:
+        pytest.skip("this machine has no non-loopback address for the cluster's private network")
+    runtime = fake.runtime
+    saved = dict(runtime.extra_env)
+    runtime.extra_env.update({"SSHD_BIN": "/nonexistent/sshd"})
+    lines: list[str] = []
+    try:
+        cluster = _cluster(fake, lines, gpus_per_node=1, nodes=2, instant_cluster=True, ssh_timeout_s=20)
+        with pytest.raises(LaunchError, match="EXITED") as failed:
+            cluster.start()
+    finally:
+        runtime.extra_env.clear()
+        runtime.extra_env.update(saved)
+    assert "Instant Cluster" in str(failed.value)
+    (cluster_id,) = [line.split()[2] for line in lines if line.startswith("Instant Cluster ")]
+    assert fake.deleted_clusters[-1] == cluster_id and cluster_id not in fake.clusters
+    assert not any(pod.cluster_id == cluster_id for pod in fake.live_pods()) and cluster.pod_ids == []
+    assert f"deleted Instant Cluster {cluster_id}" in "\n".join(lines)
+
+
+def test_an_instant_cluster_whose_create_answer_never_came_is_found_and_deleted(fake):
+    """Every attempt at POST /v2/clusters timed out, yet RunPod made the cluster: the launch fails, and the
+    cluster is found by its unique name and deleted rather than left billing."""
+    import time
+
+    from gpu_proxy.clouds.runpod import RunPodClient, RunPodUnavailableError
+
+    lines: list[str] = []
+    cluster = _cluster(fake, lines, gpus_per_node=1, nodes=2, instant_cluster=True)
+    cluster._client = RunPodClient(fake.api_key, base_url=fake.url, timeout_s=0.5, max_retries=0)
+    fake.slow_next(1.5, path_prefix="/v2/clusters")
+    with pytest.raises(RunPodUnavailableError):
+        cluster.start()
+    time.sleep(1.2)  # the slow answer is sent (and ignored)
+    assert [c for c in fake.live_clusters() if c.name == cluster.name] == []
+    deleted = [line for line in lines if line.startswith("deleted Instant Cluster ")]
+    assert len(deleted) == 1 and deleted[0].split()[3] in fake.deleted_clusters

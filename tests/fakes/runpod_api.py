@@ -13,15 +13,28 @@ What it models:
   ``actions`` each status allows; ``cost`` per hour while not EXITED; ``env`` echoed back as RunPod does;
 * a catalog (GPU types, prices, per-cloud max counts) and data centres with stock per GPU type, so a
   create can fail for capacity (400, RunPod's wording) and availability can be read;
+* Instant Clusters (``/v2/clusters``): a create makes ``podCount`` pods in one data centre (stock
+  for all of them, or RunPod's 400), ranked once they start, each with the environment RunPod sets in
+  a cluster (``MASTER_ADDR``/``PRIMARY_ADDR``, ``MASTER_PORT``, ``NODE_ADDR``, ``NODE_RANK``,
+  ``NUM_NODES``, ``NUM_TRAINERS``, ``HOST_NODE_ADDR``, ``WORLD_SIZE``; not echoed in the pod's ``env``,
+  like ``RUNPOD_POD_ID``); members are hidden from ``GET /v2/pods`` unless ``includeClusterPods=true``
+  and refused (409) by the pod endpoints that change them; deleting the cluster terminates them;
+* billing (``/v2/billing/pods``, ``/v2/billing/clusters``): every pod bills ``cost`` per second from
+  creation until it stops or is terminated (segments recorded as the price or status changes); a
+  cluster's members bill as the cluster, not as pods; records per resource per bucket, RunPod's
+  window snapping, ``lastN``; :meth:`FakeRunPod.billed_usd` is the fake's own ledger for the tests;
 * a wrong API key (401), and injected failures (429 with ``Retry-After``, 5xx, slow answers);
 * RunPod's pod-scoped API key: each pod's container gets its own ``RUNPOD_API_KEY``, which the
   fake accepts for that pod's ``/v2/pods/{id}`` and ``/v2/pods/{id}/action`` only (403 elsewhere,
-  401 for any other pod), as RunPod documents it; ``terminated_by`` records who ended each pod.
+  401 for any other pod), as RunPod documents it; ``terminated_by`` records who ended each pod. A
+  cluster member's key may also delete its own cluster (an ASSUMPTION: RunPod documents pod-scoped
+  keys for pods only; see docs/runpod.md); ``cluster_deleted_by`` records who deleted each cluster.
 
 Test seams that RunPod itself never sets (documented in cluster_image/entrypoint.py):
 ``RUNPOD_REST_URL`` (the fake's address, so a pod's idle watcher reaches the fake) and, for pods
-with global networking, ``GPU_PROXY_TEST_INTERNAL_IP`` (``<podId>.runpod.internal`` resolves to this
-machine's own address, because every fake pod is a process on this one machine).
+with global networking or in an Instant Cluster, ``GPU_PROXY_TEST_INTERNAL_IP``
+(``<podId>.runpod.internal`` and the cluster's overlay addresses stand for this machine's own
+address, because every fake pod is a process on this one machine).
 
 Pods are pluggable: a :class:`PodRuntime` is called when a pod starts, stops and is terminated.
 :class:`NullRuntime` runs nothing (client tests); :class:`EntrypointRuntime` starts the real
@@ -42,7 +55,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -142,6 +155,40 @@ class FakePod:
     error: str | None = None
     rest_url: str = ""
     scoped_key: str = field(default_factory=lambda: "rpa_pod_" + secrets.token_hex(16), repr=False)
+    cluster_id: str | None = None  # Instant Cluster membership
+    cluster_rank: int | None = None  # assigned when the pod starts (null before, as RunPod documents)
+    cluster_ip: str | None = None
+    cluster_env: dict[str, str] = field(default_factory=dict, repr=False)  # what RunPod sets in a cluster member
+    # Billing ledger: [start, end or None, USD/hour] (wall-clock seconds); kept up to date by __setattr__.
+    segments: list[list] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rebill()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        tracked = name in ("price", "status") and "segments" in self.__dict__
+        object.__setattr__(self, name, value)
+        if tracked:
+            self._rebill()
+
+    def billing_rate(self) -> float:
+        return 0.0 if self.status in ("EXITED", "ERROR", "TERMINATED") else self.price
+
+    def _rebill(self) -> None:
+        now, rate = time.time(), self.billing_rate()
+        open_segment = self.segments[-1] if self.segments and self.segments[-1][1] is None else None
+        if open_segment is not None:
+            if open_segment[2] == rate:
+                return
+            open_segment[1] = now
+        if rate > 0:
+            self.segments.append([now, None, rate])
+
+    def billed(self, start: float = 0.0, end: float | None = None) -> float:
+        """USD this pod cost in [start, end) (end: now)."""
+        end = time.time() if end is None else end
+        return sum(rate * max(0.0, min(t1 if t1 is not None else end, end) - max(t0, start)) / 3600
+                   for t0, t1, rate in self.segments)
 
     ACTIONS = {"PROVISIONING": ["stop", "terminate"], "STARTING": ["stop", "terminate"],
                "RUNNING": ["stop", "restart", "terminate"], "EXITED": ["start", "terminate"],
@@ -168,6 +215,11 @@ class FakePod:
                        "cpu": {"util": 1}, "memory": {"util": 1},
                        "ports": [{"private": 22, "public": self.ssh_port, "type": "tcp", "ip": self.public_ip}]}
         networking: dict[str, Any] = {"enabled": self.global_networking}
+        member: dict[str, Any] | None = None
+        if self.cluster_id is not None:
+            member = {"id": self.cluster_id, "rank": self.cluster_rank}
+            if self.cluster_rank is not None and self.cluster_ip:
+                member["ip"] = self.cluster_ip
         if self.global_networking:
             networking.update(ip="10.65.0." + str(1 + int(self.id[-4:], 36) % 250), internalDns=self.internal_dns)
         return {
@@ -178,8 +230,43 @@ class FakePod:
             "ssh": {"proxy": proxy, "direct": direct}, "template": None,
             "cost": 0.0 if self.status in ("EXITED", "ERROR") else self.price, "locked": False,
             "globalNetworking": networking, "runtime": runtime, "createdAt": self.created_at,
-            "startedAt": self.started_at,
+            "startedAt": self.started_at, **({"cluster": member} if member else {}),
         }
+
+
+@dataclass
+class FakeCluster:
+    id: str
+    name: str
+    type: str
+    gpu_id: str
+    gpus_per_pod: int
+    pod_count: int
+    data_center: str
+    subnet: int  # the overlay network is 10.65.<subnet>.0/24
+    pod_ids: list[str] = field(default_factory=list)  # in rank order
+    created_at: str = field(default_factory=_now)
+
+    def address(self, rank: int) -> str:
+        return f"10.65.{self.subnet}.{rank + 2}"
+
+    def to_json(self, pods: Mapping[str, "FakePod"]) -> dict[str, Any]:
+        members = [pods[pod_id] for pod_id in self.pod_ids if pod_id in pods]
+        by_status: dict[str, int] = {}
+        for pod in members:
+            by_status[pod.status] = by_status.get(pod.status, 0) + 1
+        answer: dict[str, Any] = {
+            "id": self.id, "name": self.name, "type": self.type,
+            "compute": {"gpuTypeId": self.gpu_id, "gpuCountPerPod": self.gpus_per_pod, "podCount": self.pod_count},
+            "dataCenterId": self.data_center, "pods": {"total": len(members), "byStatus": by_status},
+            "network": {"cidr": f"10.65.{self.subnet}.0/24", "vxlanId": 100 + self.subnet, "vxlanPort": 4789},
+            "createdAt": self.created_at}
+        primary = next((pod for pod in members if pod.cluster_rank == 0), None)
+        if primary is not None:
+            answer["primary"] = {"podId": primary.id, "status": primary.status}
+            if primary.status == "RUNNING" and primary.ssh_port:
+                answer["primary"]["sshEndpoint"] = f"{primary.public_ip}:{primary.ssh_port}"
+        return answer
 
 
 class PodRuntime(Protocol):
@@ -264,11 +351,12 @@ class EntrypointRuntime:
         env.update(GPU_PROXY_PYTHON=self.python, RAY_USAGE_STATS_ENABLED="0", NUM_GPUS=str(pod.gpu_count),
                    NUM_CPUS=str(self.num_cpus))
         env.update(pod.env)
+        env.update(pod.cluster_env)  # RunPod's Instant Cluster variables win over the request's env
         env.update(SSHD_PORT=str(port), SSHD_LISTEN_ADDRESS="127.0.0.1", SSHD_DIR=str(folder / "ssh"),
                    SSH_AUTHORIZED_KEYS=str(folder / "authorized_keys"), SSHD_STRICT_MODES="no",
                    RUNPOD_POD_ID=pod.id, RUNPOD_PUBLIC_IP="127.0.0.1", RUNPOD_TCP_PORT_22=str(port),
                    RUNPOD_GPU_COUNT=str(pod.gpu_count), RUNPOD_API_KEY=pod.scoped_key, RUNPOD_REST_URL=pod.rest_url)
-        if pod.global_networking:
+        if pod.global_networking or pod.cluster_id is not None:
             address = machine_address()
             if address is None:
                 raise RuntimeError("this machine has no non-loopback address for fake global networking")
@@ -359,6 +447,11 @@ class FakeRunPod:
         self.pods: dict[str, FakePod] = {}
         self.terminated: list[str] = []  # ids, in order
         self.terminated_by: dict[str, str] = {}  # pod id -> "account key" or "pod key"
+        self.clusters: dict[str, FakeCluster] = {}
+        self.deleted_clusters: list[str] = []  # ids, in order
+        self.cluster_deleted_by: dict[str, str] = {}  # cluster id -> "account key" or "pod key"
+        self.gone_pods: dict[str, FakePod] = {}  # terminated pods: their bills remain
+        self.start_ssh_flags: list[bool] = []  # startSsh of each cluster create (gpu-proxy never sets it)
         self.violations: list[str] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.bodies: list[Any] = []  # JSON bodies received, in order
@@ -390,6 +483,7 @@ class FakeRunPod:
         with self._lock:
             pods = list(self.pods.values())
             self.pods.clear()
+            self.clusters.clear()
         for pod in pods:
             self.runtime.stop(pod)
         self.settle()
@@ -416,9 +510,21 @@ class FakeRunPod:
             next(dc for dc in self.data_centers if dc.id == data_center).stock[gpu_id] = free
 
     def live_pods(self) -> list[FakePod]:
-        """Pods that exist (and would be billed): not yet terminated."""
+        """Pods that exist (and would be billed): not yet terminated (Instant Cluster members included)."""
         with self._lock:
             return list(self.pods.values())
+
+    def live_clusters(self) -> list[FakeCluster]:
+        with self._lock:
+            return list(self.clusters.values())
+
+    def billed_usd(self, *, pod_id: str | None = None, cluster_id: str | None = None) -> float:
+        """The fake's own ledger: what a pod, a cluster (all its members) or everything cost so far."""
+        with self._lock:
+            every = {**self.gone_pods, **self.pods}
+            if pod_id is not None:
+                return every[pod_id].billed()
+            return sum(pod.billed() for pod in every.values() if cluster_id is None or pod.cluster_id == cluster_id)
 
     # -- behaviour --------------------------------------------------------------------------------------------
 
@@ -438,6 +544,11 @@ class FakeRunPod:
                 and operation.path_params.get("id") == pod.id):
             self._principal = "pod key"
             return None
+        # ASSUMPTION (undocumented by RunPod): a cluster member's key may delete its own cluster.
+        if ((operation.method, operation.template) == ("DELETE", "/v2/clusters/{id}") and pod.cluster_id
+                and operation.path_params.get("id") == pod.cluster_id):
+            self._principal = "pod key"
+            return None
         return 403, "this pod-scoped API key may only act on its own pod"
 
     def handle(self, operation: Operation, query: Mapping[str, list[str]], body: Any,
@@ -446,16 +557,42 @@ class FakeRunPod:
         with self._lock:
             self._principal = principal
             if key == ("GET", "/v2/pods"):
-                return 200, {"pods": [pod.to_json() for pod in self._refreshed()]}
+                members = query.get("includeClusterPods", ["false"])[-1] == "true"
+                return 200, {"pods": [pod.to_json() for pod in self._refreshed()
+                                      if members or pod.cluster_id is None]}
             if key == ("POST", "/v2/pods"):
                 return self._create(body)
             if key == ("GET", "/v2/pods/{id}"):
                 pod = self._pod(operation.path_params["id"])
                 return (200, pod.to_json()) if pod else _problem(404, "pod not found")
+            if key in (("DELETE", "/v2/pods/{id}"), ("POST", "/v2/pods/{id}/action")):
+                pod = self._pod(operation.path_params["id"])
+                if pod is not None and pod.cluster_id is not None:
+                    return _problem(409, f"pod {pod.id} belongs to cluster {pod.cluster_id} and cannot be changed "
+                                         f"via the pod endpoints: manage it through /v2/clusters/{pod.cluster_id}")
             if key == ("DELETE", "/v2/pods/{id}"):
                 return self._terminate(operation.path_params["id"])
             if key == ("POST", "/v2/pods/{id}/action"):
                 return self._action(operation.path_params["id"], body["action"])
+            if key == ("GET", "/v2/clusters"):
+                self._refreshed()
+                return 200, {"clusters": [cluster.to_json(self.pods) for cluster in self.clusters.values()]}
+            if key == ("POST", "/v2/clusters"):
+                return self._create_cluster(body)
+            if key in (("GET", "/v2/clusters/{id}"), ("GET", "/v2/clusters/{id}/pods")):
+                self._refreshed()
+                cluster = self.clusters.get(operation.path_params["id"])
+                if cluster is None:
+                    return _problem(404, "cluster not found")
+                if operation.template.endswith("/pods"):
+                    return 200, {"pods": [self.pods[i].to_json() for i in cluster.pod_ids if i in self.pods]}
+                return 200, cluster.to_json(self.pods)
+            if key == ("DELETE", "/v2/clusters/{id}"):
+                return self._delete_cluster(operation.path_params["id"])
+            if key == ("GET", "/v2/billing/pods"):
+                return self._billing(query, "podId")
+            if key == ("GET", "/v2/billing/clusters"):
+                return self._billing(query, "clusterId")
             if key == ("GET", "/v2/catalog/gpus"):
                 return 200, {"gpus": self._catalog(query)}
             if key == ("GET", "/v2/catalog/datacenters"):
@@ -500,12 +637,107 @@ class FakeRunPod:
             return 201, pod.to_json()
         return _problem(400, NO_CAPACITY)
 
-    def _boot(self, pod: FakePod) -> None:
+    def _create_cluster(self, body: Mapping[str, Any]) -> tuple[int, Any]:
+        compute = body["compute"]
+        gpu = self._gpu(compute["gpuTypeId"])
+        per_pod, count = compute["gpuCountPerPod"], compute["podCount"]
+        if gpu is None:
+            return _problem(400, f"GPU type {compute['gpuTypeId']!r} does not exist")
+        if per_pod > gpu.max_secure:
+            return _problem(400, f"gpuCountPerPod {per_pod} is above the largest {gpu.id} machine")
+        self.start_ssh_flags.append(bool(body.get("startSsh")))
+        wanted = body.get("dataCenterIds") or [dc.id for dc in self.data_centers]
+        centre = next((dc for dc in self.data_centers
+                       if dc.id in wanted and dc.stock.get(gpu.id, 0) >= per_pod * count), None)
+        if centre is None:  # a cluster is placed in one data centre, all its pods at once, or not at all
+            return _problem(400, NO_CAPACITY)
+        centre.stock[gpu.id] -= per_pod * count
+        cluster = FakeCluster("".join(random.choices(string.ascii_lowercase + string.digits, k=12)), body["name"],
+                              body["type"], gpu.id, per_pod, count, centre.id, subnet=1 + len(self.deleted_clusters)
+                              + len(self.clusters))
+        self.clusters[cluster.id] = cluster
+        for rank in range(count):
+            pod_id = "".join(random.choices(string.ascii_lowercase + string.digits, k=14))
+            pod = FakePod(pod_id, f"{body['name']}-node{rank}", body["image"], gpu.id, per_pod,
+                          dict(body.get("env", {})), list(body.get("ports", [])), body.get("disk", 50), "SECURE",
+                          centre.id, round(gpu.price_secure * per_pod, 4), False, rest_url=self.url,
+                          cluster_id=cluster.id)
+            pod.cluster_env = {  # what RunPod sets on every node (docs.runpod.io/instant-clusters/configuration)
+                "PRIMARY_ADDR": cluster.address(0), "MASTER_ADDR": cluster.address(0), "PRIMARY_PORT": "29500",
+                "MASTER_PORT": "29500", "NODE_ADDR": cluster.address(rank), "NODE_RANK": str(rank),
+                "NUM_NODES": str(count), "NUM_TRAINERS": str(per_pod), "HOST_NODE_ADDR": f"{cluster.address(0)}:29500",
+                "WORLD_SIZE": str(count * per_pod)}
+            self.pods[pod_id] = pod
+            cluster.pod_ids.append(pod_id)
+            threading.Thread(target=self._boot, args=(pod, rank), daemon=True, name=f"pod-{pod_id}").start()
+        return 201, cluster.to_json(self.pods)
+
+    def _delete_cluster(self, cluster_id: str) -> tuple[int, Any]:
+        cluster = self.clusters.pop(cluster_id, None)
+        if cluster is None:
+            return _problem(404, "cluster not found")
+        for pod_id in cluster.pod_ids:
+            if pod_id in self.pods:
+                self._terminate(pod_id)
+        self.deleted_clusters.append(cluster_id)
+        self.cluster_deleted_by[cluster_id] = self._principal
+        return 204, None
+
+    def _billing(self, query: Mapping[str, list[str]], id_field: str) -> tuple[int, Any]:
+        size = query.get("bucketSize", ["day"])[-1]
+        now = time.time()
+        if "lastN" in query:
+            if "startTime" in query or "endTime" in query:
+                return _problem(400, "lastN is mutually exclusive with startTime/endTime")
+            end = _bucket_next(now, size)
+            start = end
+            for _ in range(int(query["lastN"][-1])):
+                start = _bucket_floor(start - 1, size)
+        else:
+            start = _bucket_floor(_parse_time(query["startTime"][-1]) if "startTime" in query else now - 30 * 86400,
+                                  size)
+            end_at = _parse_time(query["endTime"][-1]) if "endTime" in query else now
+            end = end_at if _bucket_floor(end_at, size) == end_at else _bucket_next(end_at, size)
+        wanted = query.get(id_field, [None])[-1]
+        every = {**self.gone_pods, **self.pods}
+        groups: dict[str, list[FakePod]] = {}
+        for pod in every.values():
+            owner = pod.id if id_field == "podId" else pod.cluster_id
+            if owner is None or (id_field == "podId" and pod.cluster_id is not None):
+                continue  # a cluster's members bill as the cluster
+            if wanted is None or owner == wanted:
+                groups.setdefault(owner, []).append(pod)
+        records = []
+        bucket = start
+        while bucket < end:
+            after = _bucket_next(bucket, size)
+            for owner, pods in groups.items():
+                if not any(t0 < after and (t1 is None or t1 > bucket) for pod in pods for t0, t1, _ in pod.segments):
+                    continue
+                amount = round(sum(pod.billed(bucket, min(after, now)) for pod in pods), 6)
+                record = {"startTime": _stamp(bucket), "endTime": _stamp(after), id_field: owner,
+                          "totalAmount": amount, "gpuAmount": amount, "diskAmount": 0.0}
+                record.update({"cpuAmount": 0.0} if id_field == "podId" else {"networkingAmount": 0.0})
+                records.append(record)
+            bucket = after
+        total = round(sum(record["totalAmount"] for record in records), 6)
+        totals: dict[str, Any] = {"totalAmount": total, "gpuAmount": total, "diskAmount": 0.0}
+        totals.update({"cpuAmount": 0.0} if id_field == "podId" else {"networkingAmount": 0.0})
+        metadata = {"query": {"startTime": _stamp(start), "endTime": _stamp(end), "bucketSize": size,
+                              id_field: wanted},
+                    "recordCount": len(records), "totals": totals,
+                    ("uniquePodCount" if id_field == "podId" else "uniqueClusterCount"):
+                        len({record[id_field] for record in records})}
+        return 200, {"records": records, "metadata": metadata}
+
+    def _boot(self, pod: FakePod, rank: int | None = None) -> None:
         time.sleep(self.provisioning_s)
         with self._lock:
             if pod.id not in self.pods or pod.status != "PROVISIONING":
                 return
             pod.status = "STARTING"
+            if pod.cluster_id is not None:  # RunPod assigns a member's rank and address during provisioning
+                pod.cluster_rank, pod.cluster_ip = rank, pod.cluster_env["NODE_ADDR"]
         try:
             ip, port = self.runtime.start(pod)
         except Exception as error:  # noqa: BLE001  (the container failed: the pod shows ERROR)
@@ -531,6 +763,7 @@ class FakeRunPod:
         if pod.status not in ("EXITED", "ERROR"):
             self._release(pod)
         pod.status = "TERMINATED"
+        self.gone_pods[pod_id] = pod
         self.terminated.append(pod_id)
         self.terminated_by[pod_id] = self._principal
         self._stop_container(pod)
@@ -601,6 +834,39 @@ class FakeRunPod:
                                             "availability": _level(free, 1)} for gpu_id, free in dc.stock.items()]
             result.append(item)
         return result
+
+
+_BUCKET_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
+_MONDAY = 4 * 86400  # 1970-01-05 was a Monday: weeks start there
+
+
+def _bucket_floor(t: float, size: str) -> float:
+    """The start of the ``size`` bucket (UTC) holding ``t``."""
+    if size in _BUCKET_SECONDS:
+        offset = _MONDAY if size == "week" else 0
+        return t - (t - offset) % _BUCKET_SECONDS[size]
+    day = datetime.fromtimestamp(t, timezone.utc)
+    first = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return (first if size == "month" else first.replace(month=1)).timestamp()
+
+
+def _bucket_next(t: float, size: str) -> float:
+    """The start of the bucket after the one holding ``t``."""
+    start = _bucket_floor(t, size)
+    if size in _BUCKET_SECONDS:
+        return start + _BUCKET_SECONDS[size]
+    first = datetime.fromtimestamp(start, timezone.utc)
+    if size == "month":
+        return (first + timedelta(days=32)).replace(day=1).timestamp()
+    return first.replace(year=first.year + 1).timestamp()
+
+
+def _parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _problem(status: int, detail: str, errors: list[str] | None = None) -> tuple[int, Any]:

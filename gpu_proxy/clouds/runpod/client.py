@@ -1,17 +1,18 @@
 """A thin typed client of RunPod's REST API v2 (``https://api.runpod.io/v2``).
 
 Why REST v2 and not the ``runpod`` SDK: the SDK's pod functions use the GraphQL API, which RunPod
-retires in early 2027 (see DESIGN.md). This client covers only what gpu-proxy needs: pods and the GPU
-and data-centre catalog.
+retires in early 2027 (see DESIGN.md). This client covers only what gpu-proxy needs: pods, Instant
+Clusters (``/v2/clusters``), the GPU and data-centre catalog, and spend records (``/v2/billing/pods``,
+``/v2/billing/clusters``).
 
 Secrets: the API key lives in one private attribute and travels only in the ``Authorization``
 header. It is never part of a repr, a log line, an exception message or a pickle (the client
 refuses to be pickled).
 
 Retries: 429 (honouring ``Retry-After``), 5xx and network timeouts are retried with exponential
-backoff. Creating a pod is not idempotent, so a create that may have reached RunPod (timeout, 5xx)
-is followed by a look-up of the pod by its unique name before it is retried: a retry never makes a
-second pod.
+backoff. Creating a pod or a cluster is not idempotent, so a create that may have reached RunPod
+(timeout, 5xx) is followed by a look-up by its unique name before it is retried: a retry never makes a
+second pod or cluster.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import re
 import time
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import requests
 
@@ -124,18 +126,23 @@ class Pod:
     created_at: str
     started_at: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    cluster_id: str | None = None  # the Instant Cluster this pod belongs to, if any
+    cluster_rank: int | None = None  # its NODE_RANK there (0: the primary); None until RunPod assigns it
+    cluster_ip: str | None = None  # its address on the cluster's private network
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Pod":
         direct = (data.get("ssh") or {}).get("direct")
         gpu = data.get("gpu") or {}
         networking = data.get("globalNetworking") or {}
+        member = data.get("cluster") or {}
         return cls(
             id=data["id"], name=data["name"], status=data["status"], cost_per_hour=float(data.get("cost") or 0.0),
             gpu_id=gpu.get("id"), gpu_count=int(gpu.get("count") or 0), data_center_id=data.get("dataCenterId"),
             ssh_direct=SSHEndpoint(direct["host"], int(direct["port"]), direct["username"]) if direct else None,
             global_ip=networking.get("ip"), internal_dns=networking.get("internalDns"),
-            created_at=data.get("createdAt", ""), started_at=data.get("startedAt"), raw=data)
+            created_at=data.get("createdAt", ""), started_at=data.get("startedAt"), raw=data,
+            cluster_id=member.get("id"), cluster_rank=member.get("rank"), cluster_ip=member.get("ip"))
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,138 @@ class CreatePodRequest:
         if self.global_networking:
             body["globalNetworking"] = True
         return body
+
+
+CLUSTER_TYPE = "TRAINING"  # RunPod's generic multi-node cluster; gpu-proxy starts Ray itself (not type RAY)
+
+
+@dataclass(frozen=True)
+class CreateClusterRequest:
+    """The body of ``POST /v2/clusters`` that gpu-proxy sends: ``pod_count`` identical pods of
+    ``gpus_per_pod`` x ``gpu_id``, one container configuration for all of them (so one ``env`` for every
+    node: each node learns its rank from RunPod's ``NODE_RANK``). Instant Clusters have no cloud choice
+    and no private registry (the image must be public)."""
+
+    name: str
+    image: str
+    gpu_id: str
+    gpus_per_pod: int
+    pod_count: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[str, ...] = ("22/tcp",)
+    disk_gb: int = 50
+    data_center_ids: tuple[str, ...] = ()
+    type: str = CLUSTER_TYPE
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self.name, "type": self.type,
+                                "compute": {"gpuTypeId": self.gpu_id, "gpuCountPerPod": self.gpus_per_pod,
+                                            "podCount": self.pod_count},
+                                "image": self.image, "env": dict(self.env), "ports": list(self.ports),
+                                "disk": self.disk_gb}
+        if self.data_center_ids:
+            body["dataCenterIds"] = list(self.data_center_ids)
+        return body
+
+
+@dataclass(frozen=True)
+class InstantCluster:
+    """A RunPod cluster as ``GET /v2/clusters/{id}`` reports it (member pods: :meth:`RunPodClient.cluster_pods`)."""
+
+    id: str
+    name: str
+    type: str
+    gpu_id: str
+    gpus_per_pod: int
+    pod_count: int
+    data_center_id: str | None
+    pods_total: int
+    pods_by_status: Mapping[str, int]
+    primary_pod_id: str | None  # rank 0, once placed
+    primary_status: str | None
+    primary_ssh: str | None  # "host:port" of the primary's published 22/tcp, once it runs
+    created_at: str
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "InstantCluster":
+        compute, pods, primary = data["compute"], data.get("pods") or {}, data.get("primary") or {}
+        return cls(id=data["id"], name=data["name"], type=data["type"], gpu_id=compute["gpuTypeId"],
+                   gpus_per_pod=int(compute["gpuCountPerPod"]), pod_count=int(compute["podCount"]),
+                   data_center_id=data.get("dataCenterId"), pods_total=int(pods.get("total") or 0),
+                   pods_by_status=dict(pods.get("byStatus") or {}), primary_pod_id=primary.get("podId"),
+                   primary_status=primary.get("status"), primary_ssh=primary.get("sshEndpoint"),
+                   created_at=data.get("createdAt", ""), raw=data)
+
+
+BUCKET_SIZES = ("hour", "day", "week", "month", "year")
+
+
+@dataclass(frozen=True)
+class BillingRecord:
+    """One time bucket of spend for one pod or one cluster (``/v2/billing/pods``, ``/v2/billing/clusters``)."""
+
+    start: str  # RFC 3339, inclusive
+    end: str  # exclusive
+    resource_id: str  # the pod id or the cluster id
+    total_usd: float
+    gpu_usd: float
+    disk_usd: float
+    cpu_usd: float = 0.0  # pods only
+    networking_usd: float = 0.0  # clusters only
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], id_field: str) -> "BillingRecord":
+        return cls(start=data["startTime"], end=data["endTime"], resource_id=data[id_field],
+                   total_usd=float(data["totalAmount"]), gpu_usd=float(data.get("gpuAmount") or 0.0),
+                   disk_usd=float(data.get("diskAmount") or 0.0), cpu_usd=float(data.get("cpuAmount") or 0.0),
+                   networking_usd=float(data.get("networkingAmount") or 0.0))
+
+
+@dataclass(frozen=True)
+class BillingReport:
+    """The records of one billing call and RunPod's resolved window (``start``/``end`` snap to buckets)."""
+
+    kind: str  # "pods" or "clusters"
+    start: str
+    end: str
+    bucket_size: str
+    records: tuple[BillingRecord, ...]
+    total_usd: float  # RunPod's own total over the records
+
+    @classmethod
+    def from_json(cls, kind: str, data: Mapping[str, Any]) -> "BillingReport":
+        id_field = "podId" if kind == "pods" else "clusterId"
+        query = data["metadata"]["query"]
+        return cls(kind=kind, start=query["startTime"], end=query["endTime"], bucket_size=query["bucketSize"],
+                   records=tuple(BillingRecord.from_json(item, id_field) for item in data["records"]),
+                   total_usd=float(data["metadata"]["totals"]["totalAmount"]))
+
+    def by_resource(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for record in self.records:
+            result[record.resource_id] = result.get(record.resource_id, 0.0) + record.total_usd
+        return result
+
+
+@dataclass(frozen=True)
+class SpendSummary:
+    """What RunPod billed over a window: standalone pods and Instant Clusters (whose member pods bill as
+    the cluster). RunPod's billing lags (hourly buckets); the live meter reads pods' ``cost`` instead."""
+
+    start: str
+    end: str
+    pods_usd: float
+    clusters_usd: float
+    by_resource: Mapping[str, float]  # pod or cluster id -> USD
+
+    @property
+    def total_usd(self) -> float:
+        return self.pods_usd + self.clusters_usd
+
+    def __str__(self) -> str:
+        return (f"${self.total_usd:.2f} from {self.start} to {self.end} (pods ${self.pods_usd:.2f}, "
+                f"Instant Clusters ${self.clusters_usd:.2f})")
 
 
 # ---- the client -------------------------------------------------------------------------------------------
@@ -313,6 +452,10 @@ class RunPodClient:
         if status == 402:
             return RunPodError(f"RunPod: {what}: insufficient balance (402: {detail}). Add funds in the console.",
                                status, detail)
+        if status == 409 and "cluster" in detail.lower():
+            return RunPodError(f"RunPod refused to {what} (409: {detail}): the pod belongs to an Instant Cluster; "
+                               f"delete the cluster instead (DELETE /v2/clusters/{{id}}, or `gpu-proxy down`).",
+                               status, detail)
         if status == 404:
             return RunPodNotFoundError(f"RunPod: {what}: not found (404: {detail}).", status, detail)
         if status == 400 and _CAPACITY.search(detail):
@@ -321,8 +464,10 @@ class RunPodClient:
 
     # -- pods ----------------------------------------------------------------------------------------------
 
-    def list_pods(self) -> list[Pod]:
-        data = self._request("GET", "/v2/pods", what="list pods")
+    def list_pods(self, *, include_cluster_pods: bool = False) -> list[Pod]:
+        """Standalone pods; with ``include_cluster_pods`` also Instant Cluster members (RunPod hides them)."""
+        params = {"includeClusterPods": "true"} if include_cluster_pods else None
+        data = self._request("GET", "/v2/pods", params=params, what="list pods")
         return [Pod.from_json(item) for item in data["pods"]]
 
     def get_pod(self, pod_id: str) -> Pod:
@@ -357,12 +502,58 @@ class RunPodClient:
         except RunPodNotFoundError:
             pass
 
+    # -- Instant Clusters --------------------------------------------------------------------------------
+
+    def list_clusters(self) -> list[InstantCluster]:
+        data = self._request("GET", "/v2/clusters", what="list clusters")
+        return [InstantCluster.from_json(item) for item in data["clusters"]]
+
+    def get_cluster(self, cluster_id: str) -> InstantCluster:
+        return InstantCluster.from_json(self._request("GET", f"/v2/clusters/{_id(cluster_id, 'cluster')}",
+                                                      what=f"read cluster {cluster_id}"))
+
+    def find_cluster(self, name: str) -> InstantCluster | None:
+        """The cluster named ``name``, if one exists (gpu-proxy's cluster names are unique)."""
+        return next((cluster for cluster in self.list_clusters() if cluster.name == name), None)
+
+    def create_cluster(self, request: CreateClusterRequest) -> InstantCluster:
+        """Create an Instant Cluster (all its pods at once); a retry after a create that may have reached
+        RunPod (timeout, 5xx) adopts the cluster it made, found by its unique name: never two clusters.
+
+        Raises :class:`RunPodCapacityError` whose message says where the GPUs are available now.
+        """
+        what = (f"create Instant Cluster {request.name} ({request.pod_count} pods x {request.gpus_per_pod} x "
+                f"{request.gpu_id})")
+        try:
+            data = self._request("POST", "/v2/clusters", body=request.to_json(), what=what,
+                                 before_retry=lambda: self.find_cluster(request.name))
+        except RunPodCapacityError as error:
+            where = self.where_available(request.gpu_id, request.gpus_per_pod, "SECURE", product="CLUSTER")
+            raise RunPodCapacityError(f"{error}\n{where}", error.status, error.detail) from None
+        return data if isinstance(data, InstantCluster) else InstantCluster.from_json(data)
+
+    def cluster_pods(self, cluster_id: str) -> list[Pod]:
+        """The cluster's member pods, in rank order (rank 0, the primary, first; unranked ones last)."""
+        data = self._request("GET", f"/v2/clusters/{_id(cluster_id, 'cluster')}/pods",
+                             what=f"read the pods of cluster {cluster_id}")
+        pods = [Pod.from_json(item) for item in data["pods"]]
+        return sorted(pods, key=lambda pod: (pod.cluster_rank is None, pod.cluster_rank or 0, pod.id))
+
+    def delete_cluster(self, cluster_id: str) -> None:
+        """Delete the cluster and terminate all its pods. A cluster already gone counts as deleted."""
+        try:
+            self._request("DELETE", f"/v2/clusters/{_id(cluster_id, 'cluster')}",
+                          what=f"delete cluster {cluster_id}")
+        except RunPodNotFoundError:
+            pass
+
     # -- catalog and billing ---------------------------------------------------------------------------
 
-    def gpu_types(self, *, availability: bool = False, count: int = 1, cloud: str | None = None) -> list[GpuType]:
+    def gpu_types(self, *, availability: bool = False, count: int = 1, cloud: str | None = None,
+                  product: str = "POD") -> list[GpuType]:
         params: dict[str, Any] = {}
         if availability:
-            params.update(include="AVAILABILITY", product="POD", count=count)
+            params.update(include="AVAILABILITY", product=product, count=count)
             if cloud:
                 params["cloud"] = cloud
         data = self._request("GET", "/v2/catalog/gpus", params=params, what="read the GPU catalog")
@@ -377,10 +568,10 @@ class RunPodClient:
         data = self._request("GET", "/v2/catalog/datacenters", params=params, what="read the data centres")
         return [DataCenter.from_json(item) for item in data["dataCenters"]]
 
-    def where_available(self, gpu_id: str, count: int = 1, cloud: str = "SECURE") -> str:
+    def where_available(self, gpu_id: str, count: int = 1, cloud: str = "SECURE", product: str = "POD") -> str:
         """A sentence saying where ``count`` x ``gpu_id`` (or other GPU types) can be had now."""
         try:
-            gpus = self.gpu_types(availability=True, count=count, cloud=cloud)
+            gpus = self.gpu_types(availability=True, count=count, cloud=cloud, product=product)
         except RunPodError as error:
             return f"(Could not read RunPod's availability to suggest alternatives: {error})"
         wanted = next((gpu for gpu in gpus if gpu.id == gpu_id), None)
@@ -393,6 +584,66 @@ class RunPodClient:
         return (f"{count} x {gpu_id} is not available in any data centre right now ({cloud.lower()} cloud). "
                 + (f"GPU types with {count} available now: {', '.join(others)}." if others
                    else "No GPU type has that many available: try fewer GPUs per node, or later."))
+
+
+    # -- billing ---------------------------------------------------------------------------------------------
+
+    def _billing(self, kind: str, id_param: str, resource_id: str | None, start: "datetime | str | None",
+                 end: "datetime | str | None", bucket_size: str, last_n: int | None) -> BillingReport:
+        if bucket_size not in BUCKET_SIZES:
+            raise ConfigurationError(f"bucket_size={bucket_size!r}: use one of {', '.join(BUCKET_SIZES)}.")
+        if last_n is not None and (start is not None or end is not None):
+            raise ConfigurationError("Give last_n or start/end, not both (RunPod refuses the mix).")
+        params: dict[str, Any] = {"bucketSize": bucket_size}
+        if start is not None:
+            params["startTime"] = _rfc3339(start)
+        if end is not None:
+            params["endTime"] = _rfc3339(end)
+        if last_n is not None:
+            params["lastN"] = int(last_n)
+        if resource_id:
+            params[id_param] = resource_id
+        data = self._request("GET", f"/v2/billing/{kind}", params=params, what=f"read the {kind} billing")
+        return BillingReport.from_json(kind, data)
+
+    def pod_billing(self, *, start: "datetime | str | None" = None, end: "datetime | str | None" = None,
+                    bucket_size: str = "hour", last_n: int | None = None, pod_id: str | None = None) -> BillingReport:
+        """``GET /v2/billing/pods``: spend of standalone pods per pod per bucket (default: the last 30 days)."""
+        return self._billing("pods", "podId", pod_id, start, end, bucket_size, last_n)
+
+    def cluster_billing(self, *, start: "datetime | str | None" = None, end: "datetime | str | None" = None,
+                        bucket_size: str = "hour", last_n: int | None = None,
+                        cluster_id: str | None = None) -> BillingReport:
+        """``GET /v2/billing/clusters``: spend of Instant Clusters per cluster per bucket."""
+        return self._billing("clusters", "clusterId", cluster_id, start, end, bucket_size, last_n)
+
+    def spend(self, start: "datetime | str", end: "datetime | str | None" = None, *,
+              pod_ids: Sequence[str] | None = None, cluster_ids: Sequence[str] | None = None,
+              bucket_size: str = "hour") -> SpendSummary:
+        """What RunPod billed from ``start`` to ``end`` (default now), snapped out to whole buckets, for the
+        given pods and clusters (None: all of them; empty: none of that kind)."""
+        reports: dict[str, tuple[BillingReport | None, Sequence[str] | None]] = {}
+        for kind, wanted in (("pods", pod_ids), ("clusters", cluster_ids)):
+            if wanted is not None and not wanted:
+                reports[kind] = (None, wanted)
+                continue
+            read = self.pod_billing if kind == "pods" else self.cluster_billing
+            reports[kind] = (read(start=start, end=end, bucket_size=bucket_size), wanted)
+        by_resource: dict[str, float] = {}
+        sums = {}
+        windows = []
+        for kind, (report, wanted) in reports.items():
+            amounts = report.by_resource() if report else {}
+            if wanted is not None:
+                amounts = {key: value for key, value in amounts.items() if key in set(wanted)}
+            by_resource.update(amounts)
+            sums[kind] = sum(amounts.values())
+            if report:
+                windows.append((report.start, report.end))
+        first, last = (min(w[0] for w in windows), max(w[1] for w in windows)) if windows else \
+            (_rfc3339(start), _rfc3339(end or datetime.now(timezone.utc)))
+        return SpendSummary(start=first, end=last, pods_usd=sums["pods"], clusters_usd=sums["clusters"],
+                            by_resource=by_resource)
 
 
 class APIKey:
@@ -412,10 +663,19 @@ class APIKey:
         raise TypeError("the RunPod API key cannot be pickled")
 
 
-def _id(pod_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", pod_id or ""):
-        raise ConfigurationError(f"{pod_id!r} is not a RunPod pod id.")
-    return pod_id
+def _id(resource_id: str, kind: str = "pod") -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", resource_id or ""):
+        raise ConfigurationError(f"{resource_id!r} is not a RunPod {kind} id.")
+    return resource_id
+
+
+def _rfc3339(value: "datetime | str") -> str:
+    """A time for RunPod's billing queries: RFC 3339 in UTC (a naive datetime is taken as UTC)."""
+    if isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _detail(response: requests.Response) -> str:

@@ -10,8 +10,9 @@
    environment back in its API, so no secret may go there);
 3. creates the pods from the node image (``cluster_image/``), exposing only ``22/tcp``: one pod,
    or for ``nodes > 1`` a head and workers with global networking (workers join the head at
-   ``<headPodId>.runpod.internal``) or one Instant Cluster (``POST /v2/clusters``); waits, saying
-   what it waits for: pods RUNNING, SSH answering, Ray head up, all nodes and GPUs joined;
+   ``<headPodId>.runpod.internal``) or one Instant Cluster (``POST /v2/clusters``: RunPod makes the
+   pods, rank 0 is the head, the others join ``$MASTER_ADDR``); waits, saying what it waits for:
+   pods RUNNING, SSH answering, Ray head up, all nodes and GPUs joined;
 4. generates the Ray token here and copies it to every pod over SSH as a 0600 file (the node's
    entrypoint waits for it before starting Ray), then tunnels a local port to the dashboard, which
    listens on the head's loopback only;
@@ -19,9 +20,9 @@
    ``idle_timeout``, beats a home heartbeat into the head's GCS so the pods' idle watcher knows
    home is here.
 
-``stop()`` terminates every pod this object created. A launch that fails at any step terminates
-what it created before the error reaches the caller; so does the end of this Python process
-unless ``keep=True``.
+``stop()`` terminates every pod this object created (an Instant Cluster is deleted as a whole,
+which terminates its pods). A launch that fails at any step terminates what it created before the
+error reaches the caller; so does the end of this Python process unless ``keep=True``.
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gpu_proxy.clouds.runpod.catalog import CLOUDS, CostEstimate, check_count, estimate_cost, resolve_gpu
-from gpu_proxy.clouds.runpod.client import CreatePodRequest, Pod, RunPodClient
+from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
+                                            RunPodError, RunPodUnavailableError)
 from gpu_proxy.clouds.runpod.meter import CostMeter
-from gpu_proxy.clouds.runpod.provision import (LaunchError, query_instances, run_instances, terminate_instances,
+from gpu_proxy.clouds.runpod.provision import (LaunchError, delete_clusters, query_cluster, query_instances,
+                                               run_cluster, run_instances, terminate_instances, wait_cluster,
                                                wait_instances)
 from gpu_proxy.clusters.base import Cluster, Endpoint
 from gpu_proxy.clusters.ray_node import (DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, RayNodeError, RayPorts, generate_token,
@@ -72,16 +75,25 @@ def _print_progress(message: str) -> None:
     print(f"gpu-proxy runpod: {message}", file=sys.stderr, flush=True)
 
 
-def _teardown(client: RunPodClient, pod_ids: list[str], tunnel_box: list, folder: str | None) -> list[str]:
-    """Close the tunnel, terminate the pods, delete the key folder. Never references the cluster
-    (it also runs as a finalizer at interpreter exit)."""
+def _teardown(client: RunPodClient, pod_ids: list[str], tunnel_box: list, folder: str | None,
+              cluster_ids: list[str] | None = None) -> list[str]:
+    """Close the tunnel, delete the Instant Cluster (its pods with it) or terminate the pods, delete the
+    key folder. Never references the cluster object (it also runs as a finalizer at interpreter exit)."""
     for tunnel in tunnel_box:
         tunnel.close()
     tunnel_box.clear()
-    failures = terminate_instances(client, list(pod_ids))
-    failed = {failure.split(":")[0] for failure in failures}
-    pod_ids[:] = [pod_id for pod_id in pod_ids if pod_id in failed]
-    if folder and not pod_ids:
+    failures = []
+    if cluster_ids:
+        failures = delete_clusters(client, list(cluster_ids))
+        failed = {failure.split(":")[0] for failure in failures}
+        cluster_ids[:] = [cluster_id for cluster_id in cluster_ids if cluster_id in failed]
+        if not cluster_ids:
+            pod_ids.clear()  # RunPod terminated them with their cluster (its pods cannot be deleted one by one)
+    else:
+        failures = terminate_instances(client, list(pod_ids))
+        failed = {failure.split(":")[0] for failure in failures}
+        pod_ids[:] = [pod_id for pod_id in pod_ids if pod_id in failed]
+    if folder and not pod_ids and not cluster_ids:
         shutil.rmtree(folder, ignore_errors=True)
     return failures
 
@@ -96,7 +108,8 @@ class RunPodCluster(Cluster):
         nodes: pods. Above 1: pods with global networking in one data centre that supports it
             (about 100 Mbps between pods), or ``instant_cluster=True`` (see docs/runpod.md).
         instant_cluster: several nodes as one RunPod Instant Cluster (``POST /v2/clusters``): a
-            fast interconnect between the nodes, made for multi-node training.
+            fast interconnect between the nodes, made for multi-node training. Secure cloud only, a
+            public image; deleted as a whole on stop, failure, budget or idle.
         idle_timeout: ``"10m"``, ``"1h"`` or seconds: the pods end themselves after this long with no
             Ray Job and no home heartbeat, with RunPod's pod-scoped key (never yours). None: never.
         budget_usd: the most this cluster may cost. Refused before launch when the expected run
@@ -142,11 +155,9 @@ class RunPodCluster(Cluster):
             raise ConfigurationError(f"nodes={nodes!r} must be a whole number >= 1.")
         if instant_cluster and nodes < 2:
             raise ConfigurationError(f"instant_cluster=True needs nodes >= 2 (got nodes={nodes}): one node is one pod.")
-        if instant_cluster:
-            # The node image already handles an Instant Cluster's NODE_RANK/MASTER_ADDR (entrypoint.py); the
-            # client and the fake do not yet speak /v2/clusters, so refuse rather than launch half of it.
-            raise ConfigurationError("instant_cluster=True is not available in this version: use nodes>1 with "
-                                     "global networking (the default), see docs/runpod.md.")
+        if instant_cluster and cloud != "SECURE":
+            raise ConfigurationError(f"instant_cluster=True with cloud={cloud!r}: RunPod's Instant Clusters run on its "
+                                     f"secure cloud only (their create request has no cloud); use cloud='SECURE'.")
         if budget_usd is not None and (not isinstance(budget_usd, (int, float)) or budget_usd <= 0):
             raise ConfigurationError(f"budget_usd={budget_usd!r} must be a positive number of US dollars.")
         if cloud not in CLOUDS:
@@ -186,7 +197,7 @@ class RunPodCluster(Cluster):
         self.name = f"gpu-proxy-{secrets.token_hex(4)}"
         self.estimate: CostEstimate | None = None
         self.budget_exceeded = False
-        self.cluster_id: str | None = None  # the Instant Cluster's id
+        self._cluster_ids: list[str] = []  # the Instant Cluster's id, once created (a list: the finalizer shares it)
         self._pod_ids: list[str] = []
         self._pods: list[Pod] = []
         self._tunnel_box: list[SSHTunnel] = []
@@ -200,8 +211,9 @@ class RunPodCluster(Cluster):
         self._heartbeat = None
 
     def __repr__(self) -> str:  # no key, no token
+        cluster = f", instant_cluster={self.cluster_id!r}" if self.instant_cluster else ""
         return (f"RunPodCluster(gpu={self.gpu!r}, gpus_per_node={self.gpus_per_node}, nodes={self.nodes}, "
-                f"pods={self._pod_ids})")
+                f"pods={self._pod_ids}{cluster})")
 
     def __reduce__(self):
         raise TypeError("a RunPodCluster holds your RunPod API key, the cluster's Ray token and its SSH "
@@ -218,6 +230,11 @@ class RunPodCluster(Cluster):
     @property
     def pod_ids(self) -> list[str]:
         return list(self._pod_ids)
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The Instant Cluster's id (``instant_cluster=True``), once RunPod made it."""
+        return self._cluster_ids[0] if self._cluster_ids else None
 
     @property
     def started(self) -> bool:
@@ -253,10 +270,18 @@ class RunPodCluster(Cluster):
         """The cost meter: ``spent_usd``, ``usd_per_hour``, ``budget_usd`` (``gpu-proxy status`` shows it)."""
         return {"spent_usd": self.spent_usd(), "usd_per_hour": self.cost_per_hour(), "budget_usd": self.budget_usd}
 
+    def _query(self) -> dict[str, Pod | None]:
+        """Every pod of this cluster as RunPod reports it now (None: gone). An Instant Cluster's pods are
+        read through the cluster (``/v2/clusters/{id}/pods``)."""
+        if self.cluster_id is None:
+            return query_instances(self.client, self._pod_ids)
+        members = query_cluster(self.client, self.cluster_id) or {}
+        return {pod_id: members.get(pod_id) for pod_id in self._pod_ids} | members
+
     def _pods_rate(self) -> float:
-        """USD per hour of the pods now, from RunPod (a pod gone or stopped costs nothing)."""
-        return sum(pod.cost_per_hour for pod in query_instances(self.client, self._pod_ids).values()
-                   if pod is not None and pod.status != "EXITED")
+        """USD per hour of the pods now, from RunPod (a pod gone or stopped costs nothing); every member of
+        an Instant Cluster counts."""
+        return sum(pod.cost_per_hour for pod in self._query().values() if pod is not None and pod.status != "EXITED")
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -278,7 +303,7 @@ class RunPodCluster(Cluster):
             return
         if self.budget_exceeded:
             raise GpuProxyError(f"{self!r} was torn down: it reached budget_usd={self.budget_usd:g}.")
-        if self._pod_ids:
+        if self._pod_ids or self._cluster_ids:
             raise GpuProxyError(f"{self!r} was started and then lost its tunnel; stop() it and make a new one.")
         try:
             self._start()
@@ -327,12 +352,15 @@ class RunPodCluster(Cluster):
         self._token_file = f"/tmp/gp-{suffix}/token"  # on the pod; short: Ray's socket paths are length-limited
         client = self.client
         if not self.keep:  # pods must not outlive this process by accident
-            self._finalizer = weakref.finalize(self, _teardown, client, self._pod_ids, self._tunnel_box, self._folder)
+            self._finalizer = weakref.finalize(self, _teardown, client, self._pod_ids, self._tunnel_box, self._folder,
+                                               self._cluster_ids)
         if self.instant_cluster:
             self._create_instant_cluster(gpu_id)
+            self._pods = wait_cluster(client, self.cluster_id, self.nodes, self.launch_timeout_s, self._progress)
+            self._pod_ids[:] = [pod.id for pod in self._pods]  # rank order: the head (rank 0) first
         else:
             self._create_pods(gpu_id)
-        self._pods = wait_instances(client, self._pod_ids, self.launch_timeout_s, self._progress)
+            self._pods = wait_instances(client, self._pod_ids, self.launch_timeout_s, self._progress)
         if self.nodes > 1 and self._pods[0].data_center_id:
             self._progress(f"{self.nodes} pods in {self._pods[0].data_center_id}")
         self._token = generate_token()
@@ -379,9 +407,43 @@ class RunPodCluster(Cluster):
         self._progress(f"creating {len(workers)} worker pod(s) joining {env['HEAD_ADDRESS']}")
         run_instances(self.client, workers, self._created)
 
+    def _cluster_env(self) -> dict[str, str]:
+        """One environment for every node of an Instant Cluster (RunPod applies one container config to all
+        its pods): no ROLE and no HEAD_ADDRESS, as RunPod's NODE_RANK and MASTER_ADDR decide (entrypoint.py).
+        Nodes sharing a machine (the tests) need their own ports: ``WORKER_<NAME>_PORT`` for ranks above 0."""
+        env = self._node_env("head", self.ray_ports, 0)
+        suffix = self.name.rsplit("-", 1)[-1]
+        env["RAY_TEMP_DIR"] = f"/tmp/gp-{suffix}"  # the entrypoint adds /r<NODE_RANK>
+        if self.worker_ray_ports != RayPorts():
+            for field_name, variable in RayPorts.environment_names().items():
+                value = getattr(self.worker_ray_ports, field_name)
+                if value is not None and field_name not in ("gcs", "dashboard", "client_server"):
+                    env["WORKER_" + variable] = str(value)
+        return env
+
     def _create_instant_cluster(self, gpu_id: str) -> None:
-        raise ConfigurationError("instant_cluster=True is not available in this version: use nodes>1 with "
-                                 "global networking (the default), see docs/runpod.md.")
+        request = CreateClusterRequest(name=self.name, image=self.image, gpu_id=gpu_id, gpus_per_pod=self.gpus_per_node,
+                                       pod_count=self.nodes, env=self._cluster_env(), ports=("22/tcp",),
+                                       disk_gb=self.disk_gb, data_center_ids=self.data_centers)
+        self._progress(f"creating Instant Cluster {self.name}: {self.nodes} pods x {self.gpus_per_node} x {gpu_id}")
+        try:
+            run_cluster(self.client, request, self._cluster_created)
+        except RunPodUnavailableError:
+            # Every retry failed, yet one of them may have reached RunPod: find it so the teardown deletes it.
+            try:
+                found = self.client.find_cluster(self.name)
+            except RunPodError:
+                found = None
+            if found is not None and found.id not in self._cluster_ids:
+                self._cluster_ids.append(found.id)
+            raise
+
+    def _cluster_created(self, cluster: InstantCluster) -> None:
+        self._cluster_ids.append(cluster.id)
+        if self._launched_at is None:
+            self._launched_at = time.time()
+        self._progress(f"Instant Cluster {cluster.id} created ({cluster.pods_total} pod(s)"
+                       + (f" in {cluster.data_center_id}" if cluster.data_center_id else "") + ")")
 
     def _created(self, pod: Pod) -> None:
         self._pod_ids.append(pod.id)
@@ -396,7 +458,7 @@ class RunPodCluster(Cluster):
                          known_hosts_file=str(Path(self._folder, "known_hosts")), host_key_policy="accept-new")
 
     def _pod_failure(self) -> str | None:
-        for pod_id, pod in query_instances(self.client, self._pod_ids).items():
+        for pod_id, pod in self._query().items():
             if pod is None or pod.status != "RUNNING":
                 return f"RunPod pod {pod_id} is {pod.status if pod else 'gone'}: its container stopped."
         return None
@@ -506,6 +568,7 @@ class RunPodCluster(Cluster):
             tunnel.close()
         self._tunnel_box.clear()
         self._pod_ids = []
+        self._cluster_ids = []
         self._pods = []
         self._token = None
 
@@ -515,10 +578,14 @@ class RunPodCluster(Cluster):
             self._finalizer.detach()
             self._finalizer = None
         failures = []
-        if self._pod_ids or self._tunnel_box:
-            ids = list(self._pod_ids)
-            failures = _teardown(self.client, self._pod_ids, self._tunnel_box, self._folder)
-            if ids:
+        if self._pod_ids or self._tunnel_box or self._cluster_ids:
+            ids, clusters = list(self._pod_ids), list(self._cluster_ids)
+            failures = _teardown(self.client, self._pod_ids, self._tunnel_box, self._folder, self._cluster_ids)
+            for cluster_id in clusters:
+                if cluster_id not in self._cluster_ids:
+                    self._progress(f"deleted Instant Cluster {cluster_id} (RunPod terminates its pods"
+                                   + (f": {', '.join(ids)}" if ids else "") + ")")
+            if ids and not clusters:
                 self._progress(f"terminated pod(s) {', '.join(i for i in ids if i not in self._pod_ids)}")
         elif self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)

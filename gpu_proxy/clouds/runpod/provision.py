@@ -2,7 +2,9 @@
 
 ``run_instances`` (launch), ``query_instances``, ``wait_instances``, ``terminate_instances``: plain
 functions over a :class:`RunPodClient`, no Ray and no SSH here (those are cloud-independent and live
-in :mod:`gpu_proxy.clouds.runpod.cluster`).
+in :mod:`gpu_proxy.clouds.runpod.cluster`). The same four for an Instant Cluster, whose pods RunPod
+creates, reports and deletes as one: ``run_cluster``, ``query_cluster``, ``wait_cluster``,
+``delete_clusters``.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import logging
 import time
 from typing import Callable, Sequence
 
-from gpu_proxy.clouds.runpod.client import CreatePodRequest, Pod, RunPodClient, RunPodError, RunPodNotFoundError
+from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
+                                            RunPodError, RunPodNotFoundError)
 from gpu_proxy.errors import GpuProxyError
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,72 @@ def terminate_instances(client: RunPodClient, pod_ids: Sequence[str], attempts: 
             except RunPodError as error:
                 if attempt == attempts - 1:
                     failures.append(f"{pod_id}: {error}")
+                else:
+                    time.sleep(2 ** attempt)
+    return failures
+
+
+# ---- Instant Clusters ------------------------------------------------------------------------------------
+
+def run_cluster(client: RunPodClient, request: CreateClusterRequest,
+                created: Callable[[InstantCluster], None]) -> InstantCluster:
+    """Create the cluster; ``created`` gets it as soon as it exists (record its id for teardown first)."""
+    cluster = client.create_cluster(request)
+    created(cluster)
+    return cluster
+
+
+def query_cluster(client: RunPodClient, cluster_id: str) -> dict[str, Pod] | None:
+    """The cluster's member pods by id, in rank order; None when the cluster no longer exists."""
+    try:
+        return {pod.id: pod for pod in client.cluster_pods(cluster_id)}
+    except RunPodNotFoundError:
+        return None
+
+
+def wait_cluster(client: RunPodClient, cluster_id: str, count: int, timeout_s: float, progress: Progress,
+                 poll_s: float = 2.0) -> list[Pod]:
+    """Wait until the cluster has ``count`` ranked pods, all RUNNING with 22/tcp published; returns them in
+    rank order (rank 0, RunPod's primary, first). Fails fast when the cluster or one of its pods fails."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        pods = query_cluster(client, cluster_id)
+        if pods is None:
+            raise LaunchError(f"RunPod Instant Cluster {cluster_id} disappeared while starting.")
+        for pod in pods.values():
+            if pod.status in FAILED:
+                raise LaunchError(f"RunPod pod {pod.id} (rank {pod.cluster_rank}) of Instant Cluster {cluster_id} is "
+                                  f"{pod.status} while starting. Check the image and the pod's logs in the RunPod "
+                                  f"console.")
+            state = f"{pod.status}" + (f", rank {pod.cluster_rank}" if pod.cluster_rank is not None else "")
+            if last.get(pod.id) != state:
+                progress(f"cluster {cluster_id}: pod {pod.id}: {state}")
+                last[pod.id] = state
+        ready = [pod for pod in pods.values()
+                 if pod.status == "RUNNING" and pod.ssh_direct and pod.cluster_rank is not None]
+        if len(ready) >= count and len(pods) == count:
+            return sorted(ready, key=lambda pod: pod.cluster_rank)
+        if time.monotonic() > deadline:
+            waiting = ", ".join(f"{pod.id} {pod.status}" for pod in pods.values()) or "no pods yet"
+            raise LaunchError(f"RunPod Instant Cluster {cluster_id} was not RUNNING after {timeout_s:.0f} s "
+                              f"({len(pods)} of {count} pods: {waiting}). A large image takes minutes to pull the "
+                              f"first time: raise launch_timeout_s, or try again.")
+        time.sleep(poll_s)
+
+
+def delete_clusters(client: RunPodClient, cluster_ids: Sequence[str], attempts: int = 3) -> list[str]:
+    """Delete every cluster (RunPod terminates its pods); returns those that could not be deleted (with why)."""
+    failures = []
+    for cluster_id in cluster_ids:
+        for attempt in range(attempts):
+            try:
+                client.delete_cluster(cluster_id)
+                log.info("deleted RunPod Instant Cluster %s", cluster_id)
+                break
+            except RunPodError as error:
+                if attempt == attempts - 1:
+                    failures.append(f"{cluster_id}: {error}")
                 else:
                     time.sleep(2 ** attempt)
     return failures

@@ -1,11 +1,13 @@
 """A RunPod cluster that ``gpu-proxy up runpod`` launched and saved, opened again by name.
 
-The saved definition holds pod ids, the cluster's own SSH key and known_hosts (0600/0700, under
-the config folder) and the path of the Ray token file (0600); nothing secret is in the definition
-itself. ``start()`` reads the pods from RunPod by id (their SSH port can change), re-opens the
+The saved definition holds pod ids (and an Instant Cluster's id), the cluster's own SSH key and
+known_hosts (0600/0700, under the config folder) and the path of the Ray token file (0600); nothing
+secret is in the definition itself. ``start()`` reads the pods from RunPod by id (through the
+Instant Cluster, if any; their SSH port can change), re-opens the
 tunnel to the head with the saved key, and meters the cost as :class:`RunPodCluster` does (cost
 events, budget stop) and beats the home heartbeat while this process holds it. ``stop()`` only
-closes what this process opened; ``terminate()`` (``gpu-proxy down``) ends the pods.
+closes what this process opened; ``terminate()`` (``gpu-proxy down``) ends the pods (an Instant
+Cluster is deleted as a whole: RunPod refuses to terminate its pods one by one).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any, Callable, Mapping
 
 from gpu_proxy.clouds.runpod.client import Pod, RunPodClient
 from gpu_proxy.clouds.runpod.meter import CostMeter
-from gpu_proxy.clouds.runpod.provision import LaunchError, query_instances, terminate_instances
+from gpu_proxy.clouds.runpod.provision import (LaunchError, delete_clusters, query_cluster, query_instances,
+                                               terminate_instances)
 from gpu_proxy.clusters.base import Cluster, Endpoint
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.ssh import SSHTarget, SSHTunnel
@@ -35,6 +38,7 @@ class SavedRunPodCluster(Cluster):
         self.name = name
         self.definition = dict(definition)
         self.pod_ids: list[str] = list(definition["pod_ids"])
+        self.cluster_id: str | None = definition.get("cluster_id")  # an Instant Cluster
         self.budget_usd = definition.get("budget_usd")
         self._token = token
         self._progress = progress or _print_progress
@@ -57,9 +61,15 @@ class SavedRunPodCluster(Cluster):
             self._client = RunPodClient(base_url=self.definition.get("base_url"))
         return self._client
 
+    def _query(self) -> dict[str, Pod | None]:
+        if self.cluster_id is None:
+            return query_instances(self.client, self.pod_ids)
+        members = query_cluster(self.client, self.cluster_id) or {}
+        return {pod_id: members.get(pod_id) for pod_id in self.pod_ids}
+
     def pods(self) -> list[Pod]:
-        """The saved pods as RunPod reports them now; raises when one is gone or not running."""
-        found = query_instances(self.client, self.pod_ids)
+        """The saved pods as RunPod reports them now (head first); raises when one is gone or not running."""
+        found = self._query()
         gone = [pod_id for pod_id, pod in found.items() if pod is None or pod.status != "RUNNING"]
         if gone:
             states = ", ".join(f"{pod_id} {'terminated' if found[pod_id] is None else found[pod_id].status}"
@@ -90,8 +100,7 @@ class SavedRunPodCluster(Cluster):
             self._heartbeat = HomeHeartbeat(self.endpoint(), f"cluster-{self.definition['name']}").start()
 
     def _rate(self) -> float:
-        return sum(pod.cost_per_hour for pod in query_instances(self.client, self.pod_ids).values()
-                   if pod is not None and pod.status != "EXITED")
+        return sum(pod.cost_per_hour for pod in self._query().values() if pod is not None and pod.status != "EXITED")
 
     def cost(self) -> dict[str, float | None]:
         if self._meter is None:
@@ -128,13 +137,20 @@ class SavedRunPodCluster(Cluster):
         self.terminate()
 
     def terminate(self) -> None:
-        """Terminate every saved pod (GPU billing ends) and delete the cluster's SSH key folder."""
+        """Terminate every saved pod, or delete the Instant Cluster (GPU billing ends), and delete the
+        cluster's SSH key folder."""
         self.stop()
-        failures = terminate_instances(self.client, self.pod_ids)
+        if self.cluster_id:
+            failures = delete_clusters(self.client, [self.cluster_id])
+        else:
+            failures = terminate_instances(self.client, self.pod_ids)
         if failures:
             raise LaunchError("Could not terminate every RunPod pod; terminate them in the RunPod console "
                               "(https://www.runpod.io/console/pods):\n" + "\n".join(failures))
-        self._progress(f"terminated pod(s) {', '.join(self.pod_ids)}")
+        if self.cluster_id:
+            self._progress(f"deleted Instant Cluster {self.cluster_id} (pods {', '.join(self.pod_ids)})")
+        else:
+            self._progress(f"terminated pod(s) {', '.join(self.pod_ids)}")
         state_dir = self.definition.get("state_dir")
         if state_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
