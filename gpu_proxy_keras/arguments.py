@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from gpu_proxy.errors import ConfigurationError
+from gpu_proxy_keras import data_sources
 
 MULTI_WORKER_BACKENDS = ("tensorflow",)
 
@@ -30,11 +31,16 @@ def check_workers(num_workers: Any, backend: str) -> None:
             "hold several GPUs), or build the model with KERAS_BACKEND=tensorflow.")
 
 
-def check_data(name: str, value: Any, required: bool = False) -> None:
-    """Data must be picklable values (numpy arrays, dicts/lists of them) or a function that builds it."""
+def check_data(name: str, value: Any, required: bool = False,
+               storage_options: dict[str, Any] | None = None) -> None:
+    """Data must be picklable values (numpy arrays, dicts/lists of them), a function that builds it,
+    or the URL of a .npy/.npz file the workers read (see data_sources.py)."""
     if value is None:
         if required:
             raise ConfigurationError(f"{name} is required.")
+        return
+    if isinstance(value, str):
+        data_sources.check_file(name, value, storage_options)
         return
     if inspect.isgenerator(value) or (hasattr(value, "__next__") and not hasattr(value, "__len__")):
         raise ConfigurationError(
@@ -48,10 +54,10 @@ def check_data(name: str, value: Any, required: bool = False) -> None:
             f"functools.partial(make_dataset, ...)); every worker calls it and tf.distribute shards it.")
     if isinstance(value, (tuple, list)):
         for index, item in enumerate(value):
-            check_data(f"{name}[{index}]", item)
+            check_data(f"{name}[{index}]", item, storage_options=storage_options)
     elif isinstance(value, dict):
         for key, item in value.items():
-            check_data(f"{name}[{key!r}]", item)
+            check_data(f"{name}[{key!r}]", item, storage_options=storage_options)
 
 
 def check_fit(x: Any, epochs: Any, initial_epoch: Any, validation_split: Any,

@@ -19,7 +19,7 @@ from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.secrets import conceal
-from gpu_proxy_keras import arguments, trained_state
+from gpu_proxy_keras import arguments, data_sources, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
 from gpu_proxy_keras.worker_job import KerasJob
@@ -29,7 +29,10 @@ class RemoteFit:
     """Train, evaluate and predict with ``model`` on remote workers, as if it ran here.
 
     ``fit`` returns a real ``keras.callbacks.History`` (also ``model.history``) and leaves the
-    trained weights and optimizer state in ``model``. ``evaluate`` and ``predict`` run on one worker.
+    trained weights and optimizer state in ``model``. ``evaluate`` and ``predict`` split the samples
+    across the workers (see ``data_sources.py`` and ``shard_metrics.py``) and return what one
+    worker evaluating all of them returns: metrics combined from every shard, predictions in input
+    order. ``storage_options`` serve both ``checkpoint_dir`` and data given as file URLs.
     """
 
     def __init__(self, model: keras.Model, cluster: ClusterSpec = None, num_workers: int = 1,
@@ -64,9 +67,8 @@ class RemoteFit:
             validation_freq: int = 1) -> keras.callbacks.History:
         callbacks = list(callbacks or [])
         data = {"x": x, "y": y, "validation_data": validation_data, "sample_weight": sample_weight}
-        arguments.check_data("x", x, required=True)
-        for name in ("y", "validation_data", "sample_weight"):
-            arguments.check_data(name, data[name])
+        for name in data:
+            arguments.check_data(name, data[name], required=name == "x", storage_options=self.storage_options)
         arguments.check_fit(x, epochs, initial_epoch, validation_split, callbacks, self.num_workers)
         kwargs = dict(batch_size=batch_size, epochs=epochs, validation_split=validation_split,
                       shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
@@ -95,19 +97,34 @@ class RemoteFit:
                  return_dict: bool = False) -> Any:
         data = {"x": x, "y": y, "sample_weight": sample_weight}
         for name, value in data.items():
-            arguments.check_data(name, value, required=name == "x")
+            arguments.check_data(name, value, required=name == "x", storage_options=self.storage_options)
         kwargs = dict(batch_size=batch_size, steps=steps, return_dict=return_dict)
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
-        return self._run("evaluate", data, kwargs, list(callbacks or []), handler, num_workers=1)
+        workers = self._shard_workers(x, steps, functions_shard=True)
+        results = self._run("evaluate", data, kwargs, list(callbacks or []), handler, workers,
+                            sharded=workers > 1)
+        return results[0]  # rank 0 combined every rank's metric states
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto",
                 steps: int | None = None, callbacks: list[keras.callbacks.Callback] | None = None) -> Any:
-        arguments.check_data("x", x, required=True)
+        arguments.check_data("x", x, required=True, storage_options=self.storage_options)
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
-        return self._run("predict", {"x": x}, dict(batch_size=batch_size, steps=steps),
-                         list(callbacks or []), handler, num_workers=1)
+        # A function's dataset is split by batches, and batch order across ranks is lost: one worker.
+        workers = self._shard_workers(x, steps, functions_shard=False)
+        results = self._run("predict", {"x": x}, dict(batch_size=batch_size, steps=steps),
+                            list(callbacks or []), handler, workers, sharded=workers > 1)
+        return data_sources.concatenate(results) if workers > 1 else results[0]
 
     # ----- running -------------------------------------------------------------------------------
+    def _shard_workers(self, x: Any, steps: int | None, functions_shard: bool) -> int:
+        """How many workers share an evaluate/predict: all, but never more than there are samples."""
+        if self.num_workers == 1 or steps is not None:  # `steps` counts batches of the whole data
+            return 1
+        if callable(x):
+            return self.num_workers if functions_shard else 1
+        samples = data_sources.sample_count(x, self.storage_options)
+        return max(1, min(self.num_workers, samples if samples is not None else self.num_workers))
+
     def _run_checkpoints(self) -> RunCheckpoints | None:
         """This fit's checkpoint folder, checked at home before anything starts (None: no checkpoints)."""
         if self.checkpoint_dir is None:
@@ -127,9 +144,10 @@ class RemoteFit:
                 return None, resumed
             run_kwargs = dict(kwargs, initial_epoch=resumed.epoch + 1) if resumed is not None else kwargs
             try:
-                return self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
-                                 archive=storage.read(resumed) if resumed is not None else None,
-                                 checkpoint=storage.worker_spec(resumed) if storage is not None else None), resumed
+                results = self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
+                                    archive=storage.read(resumed) if resumed is not None else None,
+                                    checkpoint=storage.worker_spec(resumed) if storage is not None else None)
+                return results[0], resumed
             except WorkerLostError as lost:
                 failures.append(str(lost))
                 if len(failures) > self.max_failures:
@@ -145,18 +163,20 @@ class RemoteFit:
 
     def _run(self, method: str, data: dict[str, Any], kwargs: dict[str, Any],
              callbacks: list[Any], handler: HomeEventHandler, num_workers: int,
-             archive: bytes | None = None, checkpoint: dict[str, Any] | None = None) -> Any:
+             archive: bytes | None = None, checkpoint: dict[str, Any] | None = None,
+             sharded: bool = False) -> list[Any]:
+        """Every rank's result, in rank order."""
         user_objects = shipping.dumps(
             {"custom_objects": dict(keras.saving.get_custom_objects()), "callbacks": callbacks,
              "data": {k: v for k, v in data.items() if v is not None}, "kwargs": kwargs},
             what="the data, callbacks and custom objects of the run")
         job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
-                       user_objects=user_objects, checkpoint=checkpoint,
-                       batch_events=handler.wants_batches)
-        secrets: dict[str, str] = {}
+                       user_objects=user_objects, checkpoint=checkpoint, storage_options=self.storage_options,
+                       batch_events=handler.wants_batches, sharded=sharded)
+        secrets: dict[str, str] = {}  # gpu_proxy.secrets: storage credentials travel beside the payload
         spec = RunSpec(payload=shipping.dumps(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}")
-        return values(execute(self._cluster(), spec, handler.handle))[0]
+        return values(execute(self._cluster(), spec, handler.handle))
 
     def _cluster(self) -> Cluster:
         if self._resolved_cluster is None:

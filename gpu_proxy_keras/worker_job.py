@@ -25,10 +25,19 @@ class KerasJob:
     model_archive: bytes  # the model's .keras archive: architecture, weights, compile, optimizer state
     user_objects: bytes  # cloudpickled {"custom_objects", "callbacks", "data", "kwargs"}
     checkpoint: dict[str, Any] | None = None  # EpochCheckpoint's arguments (rank 0), see epoch_checkpoint.py
+    # For data given as file URLs. A field of the job, not inside user_objects: credentials in it are
+    # gpu_proxy.secrets values, which travel beside a pickle only when that pickle holds them directly.
+    storage_options: dict[str, Any] | None = None
     batch_events: bool = True  # forward every batch's end home (progress bar, home batch hooks)
+    sharded: bool = False  # evaluate/predict: each rank takes its shard of the data (data_sources.py)
+
+    @property
+    def trains_together(self) -> bool:
+        """Whether the ranks form one distributed training (fit); sharded ranks work independently."""
+        return self.method == "fit"
 
     def __call__(self, ctx: Any) -> Any:
-        multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow"
+        multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow" and self.trains_together
         if multi_worker_tf or not _can_use_backend_here(self.backend):
             env = {"KERAS_BACKEND": self.backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
             if multi_worker_tf:
@@ -52,7 +61,8 @@ class KerasJob:
         from gpu_proxy_keras import worker_events
 
         user = cloudpickle.loads(self.user_objects)
-        strategy = distribution.tensorflow_strategy(ctx.world_size) if self.backend == "tensorflow" else None
+        world_size = ctx.world_size if self.trains_together else 1
+        strategy = distribution.tensorflow_strategy(world_size) if self.backend == "tensorflow" else None
         if strategy is not None:
             with strategy.scope():
                 model = _load_model(self.model_archive, user["custom_objects"])
@@ -67,13 +77,28 @@ class KerasJob:
 
             # Before the event callback: an epoch home has heard of is already committed.
             callbacks.append(EpochCheckpoint(**self.checkpoint))
+        shard = (ctx.rank, ctx.world_size) if self.sharded else None
+        merge = None
+        if self.sharded and self.method == "evaluate" and ctx.world_size > 1:
+            from gpu_proxy_keras.shard_metrics import MergeShardMetrics
+
+            # Before the event callback: rank 0's on_test_end logs become the combined ones.
+            merge = MergeShardMetrics(ctx.rank, ctx.world_size, ctx.master_addr, ctx.master_port)
+            callbacks.append(merge)
         callbacks.append(worker_events.for_job(ctx, self.batch_events))
-        data = {name: _materialise(value) for name, value in user["data"].items()}
+        from gpu_proxy_keras import data_sources
+
+        data = {name: data_sources.materialise(value, self.storage_options, shard)
+                for name, value in user["data"].items()}
         kwargs = dict(user["kwargs"], **data, verbose=0, callbacks=callbacks)
         with keras.saving.custom_object_scope(user["custom_objects"]):
             result = getattr(model, self.method)(**kwargs)
+        if self.method == "predict" and self.sharded:
+            return result  # every rank's shard of the predictions; home joins them in rank order
         if ctx.rank != 0:
             return None
+        if merge is not None:
+            return merge.result(model, bool(user["kwargs"].get("return_dict")))
         if self.method == "fit":
             return {"history": result.history, "epoch": list(result.epoch),
                     "state": trained_state.capture(model)}
@@ -94,10 +119,3 @@ def _load_model(archive: bytes, custom_objects: dict[str, Any]) -> Any:
         with open(path, "wb") as file:
             file.write(archive)
         return keras.saving.load_model(path, custom_objects=custom_objects)
-
-
-def _materialise(value: Any) -> Any:
-    """A callable that builds the data (a tf.data.Dataset, a PyDataset, ...) is called here, on the worker."""
-    if callable(value) and not hasattr(value, "__getitem__") and not hasattr(value, "__array__"):
-        return value()
-    return value

@@ -53,3 +53,24 @@ def blobs_dataset(batch_size: int = 32):
 
     x, y = blobs(n=96)
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+class BlobBatches(keras.utils.PyDataset):
+    """A user's PyDataset: the blobs in fixed batches (the last one short)."""
+
+    def __init__(self, n: int = 100, batch_size: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.x, self.y = blobs(n=n)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index: int):
+        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+
+def blob_batches() -> BlobBatches:
+    """Builds the PyDataset: what a user passes as a function, called on each worker."""
+    return BlobBatches()
