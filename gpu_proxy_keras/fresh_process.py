@@ -7,12 +7,20 @@ processes across runs, so such a job runs in a child process of its own. The chi
 Ray worker's stdout/stderr (so its lines reach home like any other), sends events and its result
 back on a pipe, and reads home's stop request from its stdin. When the parent dies its stdin
 closes, and the child exits: no orphan keeps a port or a GPU.
+
+A child that dies before reporting a result (SIGKILL, the OOM killer, a segfault, ``os._exit``)
+is reported as :class:`~gpu_proxy.errors.WorkerLostError`, because without the child this is what
+Ray reports when the worker's own process dies that way: a lost worker, which home puts before the
+other ranks' errors and ``max_failures`` restarts from the last committed epoch (``home.py``). The
+Ray worker reports the loss rather than killing itself to mirror it, so that it still delivers the
+child's last output lines and events home and the message can name the signal.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +31,7 @@ from typing import Any
 import cloudpickle
 
 from gpu_proxy import shipping
+from gpu_proxy.errors import WorkerLostError
 from gpu_proxy.secrets import install
 
 STOP_POLL_S = 0.2
@@ -81,12 +90,24 @@ def run_in_fresh_process(job: Any, ctx: Any, env: dict[str, str]) -> Any:
             if os.path.exists(path):
                 os.unlink(path)
     if outcome is None:
-        raise RuntimeError(f"rank {ctx.rank}'s training process exited with code {code} before "
-                           "reporting a result (see its output above)")
+        # Home prefixes the rank (home.py).
+        raise WorkerLostError(f"the worker's training process {_death(code)} before reporting a result "
+                              "(see its output above)")
     kind, value = outcome
     if kind == "error":
         raise shipping.unpack_exception(value, f"rank {ctx.rank}, training process")
     return value
+
+
+def _death(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (sent by someone, or the out-of-memory killer)" if -code == signal.SIGKILL else ""
+    return f"was killed by {name}{hint}"
 
 
 def _read_messages(read_end: int, ctx: Any) -> tuple[str, Any] | None:

@@ -83,10 +83,12 @@ def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
     """Raise the run's error at home.
 
     A worker process that died (killed, out of memory, node lost) comes first: the errors the other
-    ranks then raise (a collective whose peer vanished) are its consequences. Otherwise the first
-    rank's own exception is raised as itself.
+    ranks then raise (a collective whose peer vanished) are its consequences. A worker that runs its
+    job in a child process reports that child's death as a :class:`WorkerLostError`
+    (``gpu_proxy_keras/fresh_process.py``); it counts as a death too, whichever rank's error came
+    first. Otherwise the first rank's own exception is raised as itself.
     """
-    crashed = [o for o in outcomes if "lost" in o and not o.get("cancelled")]
+    crashed = [o for o in outcomes if ("lost" in o and not o.get("cancelled")) or _reported_lost(o)]
     if crashed:
         raise WorkerLostError(f"{len(crashed)} worker(s) died during the run: {_lost_details(crashed)}")
     for outcome in outcomes:
@@ -97,8 +99,16 @@ def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
         raise WorkerLostError(f"{len(lost)} worker(s) were lost during the run: {_lost_details(lost)}")
 
 
+_WORKER_LOST = f"{WorkerLostError.__module__}.{WorkerLostError.__qualname__}"
+
+
+def _reported_lost(outcome: dict[str, Any]) -> bool:
+    return "error" in outcome and outcome["error"].get("type") == _WORKER_LOST
+
+
 def _lost_details(outcomes: list[dict[str, Any]]) -> str:
-    return "; ".join(f"rank {o['rank']}: {o['lost']}" for o in outcomes)
+    return "; ".join(f"rank {o['rank']}: {o['lost'] if 'lost' in o else o['error']['message']}"
+                     for o in outcomes)
 
 
 def values(outcomes: list[dict[str, Any]]) -> list[Any]:

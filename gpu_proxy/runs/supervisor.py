@@ -157,8 +157,11 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
                 for ref in done:
                     rank = rank_of[ref]
-                    outcomes[rank] = {"rank": rank, "cancelled": True, "lost": "stopped because another rank "
-                                      "failed" if failed else "aborted by a second interrupt"}
+                    try:  # it may have ended on its own first: keep its own outcome (a lost child, say)
+                        outcomes[rank] = ray.get(ref)
+                    except ray.exceptions.RayError:
+                        outcomes[rank] = {"rank": rank, "cancelled": True, "lost": "stopped because another "
+                                          "rank failed" if failed else "aborted by a second interrupt"}
             for ref in pending:
                 outcomes[rank_of[ref]] = {"rank": rank_of[ref], "cancelled": True, "lost": "did not stop in time"}
             pending = []

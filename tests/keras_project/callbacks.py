@@ -74,3 +74,51 @@ class MarkTrainBegin(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         with open(self.path, "w") as file:
             file.write("started\n")
+
+
+class KillRankOnceAtEpoch(KillOnceAtEpoch):
+    """KillOnceAtEpoch on one rank only (os.environ["RANK"], set on every worker). With
+    `committed_in` (a checkpoint_dir) it first waits until the previous epoch is committed there, so
+    the run that follows has a known epoch to resume from."""
+
+    def __init__(self, epoch: int, marker: str, rank: int, committed_in: str | None = None) -> None:
+        super().__init__(epoch, marker)
+        self.rank = rank
+        self.committed_in = committed_in
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import os
+
+        if os.environ["RANK"] != str(self.rank):
+            return
+        if epoch == self.epoch and self.committed_in is not None and not os.path.exists(self.marker):
+            _wait_for_commit(self.committed_in, f"epoch-{epoch:04d}.keras")
+        super().on_epoch_begin(epoch, logs)
+
+
+def _wait_for_commit(checkpoint_dir: str, name: str, timeout_s: float = 120) -> None:
+    import os
+
+    from gpu_proxy.storage import list_committed
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run in os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []:
+            if any(url.endswith(f"/{name}") for url in list_committed(os.path.join(checkpoint_dir, run))):
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} was not committed under {checkpoint_dir} within {timeout_s:g} s")
+
+
+class RecordEpochBegins(keras.callbacks.Callback):
+    """Runs on the workers: appends '<pid> <epoch>' to <folder>/rank<RANK>.txt as each epoch begins."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import os
+
+        with open(os.path.join(self.folder, f"rank{os.environ['RANK']}.txt"), "a") as file:
+            file.write(f"{os.getpid()} {epoch}\n")
