@@ -78,3 +78,27 @@ def test_the_fix_is_needed_and_gated_to_tested_versions(runs):
     x, y = runs["data"]
     outcomes = keras_reference.fit_multi_worker_unpatched(runs["folder"], mlp(), x, y, workers=2, **FIT)
     assert all("PerReplica" in outcome for outcome in outcomes), outcomes
+
+
+def test_training_callbacks_run_on_every_rank_and_stop_them_at_the_same_epoch(tmp_path):
+    from tests.keras_project.callbacks import RecordEpochBegins
+
+    x, y = blobs(n=64)
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-9), loss="sparse_categorical_crossentropy")
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", min_delta=0.01, patience=0, factor=0.5),
+        keras.callbacks.EarlyStopping(monitor="loss", min_delta=0.01, patience=1),
+        keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
+        RecordEpochBegins(str(tmp_path)),
+    ]
+    history = RemoteFit(model, num_workers=2).fit(x, y, batch_size=32, epochs=10, shuffle=False, verbose=0,
+                                                  callbacks=callbacks)
+    # No improvement: EarlyStopping ends both ranks after epoch 1 (a rank that went on would hang
+    # in its collective), and ReduceLROnPlateau halved the rate once, as the local model shows.
+    assert history.epoch == [0, 1]
+    for rank in (0, 1):
+        begun = [int(line.split()[1]) for line in (tmp_path / f"rank{rank}.txt").read_text().split("\n") if line]
+        assert begun == [0, 1], rank
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(5e-10, rel=1e-6)
+    assert len(list((tmp_path / "tb" / "train").iterdir())) == 1  # TensorBoard wrote from rank 0 only
