@@ -5,11 +5,12 @@ import inspect
 from typing import Any
 
 import keras
+import numpy as np
 
 from gpu_proxy.errors import ConfigurationError
-from gpu_proxy_keras import data_sources
+from gpu_proxy_keras import data_sources, jax_distribution
 
-MULTI_WORKER_BACKENDS = ("tensorflow",)
+MULTI_WORKER_BACKENDS = ("tensorflow", "jax")
 
 
 def check_model(model: Any) -> None:
@@ -98,3 +99,38 @@ def check_checkpoints(checkpoint_dir: Any, max_failures: Any, run_name: Any) -> 
                                      "checkpoint_dir=... too.")
         if not isinstance(run_name, str) or not run_name or "/" in run_name or run_name in (".", ".."):
             raise ConfigurationError(f"run_name={run_name!r}: pass a non-empty name without '/'.")
+
+
+def check_jax_fit(data: dict[str, Any], kwargs: dict[str, Any], num_workers: int,
+                  storage_options: dict[str, Any] | None) -> None:
+    """Several JAX workers: arrays (or .npy/.npz URLs) whose every global batch splits evenly
+    across the workers (see jax_distribution.py)."""
+    for name in ("x", "y", "validation_data", "sample_weight"):
+        value = data.get(name)
+        if callable(value) or isinstance(value, keras.utils.PyDataset):
+            raise ConfigurationError(
+                f"{name} is a {type(value).__name__}: with the JAX backend on {num_workers} workers, "
+                "gpu_proxy_keras splits every global batch across the workers itself, so it needs "
+                f"arrays or .npy/.npz URLs. Pass those, or use num_workers=1 (one worker may hold several "
+                "GPUs), or the tensorflow backend.")
+    batch_size = kwargs.get("batch_size") or 32
+    counts = {"batch_size": (batch_size, data_sources.sample_count(data["x"], storage_options))}
+    if kwargs.get("validation_split") and counts["batch_size"][1] is not None:
+        total = counts["batch_size"][1]
+        train = int(np.floor(total * (1.0 - kwargs["validation_split"])))
+        counts = {"batch_size": (batch_size, train),
+                  "validation_batch_size": (kwargs.get("validation_batch_size") or batch_size, total - train)}
+    elif data.get("validation_data") is not None:
+        counts["validation_batch_size"] = (kwargs.get("validation_batch_size") or batch_size,
+                                           data_sources.sample_count(data["validation_data"], storage_options))
+    for name, (size, samples) in counts.items():
+        if size % num_workers:
+            raise ConfigurationError(
+                f"{name}={size} with the JAX backend on {num_workers} workers: each global batch is split "
+                f"evenly across the workers. Pass a {name} divisible by {num_workers}.")
+        uneven = jax_distribution.uneven_batch(samples, size, num_workers) if samples is not None else None
+        if uneven is not None:
+            raise ConfigurationError(
+                f"{samples} samples in batches of {size} end with a batch of {uneven}, which does not split "
+                f"evenly across {num_workers} JAX workers. Pick a {name} that divides {samples}, or drop "
+                f"{uneven % num_workers} samples.")

@@ -149,7 +149,10 @@ def _main(job_file: str, fd: int, secrets_file: str) -> None:
     os.unlink(secrets_file)
     install(secrets)  # for this whole process: the job unpickles its nested parts later
     with open(job_file, "rb") as file:
-        job, fields = cloudpickle.loads(file.read())
+        data = file.read()
+    # Read once: deleted now, since a parent killed mid-run (force-cancelled) never runs its cleanup.
+    os.unlink(job_file)
+    job, fields = cloudpickle.loads(data)
     pipe = os.fdopen(fd, "wb")
     ctx = ChildContext(fields, pipe)
     threading.Thread(target=_watch_stdin, args=(ctx,), daemon=True).start()

@@ -74,6 +74,8 @@ class RemoteFit:
                       shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
                       steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                       validation_batch_size=validation_batch_size, validation_freq=validation_freq)
+        if self.backend == "jax" and self.num_workers > 1:
+            arguments.check_jax_fit(data, kwargs, self.num_workers, self.storage_options)
         storage = self._run_checkpoints()
         resumed = storage.latest() if storage is not None and self.run_name is not None else None
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=True)

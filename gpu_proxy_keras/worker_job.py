@@ -37,8 +37,10 @@ class KerasJob:
         return self.method == "fit"
 
     def __call__(self, ctx: Any) -> Any:
-        multi_worker_tf = ctx.world_size > 1 and self.backend == "tensorflow" and self.trains_together
-        if multi_worker_tf or not _can_use_backend_here(self.backend):
+        multi_worker = ctx.world_size > 1 and self.trains_together
+        multi_worker_tf = multi_worker and self.backend == "tensorflow"
+        # jax.distributed, like TF's collectives, starts once per process: a fresh one per run.
+        if multi_worker or not _can_use_backend_here(self.backend):
             env = {"KERAS_BACKEND": self.backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
             if multi_worker_tf:
                 import ray
@@ -62,10 +64,17 @@ class KerasJob:
 
         user = cloudpickle.loads(self.user_objects)
         world_size = ctx.world_size if self.trains_together else 1
+        jax_together = self.backend == "jax" and world_size > 1
+        if jax_together:
+            from gpu_proxy_keras import jax_distribution
+
+            jax_distribution.setup(ctx.rank, world_size, ctx.master_addr, ctx.master_port)
         strategy = distribution.tensorflow_strategy(world_size) if self.backend == "tensorflow" else None
         if strategy is not None:
             with strategy.scope():
                 model = _load_model(self.model_archive, user["custom_objects"])
+        elif jax_together:  # variables laid out by the distribution just set; never a kept model
+            model = _load_model(self.model_archive, user["custom_objects"])
         else:
             from gpu_proxy_keras import model_cache
 
@@ -90,7 +99,10 @@ class KerasJob:
 
         data = {name: data_sources.materialise(value, self.storage_options, shard)
                 for name, value in user["data"].items()}
-        kwargs = dict(user["kwargs"], **data, verbose=0, callbacks=callbacks)
+        kwargs = user["kwargs"]
+        if jax_together:  # each rank is fed its part of every global batch
+            data, kwargs = jax_distribution.local_fit_arguments(data, kwargs, ctx.rank, world_size)
+        kwargs = dict(kwargs, **data, verbose=0, callbacks=callbacks)
         with keras.saving.custom_object_scope(user["custom_objects"]):
             result = getattr(model, self.method)(**kwargs)
         if self.method == "predict" and self.sharded:
