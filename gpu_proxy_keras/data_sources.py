@@ -115,10 +115,18 @@ def _shard_rows(value: Any, shard: Shard) -> Any:
 def _shard_built(built: Any, shard: Shard) -> Any:
     rank, world_size = shard
     if isinstance(built, keras.utils.PyDataset):
+        _check_batches(len(built), world_size)
         return PyDatasetShard(built, rank, world_size)
     if type(built).__module__.startswith("tensorflow") and hasattr(built, "shard"):
+        _check_batches(int(built.cardinality()), world_size)  # negative: unknown or infinite
         return built.shard(world_size, rank)
     return _shard_rows(built, shard)
+
+
+def _check_batches(batches: int, world_size: int) -> None:
+    if 0 <= batches < world_size:
+        raise ValueError(f"the dataset has {batches} batches, fewer than the {world_size} workers sharing "
+                         f"it by batches: use RemoteFit(num_workers={max(batches, 1)}) for it.")
 
 
 def _read_file(url: str, storage_options: dict[str, Any] | None, shard: Shard | None) -> Any:

@@ -46,7 +46,7 @@ class MergeShardMetrics(keras.callbacks.Callback):
         try:
             others = self._collector.collect(self.world_size - 1, timeout=COLLECT_TIMEOUT_S)
         finally:
-            self._collector.close()
+            self.close()
         every_rank = [states] + [others[r] for r in range(1, self.world_size)]
         for index, metric in enumerate(self.model.metrics):
             for position, variable in enumerate(metric.variables):
@@ -61,6 +61,12 @@ class MergeShardMetrics(keras.callbacks.Callback):
         if logs is not None:
             logs.update(merged)
         self.merged = merged
+
+    def close(self) -> None:
+        """Free the rendezvous port; the worker calls it however evaluate ended (pooled processes live on)."""
+        if self._collector is not None:
+            self._collector.close()
+            self._collector = None
 
     def result(self, model: Any, return_dict: bool) -> Any:
         """What Keras' ``evaluate`` returns, from the combined metrics (rank 0)."""

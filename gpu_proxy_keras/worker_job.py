@@ -103,8 +103,12 @@ class KerasJob:
         if jax_together:  # each rank is fed its part of every global batch
             data, kwargs = jax_distribution.local_fit_arguments(data, kwargs, ctx.rank, world_size)
         kwargs = dict(kwargs, **data, verbose=0, callbacks=callbacks)
-        with keras.saving.custom_object_scope(user["custom_objects"]):
-            result = getattr(model, self.method)(**kwargs)
+        try:
+            with keras.saving.custom_object_scope(user["custom_objects"]):
+                result = getattr(model, self.method)(**kwargs)
+        finally:
+            if merge is not None:
+                merge.close()
         if self.method == "predict" and self.sharded:
             return result  # every rank's shard of the predictions; home joins them in rank order
         if ctx.rank != 0:

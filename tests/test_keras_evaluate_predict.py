@@ -113,3 +113,10 @@ def test_concatenate_joins_every_output_structure():
              {"p": np.zeros((1, 3)), "q": [np.ones(1), np.zeros(1)]}]
     joined = data_sources.concatenate(parts)
     assert joined["p"].shape == (3, 3) and [q.tolist() for q in joined["q"]] == [[0, 0, 1], [1, 1, 0]]
+
+
+def test_a_dataset_with_fewer_batches_than_workers_is_refused_with_the_fix():
+    shard = data_sources.materialise(lambda: BlobBatches(n=100, batch_size=16), None, (1, 2))
+    assert len(shard) == 3 and np.array_equal(shard[0][0], BlobBatches()[1][0])  # batches 1, 3, 5
+    with pytest.raises(ValueError, match="1 batches, fewer than the 2 workers.*num_workers=1"):
+        data_sources.materialise(lambda: BlobBatches(n=16, batch_size=16), None, (1, 2))
