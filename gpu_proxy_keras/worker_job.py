@@ -62,13 +62,13 @@ class KerasJob:
         from gpu_proxy_keras import trained_state, worker_callbacks
         from gpu_proxy_keras import worker_events
 
-        user = cloudpickle.loads(self.user_objects)
         world_size = ctx.world_size if self.trains_together else 1
         jax_together = self.backend == "jax" and world_size > 1
-        if jax_together:
+        if jax_together:  # before anything else touches JAX (the user's objects may hold jax arrays)
             from gpu_proxy_keras import jax_distribution
 
             jax_distribution.setup(ctx.rank, world_size, ctx.master_addr, ctx.master_port)
+        user = cloudpickle.loads(self.user_objects)
         strategy = distribution.tensorflow_strategy(world_size) if self.backend == "tensorflow" else None
         if strategy is not None:
             with strategy.scope():
