@@ -20,7 +20,9 @@ Imports Keras: import this module on a worker only once the backend is chosen.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import keras
 import numpy as np
@@ -38,10 +40,10 @@ Shard = tuple[int, int]  # (rank, world_size)
 def check_file(name: str, url: str, storage_options: dict[str, Any] | None) -> None:
     """Refuse a data URL the workers could not read, before anything starts."""
     shown = redact(url, storage_options)
-    if not url.lower().endswith(FILE_SUFFIXES):
+    if _suffix(url) not in FILE_SUFFIXES:
         raise ConfigurationError(
-            f"{name}={shown!r}: a data URL must name a .npy file (an array) or a .npz file (a dict of "
-            "arrays). For other formats pass a function that builds a tf.data.Dataset or a "
+            f"{name}={shown!r}: a string in a data argument is read as a file URL, and it must name a .npy "
+            "file (an array) or a .npz file (a dict of arrays); string labels go in a numpy array. For other formats pass a function that builds a tf.data.Dataset or a "
             f"keras.utils.PyDataset from it, e.g. {name}=lambda: make_dataset(url); every worker calls it.")
     fs, path = resolve(url, storage_options)
     if not fs.exists(path):
@@ -55,10 +57,15 @@ def sample_count(value: Any, storage_options: dict[str, Any] | None) -> int | No
     if isinstance(value, str):
         fs, path = resolve(value, storage_options)
         with fs.open(path, "rb") as file:
-            if value.lower().endswith(".npy"):
-                return _npy_header(file)[0][0]
-            with np.load(file) as arrays:
-                return len(arrays[arrays.files[0]])
+            if _suffix(value) == ".npy":
+                shape = _npy_header(file)[0]
+            else:  # only the first member's header, never its (maybe compressed) data
+                with np.load(file) as arrays, arrays.zip.open(arrays.files[0] + ".npy") as member:
+                    shape = _npy_header(member)[0]
+        if not shape:
+            raise ConfigurationError(f"{redact(value, storage_options)!r} holds a 0-d array; data needs a "
+                                     "sample axis (shape (samples, ...)).")
+        return shape[0]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
@@ -94,6 +101,12 @@ def materialise(value: Any, storage_options: dict[str, Any] | None, shard: Shard
         built = value()
         return _shard_built(built, shard) if shard is not None else built
     return _shard_rows(value, shard) if shard is not None else value
+
+
+def _suffix(url: str) -> str:
+    """The file suffix of a URL's path (a signed URL's query string does not count)."""
+    path = urlsplit(url).path if "://" in url else url
+    return os.path.splitext(path)[1].lower()
 
 
 def bounds(count: int, shard: Shard) -> tuple[int, int]:
@@ -132,7 +145,7 @@ def _check_batches(batches: int, world_size: int) -> None:
 def _read_file(url: str, storage_options: dict[str, Any] | None, shard: Shard | None) -> Any:
     fs, path = resolve(url, storage_options)
     with fs.open(path, "rb") as file:
-        if url.lower().endswith(".npy"):
+        if _suffix(url) == ".npy":
             return _read_npy_rows(file, shard)
         # A .npz member is a (possibly compressed) zip entry: it is read whole, then sliced.
         with np.load(file) as arrays:
@@ -175,13 +188,14 @@ def _read_exact(file: Any, size: int) -> bytearray:
 
 
 class PyDatasetShard(keras.utils.PyDataset):
-    """Every ``world_size``-th batch of a ``keras.utils.PyDataset``, starting at batch ``rank``."""
+    """This rank's contiguous range of a ``keras.utils.PyDataset``'s batches."""
 
     def __init__(self, dataset: keras.utils.PyDataset, rank: int, world_size: int) -> None:
         super().__init__(workers=dataset.workers, use_multiprocessing=dataset.use_multiprocessing,
                          max_queue_size=dataset.max_queue_size)
         self._dataset = dataset
-        self._batches = range(rank, len(dataset), world_size)
+        # Contiguous, as for arrays: predict joins the ranks' outputs in rank order.
+        self._batches = range(*bounds(len(dataset), (rank, world_size)))
 
     def __len__(self) -> int:
         return len(self._batches)

@@ -73,9 +73,10 @@ def local_fit_arguments(data: dict[str, Any], kwargs: dict[str, Any], rank: int,
         count = len(_first_leaf(data["x"]))
         split_at = int(np.floor(count * (1.0 - kwargs["validation_split"])))
         train = {name: _rows(data.get(name), slice(0, split_at)) for name in ("x", "y", "sample_weight")}
-        held_out = [_rows(data.get(name), slice(split_at, None)) for name in ("x", "y", "sample_weight")]
+        x_val, y_val, weights_val = (_rows(data.get(name), slice(split_at, None)) for name in ("x", "y", "sample_weight"))
         data.update(train)
-        data["validation_data"] = tuple(part for part in held_out if part is not None)
+        # Keras reads a 2-tuple as (x, y): held-out weights always go third.
+        data["validation_data"] = (x_val, y_val) if weights_val is None else (x_val, y_val, weights_val)
         kwargs["validation_split"] = 0.0
     for name in ("x", "y", "sample_weight"):
         data[name] = local_batches(data.get(name), batch_size, rank, world_size)

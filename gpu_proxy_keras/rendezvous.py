@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 CONNECT_TIMEOUT_S = 120.0
+MESSAGE_TIMEOUT_S = 30.0  # a connected rank sends its one line at once
 
 
 def free_port(host: str = "") -> int:
@@ -44,15 +45,21 @@ class Collector:
         self._peers: list[socket.socket] = []
 
     def collect(self, count: int, timeout: float | None = CONNECT_TIMEOUT_S) -> dict[int, Any]:
-        """The values ``count`` other ranks sent, by rank."""
+        """The values ``count`` other ranks sent, by rank. A connection that sends no well-formed
+        message in time (a port scan, a stray client) is dropped, not taken as a rank."""
         received: dict[int, Any] = {}
         self._server.settimeout(timeout)
         while len(received) < count:
             conn, _ = self._server.accept()
-            conn.settimeout(timeout)
+            conn.settimeout(MESSAGE_TIMEOUT_S)
+            try:
+                message = json.loads(_read_line(conn))
+                rank, value = int(message["rank"]), message["value"]
+            except (OSError, ValueError, KeyError, TypeError):
+                conn.close()
+                continue
             self._peers.append(conn)
-            message = json.loads(_read_line(conn))
-            received[int(message["rank"])] = message["value"]
+            received[rank] = value
         return received
 
     def reply(self, value: Any) -> None:
@@ -74,9 +81,11 @@ class Collector:
 
 
 def send_to_rank0(rank: int, value: Any, master_addr: str, master_port: int,
-                  wait_for_reply: bool = False, timeout: float = CONNECT_TIMEOUT_S) -> Any:
-    """Send ``value`` (JSON-able) to rank 0's :class:`Collector`; return its reply when asked to wait."""
-    deadline = time.monotonic() + timeout
+                  wait_for_reply: bool = False, timeout: float = CONNECT_TIMEOUT_S,
+                  connect_timeout: float = CONNECT_TIMEOUT_S) -> Any:
+    """Send ``value`` (JSON-able) to rank 0's :class:`Collector`; return its reply when asked to wait
+    (up to ``timeout``). Rank 0 must be listening within ``connect_timeout``."""
+    deadline = time.monotonic() + connect_timeout
     while True:
         try:
             conn = socket.create_connection((master_addr, master_port), timeout=timeout)
@@ -84,7 +93,7 @@ def send_to_rank0(rank: int, value: Any, master_addr: str, master_port: int,
         except OSError:  # rank 0 is not listening yet
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank} could not reach rank 0 at {master_addr}:{master_port} "
-                                   f"within {timeout:g} s") from None
+                                   f"within {connect_timeout:g} s") from None
             time.sleep(0.05)
     with conn:
         conn.sendall((json.dumps({"rank": rank, "value": value}) + "\n").encode())

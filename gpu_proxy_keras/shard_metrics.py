@@ -19,11 +19,14 @@ from gpu_proxy_keras import rendezvous
 
 # How long rank 0 waits for the slowest rank to finish its shard; a rank that dies ends the run anyway.
 COLLECT_TIMEOUT_S = 24 * 3600.0
+# How long a rank that finished first waits for rank 0 to listen (rank 0 may still be loading the model).
+CONNECT_TIMEOUT_S = 600.0
 
 
 class MergeShardMetrics(keras.callbacks.Callback):
-    """On every rank of a sharded ``evaluate``; must come before callbacks that read ``on_test_end``'s
-    logs (the event stream home), since rank 0 rewrites those logs in place. ``evaluate`` returns its
+    """On every rank of a sharded ``evaluate``, first in the callback list: rank 0 rewrites
+    ``on_test_end``'s logs in place, so the user's callbacks and the event stream home see the
+    combined ones. ``evaluate`` returns its
     own copy of the shard's logs, so rank 0's caller takes :meth:`result` instead."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -40,8 +43,9 @@ class MergeShardMetrics(keras.callbacks.Callback):
     def on_test_end(self, logs: Any = None) -> None:
         states = [[_encode(np.asarray(v)) for v in metric.variables] for metric in self.model.metrics]
         if self.rank != 0:
+            # Rank 0 listens from its on_test_begin: only its start-up (model load) can keep us waiting.
             rendezvous.send_to_rank0(self.rank, states, self.master_addr, self.master_port,
-                                     timeout=COLLECT_TIMEOUT_S)
+                                     connect_timeout=CONNECT_TIMEOUT_S)
             return
         try:
             others = self._collector.collect(self.world_size - 1, timeout=COLLECT_TIMEOUT_S)
@@ -79,14 +83,12 @@ def _combine(variable: Any, parts: list[np.ndarray], metric_name: str) -> np.nda
     aggregation = getattr(variable, "aggregation", "sum")
     if aggregation == "sum":
         return np.sum(parts, axis=0).astype(parts[0].dtype)
-    if aggregation == "mean":
-        return np.mean(parts, axis=0).astype(parts[0].dtype)
     if aggregation == "only_first_replica":
         return parts[0]
     raise ValueError(
         f"the metric {metric_name!r} keeps its state in a variable with aggregation={aggregation!r}, "
-        "so its per-shard states cannot be combined. Give the variable aggregation='sum' (Keras' "
-        "default for metrics), or use RemoteFit(num_workers=1) for evaluate.")
+        "so its per-shard states cannot be combined exactly (shards differ in size). Give the variable "
+        "aggregation='sum' (Keras' default for metrics), or use RemoteFit(num_workers=1) for evaluate.")
 
 
 def _encode(array: np.ndarray) -> dict[str, Any]:

@@ -91,9 +91,9 @@ class KerasJob:
         if self.sharded and self.method == "evaluate" and ctx.world_size > 1:
             from gpu_proxy_keras.shard_metrics import MergeShardMetrics
 
-            # Before the event callback: rank 0's on_test_end logs become the combined ones.
+            # First: every later callback (the user's, the event stream) sees the combined logs.
             merge = MergeShardMetrics(ctx.rank, ctx.world_size, ctx.master_addr, ctx.master_port)
-            callbacks.append(merge)
+            callbacks.insert(0, merge)
         callbacks.append(worker_events.for_job(ctx, self.batch_events))
         from gpu_proxy_keras import data_sources
 

@@ -117,6 +117,12 @@ def test_concatenate_joins_every_output_structure():
 
 def test_a_dataset_with_fewer_batches_than_workers_is_refused_with_the_fix():
     shard = data_sources.materialise(lambda: BlobBatches(n=100, batch_size=16), None, (1, 2))
-    assert len(shard) == 3 and np.array_equal(shard[0][0], BlobBatches()[1][0])  # batches 1, 3, 5
+    assert len(shard) == 4 and np.array_equal(shard[0][0], BlobBatches()[3][0])  # batches 3 to 6
     with pytest.raises(ValueError, match="1 batches, fewer than the 2 workers.*num_workers=1"):
         data_sources.materialise(lambda: BlobBatches(n=16, batch_size=16), None, (1, 2))
+
+
+def test_a_py_dataset_object_predicts_in_input_order_on_two_workers(trained):
+    model, _, _ = trained
+    got = RemoteFit(model, num_workers=2).predict(BlobBatches(), verbose=0)
+    np.testing.assert_allclose(got, model.predict(BlobBatches(), verbose=0), rtol=0, atol=1e-6)

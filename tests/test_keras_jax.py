@@ -53,6 +53,10 @@ def test_each_rank_gets_its_part_of_every_global_batch():
     assert data["x"].tolist() == [4, 5, 6, 7, 12, 13, 14, 15] and data["y"].tolist() == [40, 50, 60, 70, 120, 130, 140, 150]
     assert [part.tolist() for part in data["validation_data"]] == [[18, 19], [180, 190]]
     assert kwargs["batch_size"] == 4 and kwargs["validation_split"] == 0.0
+    data, _ = jax_distribution.local_fit_arguments(
+        {"x": x, "sample_weight": x / 10}, {"batch_size": 8, "validation_split": 0.2}, 0, 2)
+    x_val, y_val, weights_val = data["validation_data"]  # weights stay third, never read as y
+    assert x_val.tolist() == [16, 17] and y_val is None and weights_val.tolist() == [1.6, 1.7]
 
 
 def test_batches_that_do_not_split_evenly_are_refused_at_home():

@@ -105,3 +105,12 @@ def test_a_npz_file_holds_a_multi_input_models_named_inputs(tmp_path):
     model = two_input_model()
     got = RemoteFit(model, num_workers=2).predict(f"file://{tmp_path}/inputs.npz", verbose=0)
     np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=0, atol=1e-6)
+
+
+def test_sample_counts_come_from_headers_and_urls_are_judged_by_their_path(tmp_path):
+    np.savez_compressed(tmp_path / "big.npz", a=np.zeros((300, 5)), b=np.ones((300, 2)))
+    assert data_sources.sample_count(str(tmp_path / "big.npz"), None) == 300
+    np.save(tmp_path / "scalar.npy", np.float32(3))
+    with pytest.raises(ConfigurationError, match="0-d array; data needs a sample axis"):
+        data_sources.sample_count(str(tmp_path / "scalar.npy"), None)
+    assert data_sources._suffix("https://bucket.example/x.NPY?X-Amz-Signature=abc.csv") == ".npy"

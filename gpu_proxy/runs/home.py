@@ -91,7 +91,8 @@ def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
     crashed = [o for o in outcomes if ("lost" in o and not o.get("cancelled")) or _reported_lost(o)]
     if crashed:
         raise WorkerLostError(f"{len(crashed)} worker(s) died during the run: {_lost_details(crashed)}")
-    for outcome in outcomes:
+    # The error that ended the run first is the cause; those that came during the cancel follow from it.
+    for outcome in sorted(outcomes, key=lambda o: bool(o.get("ended_during_cancel"))):
         if "error" in outcome:
             raise shipping.unpack_exception(outcome["error"], f"rank {outcome['rank']}")
     lost = [o for o in outcomes if "lost" in o]

@@ -157,8 +157,9 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
                 for ref in done:
                     rank = rank_of[ref]
-                    try:  # it may have ended on its own first: keep its own outcome (a lost child, say)
-                        outcomes[rank] = ray.get(ref)
+                    try:  # it may have ended on its own first: keep its own outcome (a lost child, say),
+                        # marked so home ranks the error that came first before it (home.py)
+                        outcomes[rank] = dict(ray.get(ref), ended_during_cancel=True)
                     except ray.exceptions.RayError:
                         outcomes[rank] = {"rank": rank, "cancelled": True, "lost": "stopped because another "
                                           "rank failed" if failed else "aborted by a second interrupt"}
