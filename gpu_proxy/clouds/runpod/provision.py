@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
                                             RunPodError, RunPodNotFoundError)
@@ -74,16 +74,22 @@ def wait_instances(client: RunPodClient, pod_ids: Sequence[str], timeout_s: floa
 
 def terminate_instances(client: RunPodClient, pod_ids: Sequence[str], attempts: int = 3) -> list[str]:
     """Terminate every pod; returns those that could not be terminated (with why). A pod already gone is fine."""
+    return _each_with_retries(pod_ids, client.terminate_pod, "terminated RunPod pod %s", attempts)
+
+
+def _each_with_retries(resource_ids: Sequence[str], action: Callable[[str], Any], done: str,
+                       attempts: int) -> list[str]:
+    """``action(id)`` for every id, retried with backoff; returns '<id>: <error>' for those that failed."""
     failures = []
-    for pod_id in pod_ids:
+    for resource_id in resource_ids:
         for attempt in range(attempts):
             try:
-                client.terminate_pod(pod_id)
-                log.info("terminated RunPod pod %s", pod_id)
+                action(resource_id)
+                log.info(done, resource_id)
                 break
             except RunPodError as error:
                 if attempt == attempts - 1:
-                    failures.append(f"{pod_id}: {error}")
+                    failures.append(f"{resource_id}: {error}")
                 else:
                     time.sleep(2 ** attempt)
     return failures
@@ -140,16 +146,4 @@ def wait_cluster(client: RunPodClient, cluster_id: str, count: int, timeout_s: f
 
 def delete_clusters(client: RunPodClient, cluster_ids: Sequence[str], attempts: int = 3) -> list[str]:
     """Delete every cluster (RunPod terminates its pods); returns those that could not be deleted (with why)."""
-    failures = []
-    for cluster_id in cluster_ids:
-        for attempt in range(attempts):
-            try:
-                client.delete_cluster(cluster_id)
-                log.info("deleted RunPod Instant Cluster %s", cluster_id)
-                break
-            except RunPodError as error:
-                if attempt == attempts - 1:
-                    failures.append(f"{cluster_id}: {error}")
-                else:
-                    time.sleep(2 ** attempt)
-    return failures
+    return _each_with_retries(cluster_ids, client.delete_cluster, "deleted RunPod Instant Cluster %s", attempts)
