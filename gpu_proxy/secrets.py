@@ -85,6 +85,20 @@ def conceal(options: Any, _under_secret_name: bool = False) -> Any:
     return options
 
 
+def references(options: Any) -> dict[str, str]:
+    """The ``{ref: value}`` of every :class:`Concealed` inside ``options`` (what must travel beside it)."""
+    if isinstance(options, Concealed):
+        return {options.ref: str.__str__(options)}
+    if isinstance(options, dict):
+        options = list(options.values())
+    if isinstance(options, (list, tuple)):
+        found: dict[str, str] = {}
+        for value in options:
+            found.update(references(value))
+        return found
+    return {}
+
+
 @contextlib.contextmanager
 def collecting() -> Iterator[dict[str, str]]:
     """Within the block, every :class:`Concealed` pickled on this thread is noted in the dict yielded."""

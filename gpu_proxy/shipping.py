@@ -15,12 +15,15 @@ import sysconfig
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
 
 from gpu_proxy.errors import RemoteError, ShippingError
 from gpu_proxy.secrets import collecting
+
+if TYPE_CHECKING:
+    from gpu_proxy.dataplane.package import Package
 
 _INSTALLED_ROOTS = tuple(
     str(Path(p).resolve())
@@ -87,16 +90,75 @@ def dumps(obj: Any, what: str = "the run", secrets: dict[str, str] | None = None
             secrets.update(found)
         return data
     except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
-        path = find_unpicklable(obj, what)
-        raise ShippingError(
-            f"{path or what} cannot be sent to the remote workers: {type(exc).__name__}: {exc}. "
-            "Objects of a run are pickled; hold such resources (locks, open files, sockets, "
-            "generators) outside the module/callback or create them in a setup hook."
-        ) from exc
+        raise _unshippable(obj, what, exc) from exc
+
+
+def _unshippable(obj: Any, what: str, exc: Exception) -> ShippingError:
+    path = find_unpicklable(obj, what)
+    return ShippingError(
+        f"{path or what} cannot be sent to the remote workers: {type(exc).__name__}: {exc}. "
+        "Objects of a run are pickled; hold such resources (locks, open files, sockets, "
+        "generators) outside the module/callback or create them in a setup hook.")
 
 
 def loads(data: bytes) -> Any:
     return cloudpickle.loads(data)
+
+
+#: type -> reducer for objects whose memory should travel out of band (see :func:`pack`). A reducer
+#: returns a ``__reduce__`` tuple whose large parts are ``pickle.PickleBuffer``s, or ``NotImplemented``
+#: to leave the object to its own pickling. Frameworks register theirs (``gpu_proxy_lightning``
+#: registers torch tensors); numpy arrays need none, they support protocol 5 themselves.
+_OUT_OF_BAND: dict[type, Callable[[Any, dict], Any]] = {}
+
+
+def register_out_of_band(cls: type, reducer: Callable[[Any, dict], Any]) -> None:
+    """Pickle instances of exactly ``cls`` with ``reducer(obj, memo)``; ``memo`` lives for one :func:`pack`."""
+    _OUT_OF_BAND[cls] = reducer
+
+
+class _BufferPickler(cloudpickle.Pickler):
+    def __init__(self, file: Any, buffers: list) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.reducer_memo: dict = {}  # e.g. one entry per tensor storage, so shared storage stays shared
+
+    def reducer_override(self, obj: Any) -> Any:
+        reducer = _OUT_OF_BAND.get(type(obj))
+        if reducer is not None:
+            reduced = reducer(obj, self.reducer_memo)
+            if reduced is not NotImplemented:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def pack(obj: Any, what: str = "the run", secrets: dict[str, str] | None = None) -> "Package":
+    """Like :func:`dumps`, but large buffers stay out of the pickle stream, uncopied (a :class:`Package`).
+
+    Packing a model refers to its tensors' memory instead of copying it; the package is then written
+    once, to wherever it goes (a file, a socket, the object store).
+    """
+    import io
+
+    from gpu_proxy.dataplane.package import Package
+
+    register_project_modules()
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    try:
+        with collecting() as found:
+            _BufferPickler(stream, buffers).dump(obj)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
+        raise _unshippable(obj, what, exc) from exc
+    if secrets is not None:
+        secrets.update(found)
+    return Package(stream.getvalue(), [_flat(b) for b in buffers])
+
+
+def _flat(buffer: pickle.PickleBuffer) -> memoryview:
+    try:
+        return buffer.raw()  # a contiguous buffer as flat bytes, no copy
+    except BufferError:  # a non-contiguous array: one copy, as pickle would have made in band
+        return memoryview(bytes(buffer))
 
 
 def _picklable(obj: Any) -> bool:

@@ -4,7 +4,7 @@ It is registered with ``lightning.pytorch`` and, when installed, ``pytorch_light
 """
 from lightning.pytorch.strategies import StrategyRegistry
 
-from gpu_proxy_lightning import pl_mirror, remote_accelerator
+from gpu_proxy_lightning import pl_mirror, remote_accelerator, tensor_buffers  # noqa: F401  (tensors out of band)
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 
 register(StrategyRegistry)

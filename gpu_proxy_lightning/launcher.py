@@ -17,6 +17,7 @@ from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
 
 from gpu_proxy import events, shipping
+from gpu_proxy.dataplane.package import Package
 from gpu_proxy.errors import ShippingError, WorkerLostError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
@@ -141,7 +142,8 @@ class RemoteLauncher(_Launcher):
         return RunSpec(payload=payload, secrets=secrets,
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
                        home_grace_s=None if strategy.detach else strategy.home_grace_s, worker_pool="lightning",
-                       metadata={"run_name": strategy.run_name})
+                       staging_dir=strategy.staging_url(), staging_options=strategy.storage_options,
+                       result_bytes_hint=_state_bytes(args[0] if args else None))
 
     def _prepare_storage(self, trainer: Any, function: Callable) -> checkpointing.RunStorage | None:
         strategy = self._strategy
@@ -178,14 +180,21 @@ class RemoteLauncher(_Launcher):
                 spec = self._spec(trainer, function, args, kwargs)
 
     @staticmethod
-    def _ship(job: WorkerJob, trainer: Any, args: tuple, secrets: dict[str, str]) -> bytes:
+    def _ship(job: WorkerJob, trainer: Any, args: tuple, secrets: dict[str, str]) -> Package:
         try:
-            return shipping.dumps(job, secrets=secrets)
+            return shipping.pack(job, secrets=secrets)
         except ShippingError as error:
             raise ShippingError(_name_unshippable(trainer, args) or str(error)) from error.__cause__
 
     def kill(self, signum: Any) -> None:
         pass  # the run's workers are stopped by the run itself (see gpu_proxy.runs.home)
+
+
+def _state_bytes(module: Any) -> int:
+    """The size of a module's state dict: about what rank 0 sends home after fit."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
 
 
 def _name_unshippable(trainer: Any, args: tuple) -> str | None:

@@ -41,6 +41,9 @@ class RemoteStrategy(DDPStrategy):
         run_name: names the run under ``checkpoint_dir``; an existing name continues that run. Default: new.
         max_failures: restart the workers from the newest committed checkpoint up to this many times
             when a worker process or node dies.
+        staging_dir: an fsspec URL where a cluster given only by address stages the run's payload and
+            results (the model, its data, the trained weights); default ``<checkpoint_dir>/_staging``.
+            Clusters reached over SSH and the embedded cluster need none.
         **ddp_kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
     """
 
@@ -59,6 +62,7 @@ class RemoteStrategy(DDPStrategy):
         storage_options: dict[str, Any] | None = None,
         run_name: str | None = None,
         max_failures: int = 0,
+        staging_dir: str | None = None,
         process_group_backend: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
@@ -80,6 +84,9 @@ class RemoteStrategy(DDPStrategy):
             raise ConfigurationError("max_failures needs checkpoint_dir=<fsspec URL>: a restart resumes from "
                                      "the newest committed checkpoint there.")
         self.checkpoint_dir = checkpoint_dir
+        if staging_dir is not None and (not isinstance(staging_dir, str) or not staging_dir.strip()):
+            raise ConfigurationError(f"staging_dir={staging_dir!r}: give an fsspec URL, e.g. 's3://bucket/staging'.")
+        self.staging_dir = staging_dir
         # Credentials reach the workers beside the run, never inside its pickle (gpu_proxy.secrets).
         self.storage_options = conceal(dict(storage_options)) if storage_options else None
         self.run_name = run_name
@@ -104,6 +111,12 @@ class RemoteStrategy(DDPStrategy):
         if self._resolved_cluster is None:
             self._resolved_cluster = resolve_cluster(self.cluster)
         return self._resolved_cluster
+
+    def staging_url(self) -> str | None:
+        """Where bulky run data is staged on a cluster given by address (see ``staging_dir``)."""
+        if self.staging_dir:
+            return self.staging_dir
+        return f"{self.checkpoint_dir.rstrip('/')}/_staging" if self.checkpoint_dir else None
 
     def worker_count(self) -> int:
         return self.num_workers or max(1, self.num_processes) * max(1, self.num_nodes)

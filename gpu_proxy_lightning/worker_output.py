@@ -7,7 +7,6 @@ rank sends its predictions with their dataset indices, since ``predict`` gathers
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerState
 from lightning_utilities.core.apply_func import apply_to_collection
+
+
 
 _PLAIN = (type(None), bool, int, float, str, bytes, PurePath, torch.Tensor)
 
@@ -24,7 +25,7 @@ class WorkerOutput:
     rank: int
     trainer_state: TrainerState | None = None
     trainer_results: Any = None
-    weights: bytes | None = None
+    weights: dict[str, torch.Tensor] | None = None  # rank 0's state dict, on the CPU
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_loop_state: dict[str, Any] | None = None
     callback_attributes: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -64,9 +65,7 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
     output.trainer_state = trainer.state
     output.trainer_results = _to_cpu(results)
     if state_dict is not None:
-        buffer = io.BytesIO()
-        torch.save(_to_cpu(state_dict), buffer)
-        output.weights = buffer.getvalue()
+        output.weights = _to_cpu(state_dict)
     connector = trainer._logger_connector
     output.metrics = {
         "callback": _to_cpu(dict(connector.callback_metrics)),
@@ -81,12 +80,20 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
     return output
 
 
+def _has_tied_parameters(module: torch.nn.Module) -> bool:
+    tensors = [t for _, t in (*module.named_parameters(remove_duplicate=False),
+                              *module.named_buffers(remove_duplicate=False))]
+    return len({id(t) for t in tensors}) != len(tensors)
+
+
 def restore(trainer: Any, output: WorkerOutput) -> None:
     """Make the home Trainer look as rank 0's did at the end of the run."""
     if output.weights is not None:
-        state_dict = torch.load(io.BytesIO(output.weights), weights_only=True)
-        # strict=False, as Lightning's own spawn launcher: a module may add layers in setup hooks
-        trainer.lightning_module.load_state_dict(state_dict, strict=False)
+        module = trainer.lightning_module
+        # strict=False, as Lightning's own spawn launcher: a module may add layers in setup hooks.
+        # assign=True takes the arrived tensors (mapped from the result file) as the parameters, so
+        # home holds no second copy; tied parameters are copied into instead, to stay one Parameter.
+        module.load_state_dict(output.weights, strict=False, assign=not _has_tied_parameters(module))
     if output.trainer_state is not None:
         trainer.state = output.trainer_state
     connector = trainer._logger_connector

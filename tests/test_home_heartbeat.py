@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from gpu_proxy import RayCluster, shipping
-from gpu_proxy.runs import RunSpec
+from gpu_proxy.runs import RunSpec, values
 from gpu_proxy.runs.heartbeat import HomeHeartbeat
 from gpu_proxy.runs.job import JobRun
 
@@ -30,7 +30,7 @@ def test_a_run_whose_home_is_gone_stops_after_the_grace_period(ray_head):
             time.monotonic() - started < 60:
         time.sleep(0.5)
     outcomes = JobRun(endpoint, run.job_id).follow(lambda event: None)
-    assert shipping.loads(outcomes[0]["value"]).startswith("stopped after")
+    assert values(outcomes[:1])[0].startswith("stopped after")
 
 
 def test_a_followed_run_is_not_stopped(ray_head):
@@ -41,4 +41,4 @@ def test_a_followed_run_is_not_stopped(ray_head):
     endpoint = RayCluster(ray_head.dashboard_url, token=ray_head.token).endpoint()
     run = JobRun.submit(endpoint, RunSpec(shipping.dumps(short), num_workers=1, home_grace_s=6))
     outcomes = run.follow(lambda event: None)  # follow() beats while it follows
-    assert shipping.loads(outcomes[0]["value"]) == "finished"
+    assert values(outcomes[:1])[0] == "finished"

@@ -76,7 +76,7 @@ def test_unreachable_dashboard_names_the_address():
 def test_reconnect_replays_without_gaps_or_duplicates(ray_head, tmp_path):
     """A second follower of a finished job sees the same ordered events; one resuming skips what it saw."""
     from gpu_proxy import shipping
-    from gpu_proxy.runs import RunSpec
+    from gpu_proxy.runs import RunSpec, values
 
     def payload(ctx):
         for i in range(5):
@@ -89,7 +89,7 @@ def test_reconnect_replays_without_gaps_or_duplicates(ray_head, tmp_path):
     outcomes = run.follow(first.append)
     seqs = [e.seq for e in first]
     assert seqs == sorted(set(seqs)) and len([e for e in first if e.kind == "log"]) == 10
-    assert [shipping.loads(o["value"]) for o in outcomes] == [0, 1]
+    assert values(outcomes) == [0, 1]
     again = JobRun(endpoint, run.job_id)
     replay: list = []
     again.follow(replay.append)

@@ -11,6 +11,7 @@ import gpu_proxy_lightning  # noqa: F401
 from gpu_proxy.clouds.runpod import LaunchError, RunPodCluster
 from gpu_proxy.clusters.ray_node import RayPorts
 from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.runs.home import values
 from tests.fakes.runpod_api import EntrypointRuntime, FakeRunPod
 from tests.lightning_project.models import fit_and_check_against_rank0
 from tests.support.processes import processes_mentioning
@@ -390,9 +391,9 @@ def test_an_instant_cluster_of_two_nodes_is_one_ray_cluster_runs_and_is_deleted_
             cluster._meter.tick()
             outcomes = cluster.execute(spec, control)
         control.finish()
-        values = sorted((shipping.loads(o["value"]) for o in outcomes), key=lambda v: v["rank"])
-        assert sorted(v["pod_rank"] for v in values) == ["0", "1"]  # each rank ran on its own pod
-        assert all(v["nccl"] == "ens" and v["key"] is False for v in values)
+        ranks = sorted(values(outcomes), key=lambda v: v["rank"])
+        assert sorted(v["pod_rank"] for v in ranks) == ["0", "1"]  # each rank ran on its own pod
+        assert all(v["nccl"] == "ens" and v["key"] is False for v in ranks)
         cost = next(event.data for event in seen if event.kind == events.COST)
         assert cost["usd_per_hour"] == pytest.approx(0.5)
         folders = [f"{runtime.folder}/{pod_id}" for pod_id in (head_id, worker_id)]

@@ -2,6 +2,8 @@
 local modes: ``--test_input`` (one job, exit status) and ``--rp_serve_api`` (its local test server)."""
 from __future__ import annotations
 
+from gpu_proxy.runs.home import values
+
 import json
 import os
 import pickle
@@ -68,7 +70,7 @@ def test_test_input_runs_one_job_and_writes_a_large_result_to_s3(s3_bucket):
     assert "Job local_test completed successfully" in done.stdout
     body = s3_bucket.endpoint.client().get_object(Bucket=s3_bucket.name, Key=f"runs/{tag}/result.pkl")["Body"]
     [outcome] = pickle.loads(body.read())
-    assert shipping.loads(outcome["value"]) == {"rank": 0, "world": 1}
+    assert values([outcome])[0] == {"rank": 0, "world": 1}
     assert "'outcomes_url'" in done.stdout and "hello from rank 0" in done.stdout  # the streamed events
     assert wait_gone(f"/tmp/gpsl-{tag}") == []  # the worker's Ray cluster ended with it
 
@@ -115,7 +117,7 @@ def test_the_sdk_local_server_runs_a_job_and_streams_its_events():
         assert got[0].kind == events.RUN_STARTED and got[-1].kind == events.RESULT
         assert {"stream": "stdout", "line": "hello from rank 0", "node": 0} in [e.data for e in got]
         [outcome] = got[-1].data["outcomes"]
-        assert shipping.loads(outcome["value"]) == {"rank": 0, "world": 1}
+        assert values([outcome])[0] == {"rank": 0, "world": 1}
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -1,15 +1,14 @@
 """What a run needs from a cluster.
 
-A cluster is a place where runs execute. There are two ways a run executes:
-
-* in this process, on an embedded Ray cluster (``endpoint()`` returns ``None``); the run's
-  supervisor runs here and there is nothing to submit;
-* as a Ray Job on a cluster reached through its dashboard (``endpoint()`` returns an
-  :class:`Endpoint`); the supervisor runs as the job's driver on the cluster.
+A cluster is a place where runs execute, and it knows how: the embedded cluster runs the
+supervisor in this process (:class:`~gpu_proxy.clusters.local.LocalCluster`); every cluster with
+a dashboard runs it as a Ray Job (:class:`JobsCluster`); a serverless endpoint runs it inside
+its worker. Each also chooses the run's data plane (:mod:`gpu_proxy.dataplane`), how the run's
+bulky bytes travel between home and its nodes.
 
 Every cloud or machine kind implements the same few methods: ``start`` (launch or connect,
-idempotent), ``endpoint``, ``resources``, ``stop`` (tear down what this object started). A cluster
-that runs work some other way (a serverless endpoint) overrides ``execute`` as well.
+idempotent), ``resources``, ``stop`` (tear down what this object started), ``data_plane`` and
+``execute``; a cluster with a dashboard implements ``endpoint`` and inherits the rest.
 
 While a run executes, the cluster sees its :class:`~gpu_proxy.runs.control.RunControl` (see
 ``active_runs``): a cluster that meters money adds cost events to the run's stream and stops the
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
+    from gpu_proxy.dataplane.base import DataPlane
+    from gpu_proxy.ssh import SSHTarget
     from gpu_proxy.runs.control import RunControl
     from gpu_proxy.runs.spec import RunSpec
 
@@ -58,28 +59,31 @@ class Cluster(abc.ABC):
         """Launch or connect to the cluster. Idempotent."""
 
     @abc.abstractmethod
-    def endpoint(self) -> Endpoint | None:
-        """The Jobs API to submit runs to, or ``None`` when runs execute in this process."""
-
-    @abc.abstractmethod
     def resources(self) -> dict[str, float]:
         """Total resources of the cluster's alive nodes, e.g. ``{"CPU": 16.0, "GPU": 8.0}``."""
 
     def dashboard_url(self) -> str | None:
-        endpoint = self.endpoint()
-        return endpoint.dashboard_url if endpoint else None
+        return None
 
     def stop(self) -> None:
         """Tear down what this object started (nodes, tunnels). Default: nothing."""
 
+    @abc.abstractmethod
+    def data_plane(self, spec: "RunSpec") -> "DataPlane":
+        """Home's half of the data plane that ``spec``'s payload and results travel on."""
+
+    @abc.abstractmethod
     def execute(self, spec: "RunSpec", control: "RunControl") -> list[dict[str, Any]]:
-        """Run ``spec`` to its end and return each rank's outcome, relaying through ``control``.
+        """Run ``spec`` (its payload already sent) to its end; return each rank's outcome, relaying
+        events and stop requests through ``control``."""
 
-        Default: in this process on an embedded cluster, else as a Ray Job through ``endpoint()``.
-        """
-        from gpu_proxy.runs.home import execute_here_or_as_job
+    def submit_detached(self, spec: "RunSpec") -> str:
+        """Start ``spec`` and return its run id at once; the run goes on without home."""
+        from gpu_proxy.errors import ConfigurationError
 
-        return execute_here_or_as_job(self, spec, control)
+        raise ConfigurationError(
+            f"detach=True needs a cluster that outlives this process; {self!r} does not. Pass "
+            "cluster='http://host:8265' (or a saved cluster name).")
 
     @contextlib.contextmanager
     def running(self, control: "RunControl") -> Iterator[None]:
@@ -106,3 +110,58 @@ class Cluster(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class JobsCluster(Cluster):
+    """A Ray cluster reached through its dashboard: each run is a Ray Job, supervised by its driver.
+
+    The data plane is a staging URL when the run has one (``staging_dir``), else the Jobs API up
+    to its limit; clusters reached over SSH override :meth:`data_plane` to stream over SSH.
+    """
+
+    @abc.abstractmethod
+    def endpoint(self) -> Endpoint:
+        """The Jobs API to submit runs to (through a tunnel when the cluster is remote)."""
+
+    def dashboard_url(self) -> str | None:
+        return self.endpoint().dashboard_url
+
+    def data_plane(self, spec: "RunSpec") -> "DataPlane":
+        if spec.staging_dir:
+            from gpu_proxy.dataplane.staging import StagingPlane
+
+            return StagingPlane(spec.name, spec.staging_dir, spec.staging_options)
+        from gpu_proxy.dataplane.jobs_api import JobsAPIPlane
+
+        return JobsAPIPlane(spec.name, self.endpoint())
+
+    def execute(self, spec: "RunSpec", control: "RunControl") -> list[dict[str, Any]]:
+        from gpu_proxy.runs.job import JobRun  # the Jobs SDK is only needed here
+
+        return JobRun.submit(self.endpoint(), spec).follow(control)
+
+    def submit_detached(self, spec: "RunSpec") -> str:
+        from gpu_proxy.runs.job import JobRun
+
+        return JobRun.submit(self.endpoint(), spec).job_id
+
+
+class SSHReachedCluster(JobsCluster):
+    """A Ray cluster whose head this object reaches over SSH: bulky data streams over SSH too."""
+
+    #: Run folders on the head; ``~/`` is the SSH user's home there.
+    data_root: str = "~/.cache/gpu-proxy/runs"
+
+    @abc.abstractmethod
+    def ssh_head(self) -> "SSHTarget":
+        """How to reach the head node (the one Ray Job drivers run on) over SSH."""
+
+    def data_plane(self, spec: "RunSpec") -> "DataPlane":
+        from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root
+
+        target = self.ssh_head()
+        resolved = getattr(self, "_resolved_data_root", None)
+        if resolved is None or resolved[0] != target:
+            resolved = (target, resolve_root(target, self.data_root))
+            self._resolved_data_root = resolved
+        return SSHPlane(spec.name, target, resolved[1])

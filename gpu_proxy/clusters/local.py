@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from gpu_proxy.dataplane.base import DataPlane
+    from gpu_proxy.runs.control import RunControl
+    from gpu_proxy.runs.spec import RunSpec
 
 _lock = threading.Lock()
+_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _default: "LocalCluster | None" = None
 
 
@@ -21,6 +30,10 @@ class LocalCluster(Cluster):
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None,
                  include_dashboard: bool = False) -> None:
+        for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigurationError(f"LocalCluster({name}={value!r}): give a whole number >= 0, or None "
+                                         "for what this machine has.")
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.include_dashboard = include_dashboard
@@ -33,17 +46,34 @@ class LocalCluster(Cluster):
             # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
             # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
             # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
-            ray.init(
-                address="local",  # always a new cluster: never attach to another `ray start` on this machine
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
-                log_to_driver=False,  # workers' output comes home on the run's event stream
-                logging_level=logging.WARNING,
-            )
+            # Loopback only: with a node IP of 127.0.0.1 and this variable Ray binds every port there
+            # (see gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing.
+            saved = os.environ.get(_LOOPBACK_ONLY_ENV)
+            os.environ[_LOOPBACK_ONLY_ENV] = "0"
+            try:
+                ray.init(
+                    address="local",  # always a new cluster: never attach to another `ray start` here
+                    num_cpus=self.num_cpus, num_gpus=self.num_gpus, _node_ip_address="127.0.0.1",
+                    include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
+                    log_to_driver=False,  # workers' output comes home on the run's event stream
+                    logging_level=logging.WARNING,
+                )
+            finally:
+                if saved is None:
+                    os.environ.pop(_LOOPBACK_ONLY_ENV, None)
+                else:
+                    os.environ[_LOOPBACK_ONLY_ENV] = saved
             self.owns_nodes = self._started_here = True
 
-    def endpoint(self) -> Endpoint | None:
-        return None
+    def data_plane(self, spec: "RunSpec") -> "DataPlane":
+        from gpu_proxy.dataplane.local import LocalFolderPlane
+
+        return LocalFolderPlane(spec.name)
+
+    def execute(self, spec: "RunSpec", control: "RunControl") -> list[dict[str, Any]]:
+        from gpu_proxy.runs.in_process import execute_in_process
+
+        return execute_in_process(spec, control)
 
     def resources(self) -> dict[str, float]:
         self.start()

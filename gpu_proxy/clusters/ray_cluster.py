@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Endpoint, JobsCluster
 from gpu_proxy.clusters.ray_token import find_ray_token
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
 
@@ -15,7 +15,7 @@ class ClusterUnreachableError(GpuProxyError):
     """The cluster's dashboard did not answer, or refused our token."""
 
 
-class RayCluster(Cluster):
+class RayCluster(JobsCluster):
     """Any Ray cluster by its dashboard address: ``ray up`` on AWS/GCP/Azure, KubeRay, ``ray start``.
 
     Args:

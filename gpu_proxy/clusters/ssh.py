@@ -15,7 +15,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.clusters.ray_node import (RayNodeError, RayNodeSpec, RayPorts, check_node_ip, generate_token,
                                          wait_for_nodes)
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
@@ -91,7 +91,7 @@ def _end_all(nodes: list[_Node], tunnel: SSHTunnel | None) -> list[str]:
     return failures
 
 
-class SSHCluster(Cluster):
+class SSHCluster(SSHReachedCluster):
     """A Ray cluster this object starts on machines you reach over SSH.
 
     Args:
@@ -281,6 +281,13 @@ class SSHCluster(Cluster):
                 "host_key_policy": head.host_key_policy,
                 "nodes": [{"destination": n.target.destination, "folder": n.folder, "pid": n.pid}
                           for n in self._nodes]}
+
+    def ssh_head(self) -> SSHTarget:
+        return self._nodes[0].target
+
+    @property
+    def data_root(self) -> str:  # type: ignore[override]  # inside the head's own folder, removed by stop()
+        return f"{self._nodes[0].folder}/runs"
 
     @property
     def token(self) -> str | None:

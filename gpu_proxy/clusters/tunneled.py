@@ -5,14 +5,14 @@ to the Jobs API through the tunnel with the cluster's token.
 """
 from __future__ import annotations
 
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.clusters.ray_cluster import RayCluster
 from gpu_proxy.clusters.ray_token import find_ray_token
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.ssh import SSHTarget, SSHTunnel
 
 
-class TunneledRayCluster(Cluster):
+class TunneledRayCluster(SSHReachedCluster):
     """Args: ``head`` ``"user@host[:port]"``; ``dashboard_port`` on the head (8265); ``token`` (default: the
     usual Ray sources here); ``identity_file``/``known_hosts_file``/``host_key_policy`` as for SSH."""
 
@@ -44,6 +44,9 @@ class TunneledRayCluster(Cluster):
 
     def endpoint(self) -> Endpoint:
         return self._ray().endpoint()
+
+    def ssh_head(self) -> SSHTarget:
+        return self.target
 
     def resources(self) -> dict[str, float]:
         return self._ray().resources()

@@ -9,13 +9,16 @@ from typing import Any, Callable, Iterator, TextIO
 from ray.job_submission import JobSubmissionClient
 
 from gpu_proxy import events
-from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.clusters.base import JobsCluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
+from gpu_proxy.dataplane.base import DataPlane
+from gpu_proxy.dataplane.staging import StagingPlane
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
-from gpu_proxy.runs.home import values
+from gpu_proxy.runs.home import fetch, values
 from gpu_proxy.runs.job import JobRun
+from gpu_proxy.runs.spec import RunSpec
 
 
 @dataclass
@@ -28,20 +31,20 @@ class RunInfo:
 
 
 @contextmanager
-def _connected(cluster: ClusterSpec) -> Iterator[Endpoint]:
-    """The cluster's Jobs API, kept reachable (its tunnel open) while the block runs."""
+def _connected(cluster: ClusterSpec) -> Iterator[JobsCluster]:
+    """The cluster, its Jobs API kept reachable (its tunnel open) while the block runs."""
     resolved = resolve_cluster(cluster)
-    resolved.start()
-    endpoint = resolved.endpoint()
-    if endpoint is None:
+    if not isinstance(resolved, JobsCluster):
         raise ConfigurationError(
             "Runs on the embedded local cluster live and die with their Python process; detach, attach, "
             "runs and logs need a Ray cluster given by address or name (cluster='http://host:8265').")
-    yield endpoint  # `resolved` (and so its tunnel) stays alive until the block ends
+    resolved.start()
+    yield resolved
 
 
 def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
-    with _connected(cluster) as endpoint:
+    with _connected(cluster) as resolved:
+        endpoint = resolved.endpoint()
         jobs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).list_jobs()
     runs = []
     for job in jobs:
@@ -54,7 +57,8 @@ def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
 
 def run_events(run_id: str, cluster: ClusterSpec) -> list[Event]:
     """Every event the run has sent so far, in order (from its job log)."""
-    with _connected(cluster) as endpoint:
+    with _connected(cluster) as resolved:
+        endpoint = resolved.endpoint()
         logs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).get_job_logs(run_id)
     decoder = log_codec.Decoder()
     return [event for line in logs.splitlines() for event in decoder.feed(line)]
@@ -78,8 +82,27 @@ class ConsoleRenderer:
         self.out.flush()
 
 
-def attach(run_id: str, cluster: ClusterSpec, on_event: Callable[[Event], None] | None = None) -> list[Any]:
-    """Replay a run's events from the start, follow it live, and return each rank's result."""
-    with _connected(cluster) as endpoint:
-        outcomes = JobRun(endpoint, run_id).follow(on_event or ConsoleRenderer())
+def attach(run_id: str, cluster: ClusterSpec, on_event: Callable[[Event], None] | None = None,
+           storage_options: dict[str, Any] | None = None) -> list[Any]:
+    """Replay a run's events from the start, follow it live, and return each rank's result.
+
+    A finished run's large results wait on its data plane (the head's disk, or its staging URL,
+    read with ``storage_options``); they are brought home and then removed there.
+    """
+    with _connected(cluster) as resolved:
+        outcomes = JobRun(resolved.endpoint(), run_id).follow(on_event or ConsoleRenderer())
+        plane = _plane_of(resolved, run_id, outcomes, storage_options)
+        try:
+            outcomes = fetch(plane, outcomes)
+        finally:
+            plane.clean()
     return values(outcomes)
+
+
+def _plane_of(cluster: JobsCluster, run_id: str, outcomes: list[dict[str, Any]],
+              storage_options: dict[str, Any] | None) -> DataPlane:
+    """The data plane the run's results wait on: its staging URL if they name one, else the cluster's."""
+    staged = [o["stored"]["location"] for o in outcomes if "://" in o.get("stored", {}).get("location", "")]
+    if staged:  # <staging_dir>/<run>/result-N
+        return StagingPlane(run_id, staged[0].rsplit("/", 2)[0], storage_options)
+    return cluster.data_plane(RunSpec(payload=None, num_workers=1, name=run_id))

@@ -1,29 +1,37 @@
 """The home side of a run: execute it on a cluster, relay events to the caller, raise its errors."""
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.dataplane.base import DataPlane
+from gpu_proxy.dataplane.package import Package, StoredFile
 from gpu_proxy.errors import RunStoppedError, WorkerLostError
 from gpu_proxy.events import Event
-from gpu_proxy.runs.control import RunControl, StopRequest
+from gpu_proxy.runs.control import RunControl
 from gpu_proxy.runs.spec import RunSpec
-from gpu_proxy.runs.supervisor import StopSignal, supervise
+from gpu_proxy.secrets import references
+
 
 def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) -> list[dict[str, Any]]:
     """Run ``spec`` and return each rank's outcome; ``on_event`` is called here, on this thread.
 
-    Ctrl-C asks the workers to stop at their next step boundary; a second Ctrl-C aborts them.
-    Either way ``KeyboardInterrupt`` is raised here once the workers are gone. A cluster may stop
-    the run itself (its budget spent): then :class:`RunStoppedError` is raised, carrying the
-    outcomes.
+    The payload goes out on the cluster's data plane before the run starts and large results come
+    home on it; the run's staging area is removed however the run ends. Ctrl-C asks the workers to
+    stop at their next step boundary; a second Ctrl-C aborts them. Either way ``KeyboardInterrupt``
+    is raised here once the workers are gone. A cluster may stop the run itself (its budget spent):
+    then :class:`RunStoppedError` is raised, carrying the outcomes.
     """
     cluster.start()
     control = RunControl(on_event, spec.name)
-    with cluster.running(control):
-        outcomes = cluster.execute(spec, control)
+    plane = cluster.data_plane(spec)
+    try:
+        send(plane, spec)
+        with cluster.running(control):
+            outcomes = fetch(plane, cluster.execute(spec, control))
+    finally:
+        plane.clean()
     if control.interrupted:
         raise KeyboardInterrupt("the remote run was stopped")
     if control.stop_reason is not None:
@@ -31,52 +39,38 @@ def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) 
     return outcomes
 
 
-def execute_here_or_as_job(cluster: Cluster, spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
-    """How runs execute on a Ray cluster: in this process when it is embedded, else as a Ray Job."""
-    endpoint = cluster.endpoint()
-    if endpoint is None:
-        return _execute_in_process(spec, control)
-    from gpu_proxy.runs.job import JobRun  # the Jobs SDK is only needed for remote clusters
+def send(plane: DataPlane, spec: RunSpec) -> None:
+    """Check that ``plane`` can carry the run, then send its payload (before anything is submitted)."""
+    plane.check(spec.payload, spec.result_bytes_hint)
+    spec.payload_file = plane.send(spec.payload)
+    spec.transport = plane.transport()
+    spec.secrets.update(references(spec.staging_options))  # the supervisor's half reads staging too
 
-    return JobRun.submit(endpoint, spec).follow(control)
+
+def fetch(plane: DataPlane, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``outcomes`` with each result the supervisor left on the data plane brought home (a Package)."""
+    fetched = []
+    for outcome in outcomes:
+        if "stored" in outcome:
+            outcome = dict(outcome)
+            outcome["value"] = plane.fetch(StoredFile.from_dict(outcome.pop("stored")))
+        fetched.append(outcome)
+    return fetched
 
 
 def submit_detached(cluster: Cluster, spec: RunSpec) -> str:
-    """Submit ``spec`` to a Ray cluster and return its run id at once; the run goes on without home."""
+    """Submit ``spec`` to a Ray cluster and return its run id at once; the run goes on without home.
+
+    Its results wait on the data plane until ``attach`` brings them home (and then removes them).
+    """
     cluster.start()
-    endpoint = cluster.endpoint()
-    if endpoint is None:
-        from gpu_proxy.errors import ConfigurationError
-
-        raise ConfigurationError(
-            "detach=True needs a cluster that outlives this process; the embedded local cluster does not. "
-            "Pass cluster='http://host:8265' (or a saved cluster name).")
-    from gpu_proxy.runs.job import JobRun
-
-    return JobRun.submit(endpoint, spec).job_id
-
-
-def _execute_in_process(spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
-    stop = StopSignal()
-    result: dict[str, Any] = {}
-
-    def supervise_in_background() -> None:
-        try:
-            result["outcomes"] = supervise(spec, control.post, stop)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            result["error"] = exc
-        finally:
-            control.finish()
-
-    thread = threading.Thread(target=supervise_in_background, name=f"gpu-proxy-{spec.name}", daemon=True)
-    thread.start()
-    for item in control.items():
-        if isinstance(item, StopRequest):
-            stop.request()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["outcomes"]
+    plane = cluster.data_plane(spec)
+    try:
+        send(plane, spec)
+        return cluster.submit_detached(spec)
+    except BaseException:
+        plane.clean()
+        raise
 
 
 def raise_for_outcomes(outcomes: list[dict[str, Any]]) -> None:
@@ -115,4 +109,8 @@ def _lost_details(outcomes: list[dict[str, Any]]) -> str:
 def values(outcomes: list[dict[str, Any]]) -> list[Any]:
     """Each rank's return value, in rank order (after :func:`raise_for_outcomes`)."""
     raise_for_outcomes(outcomes)
-    return [shipping.loads(o["value"]) for o in outcomes]
+    return [_package(o["value"]).loads() for o in outcomes]
+
+
+def _package(value: "Package | bytes") -> Package:
+    return value if isinstance(value, Package) else Package.from_bytes(value)

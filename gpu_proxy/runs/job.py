@@ -21,7 +21,7 @@ from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.heartbeat import HomeHeartbeat
 from gpu_proxy.runs.spec import RunSpec
 
-ENTRYPOINT = "python -m gpu_proxy.runs.job_driver run.pkl"
+ENTRYPOINT = "python -m gpu_proxy.runs.job_driver run.pkl {name}"
 
 
 class JobRun:
@@ -39,7 +39,7 @@ class JobRun:
         with tempfile.TemporaryDirectory(prefix="gpu-proxy-") as folder:
             (Path(folder) / "run.pkl").write_bytes(pickle.dumps(spec))
             job_id = client.submit_job(
-                entrypoint=ENTRYPOINT, submission_id=spec.name,
+                entrypoint=ENTRYPOINT.format(name=spec.name), submission_id=spec.name,
                 runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1"}},
                 metadata={"gpu_proxy_run": spec.name})
         return cls(endpoint, job_id)

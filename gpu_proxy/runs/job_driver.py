@@ -1,4 +1,4 @@
-"""The driver of a run submitted as a Ray Job: ``python -m gpu_proxy.runs.job_driver run.pkl``.
+"""The driver of a run submitted as a Ray Job: ``python -m gpu_proxy.runs.job_driver run.pkl RUN_NAME``.
 
 It runs the same supervisor as the embedded path and writes the event stream, the outcomes
 last, to its stdout, which is the job's log (see :mod:`gpu_proxy.runs.log_codec`). SIGTERM,
@@ -22,6 +22,7 @@ from gpu_proxy.runs import cluster_kv, log_codec
 from gpu_proxy.runs.heartbeat import HeartbeatWatch
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.supervisor import StopSignal, supervise
+from gpu_proxy.secrets import install
 
 HARD_STOP_AFTER_S = 60.0
 
@@ -40,7 +41,7 @@ class _LogSink:
 
 
 def main(argv: list[str]) -> int:
-    spec = pickle.loads(Path(argv[0]).read_bytes())
+    run_pickle, run_name = argv[0], argv[1]
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
@@ -49,9 +50,11 @@ def main(argv: list[str]) -> int:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
         # ray.init() installs its own SIGTERM handler (sys.exit): put back the graceful stop.
         signal.signal(signal.SIGTERM, lambda *_: stop.request())
-        secrets = cluster_kv.take_value(spec.name, "secrets")
-        if secrets is not None:
-            spec.secrets = json.loads(secrets)
+        # Before the spec: its data plane half may refer to credentials (gpu_proxy.secrets).
+        secrets = json.loads(cluster_kv.take_value(run_name, "secrets") or b"{}")
+        install(secrets)
+        spec = pickle.loads(Path(run_pickle).read_bytes())
+        spec.secrets = secrets
         if spec.home_grace_s is not None:
             watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop)).start()
         outcomes = supervise(spec, sink, stop)

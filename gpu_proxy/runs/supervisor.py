@@ -17,12 +17,14 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gpu_proxy import events
+from gpu_proxy.dataplane.base import ClusterTransport, result_name
+from gpu_proxy.dataplane.package import StoredFile, read_file, write_file
 from gpu_proxy.errors import ClusterResourceError
 from gpu_proxy.events import Event
 from gpu_proxy.runs.channel import forget_shared_channel, shared_channel
 from gpu_proxy.runs.resources import check_fits
 from gpu_proxy.runs.spec import RunSpec
-from gpu_proxy.runs.worker import WorkerPlacement, run_worker
+from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_worker
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
@@ -81,6 +83,7 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | N
     pg = placement_group(bundles, strategy="PACK", name=f"gpu-proxy-{spec.name}")
     channel = None
     refs: list[Any] = []
+    transport = spec.transport
     try:
         try:
             ray.get(pg.ready(), timeout=spec.placement_timeout_s)
@@ -91,23 +94,58 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | N
                 "work. Wait for it to finish, or lower num_workers."
             ) from None
         placements = _placements(spec, pg)
+        files = _run_files(spec, pg)
         channel = _open_channel(spec.name)
-        payload_ref = ray.put(spec.payload)
         secrets_ref = ray.put(spec.secrets)  # in the object store for the run only; never in a file
-        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(payload_ref, placement, channel,
-                                                                            secrets_ref)
+        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(files, placement, channel, secrets_ref)
                 for bundle, placement in enumerate(placements)]
         rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
         channel.put.remote(spec.name, [Event(events.RUN_STARTED, {
             "run_name": spec.name, "num_workers": spec.num_workers,
             "num_nodes": placements[0].num_nodes}).to_dict()])
-        return _follow(spec.name, refs, rank_of, channel, sink, stop)
+        outcomes = _follow(spec.name, refs, rank_of, channel, sink, stop)
+        return [_delivered(outcome, files, transport) for outcome in outcomes]
     finally:
         for ref in refs:
             ray.cancel(ref, force=True)  # a no-op for finished tasks; kills stragglers
         if channel is not None:
             channel.close.remote(spec.name)
         remove_placement_group(pg)
+        if transport is not None:
+            transport.close()
+
+
+def _run_files(spec: RunSpec, pg: Any) -> RunFiles:
+    """The payload as a checked file in the run's folder here, and in the object store if a worker needs it.
+
+    Without a transport (a RunSpec that carries its payload in memory, as on a serverless worker)
+    every worker takes the payload from the object store and large results come back through it.
+    """
+    here = ray.get_runtime_context().get_node_id()
+    if spec.transport is None:
+        return RunFiles(node_id=here, folder=None, payload=None, payload_ref=ray.put(spec.payload))
+    folder = spec.transport.open()
+    payload = spec.transport.receive(spec.payload_file)
+    nodes = set(placement_group_table(pg)["bundles_to_node_id"].values())
+    payload_ref = None
+    if nodes - {here}:  # workers on other nodes cannot read this node's disk
+        payload_ref = ray.put(read_file(payload.location, payload, checked=True))
+    return RunFiles(node_id=here, folder=folder, payload=payload, payload_ref=payload_ref)
+
+
+def _delivered(outcome: dict[str, Any], files: RunFiles, transport: ClusterTransport | None) -> dict[str, Any]:
+    """A rank's outcome in the form home receives: large results as files home can fetch."""
+    outcome = dict(outcome)
+    package = outcome.pop("package", None)
+    if package is not None:  # a worker on another node sent it through the object store
+        if transport is None:
+            outcome["value"] = package.to_bytes()
+            return outcome
+        stored = write_file(package, f"{files.folder}/{result_name(outcome['rank'])}")
+        outcome["stored"] = stored.to_dict()
+    if "stored" in outcome and transport is not None:
+        outcome.update(transport.deliver(StoredFile.from_dict(outcome.pop("stored"))))
+    return outcome
 
 
 def _open_channel(run: str) -> Any:

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import ray
 
 from gpu_proxy import events, shipping
+from gpu_proxy.dataplane.base import INLINE_LIMIT, result_name
+from gpu_proxy.dataplane.package import Package, StoredFile, read_file, write_file
 from gpu_proxy.runs.emitter import EventEmitter
 from gpu_proxy.runs.output_capture import OutputCapture
 from gpu_proxy.secrets import installed
@@ -61,6 +63,38 @@ class WorkerContext:
         return self._emitter.stop_requested
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a worker finds the run's payload and leaves a large result (see gpu_proxy.dataplane).
+
+    The folder is on the supervisor's node: a worker there maps the payload file in place and
+    writes its result file beside it. A worker on another node gets the payload from the object
+    store (``payload_ref``) and returns its result through it; the supervisor writes the file.
+    """
+
+    node_id: str
+    folder: str | None
+    payload: StoredFile | None
+    payload_ref: Any = None
+
+    def here(self) -> bool:
+        return self.folder is not None and ray.get_runtime_context().get_node_id() == self.node_id
+
+    def load_payload(self) -> Package:
+        if self.payload is not None and self.here():
+            return read_file(self.payload.location, self.payload, checked=True)  # checked on arrival
+        return ray.get(self.payload_ref)
+
+    def result_fields(self, rank: int, package: Package) -> dict[str, Any]:
+        """How a rank's result goes back: inline when small, else as a file here or through Ray."""
+        if package.nbytes <= INLINE_LIMIT:
+            return {"value": package.to_bytes()}
+        if self.here():
+            stored = write_file(package, f"{self.folder}/{result_name(rank)}")
+            return {"stored": stored.to_dict()}
+        return {"package": package}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -98,7 +132,7 @@ def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
 
 
 @ray.remote(max_retries=0)
-def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any,
+def run_worker(files: RunFiles, placement: WorkerPlacement, channel: Any,
                secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Call the payload as ``placement.rank``; return ``{"rank", "value"}`` or ``{"rank", "error"}``."""
     emitter = EventEmitter(channel, placement.run_name, placement.rank)
@@ -112,8 +146,10 @@ def run_worker(payload: bytes, placement: WorkerPlacement, channel: Any,
 
         with OutputCapture(forward_line), _distributed_env(ctx), installed(secrets or {}):
             try:
-                function = shipping.loads(payload)
-                outcome["value"] = shipping.dumps(function(ctx), what="the worker's result")
+                function = files.load_payload().loads()
+                value = function(ctx)
+                del function  # the payload's mapping goes with it
+                outcome.update(files.result_fields(placement.rank, shipping.pack(value, "the worker's result")))
             except BaseException as exc:  # noqa: BLE001 - every failure goes home, KeyboardInterrupt too
                 outcome["error"] = shipping.pack_exception(exc)
     finally:

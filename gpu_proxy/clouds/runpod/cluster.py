@@ -44,7 +44,7 @@ from gpu_proxy.clouds.runpod.meter import CostMeter
 from gpu_proxy.clouds.runpod.provision import (LaunchError, delete_clusters, query_cluster, query_instances,
                                                run_cluster, run_instances, terminate_instances, wait_cluster,
                                                wait_instances)
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.clusters.ray_node import (DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, RayNodeError, RayPorts, generate_token,
                                          wait_for_nodes)
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
@@ -98,7 +98,7 @@ def _teardown(client: RunPodClient, pod_ids: list[str], tunnel_box: list, folder
     return failures
 
 
-class RunPodCluster(Cluster):
+class RunPodCluster(SSHReachedCluster):
     """Ray on RunPod GPU pods, launched by this object and torn down by it.
 
     Args:
@@ -532,6 +532,10 @@ class RunPodCluster(Cluster):
         if not self.started:
             raise GpuProxyError(f"{self!r} is not started: call start() (or use it in a with block) first.")
         return Endpoint(f"http://{self._tunnel_box[0].local_address}", self._token)
+
+    def ssh_head(self) -> SSHTarget:
+        self.endpoint()  # raises the explanation when the cluster is not up
+        return self._tunnel_box[0].target
 
     def resources(self) -> dict[str, float]:
         from gpu_proxy.clusters.ray_cluster import RayCluster

@@ -21,7 +21,7 @@ from gpu_proxy.clouds.runpod.client import Pod, RunPodClient
 from gpu_proxy.clouds.runpod.meter import CostMeter
 from gpu_proxy.clouds.runpod.provision import (LaunchError, delete_clusters, query_cluster, query_instances,
                                                terminate_instances)
-from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.ssh import SSHTarget, SSHTunnel
 
@@ -30,7 +30,7 @@ def _print_progress(message: str) -> None:
     print(f"gpu-proxy runpod: {message}", file=sys.stderr, flush=True)
 
 
-class SavedRunPodCluster(Cluster):
+class SavedRunPodCluster(SSHReachedCluster):
     owns_nodes = True  # `gpu-proxy up runpod` started the pods; `down` terminates them
 
     def __init__(self, name: str, definition: Mapping[str, Any], token: str,
@@ -114,6 +114,10 @@ class SavedRunPodCluster(Cluster):
         if self._tunnel is None or not self._tunnel.is_open:
             raise GpuProxyError(f"{self!r} is not started: call start() first.")
         return Endpoint(f"http://{self._tunnel.local_address}", self._token)
+
+    def ssh_head(self) -> SSHTarget:
+        self.endpoint()  # raises the explanation when it is not started
+        return self._tunnel.target
 
     def resources(self) -> dict[str, float]:
         from gpu_proxy.clusters.ray_cluster import RayCluster

@@ -14,6 +14,7 @@ from gpu_proxy.clouds.runpod.client import APIKey
 from gpu_proxy.clouds.runpod.serverless.endpoint_api import EndpointAPI
 from gpu_proxy.clouds.runpod.serverless.run import ServerlessRun
 from gpu_proxy.clusters.base import Cluster, Endpoint
+from gpu_proxy.dataplane.base import DataPlane, InlinePlane
 from gpu_proxy.errors import ClusterResourceError, ConfigurationError
 from gpu_proxy.runs.control import RunControl
 from gpu_proxy.runs.spec import RunSpec
@@ -104,6 +105,9 @@ class RunPodServerless(Cluster):
         found = client.call("GET", f"/v2/serverless/{self.endpoint_id}", what=f"read endpoint {self.endpoint_id}")
         self.gpus_per_worker = int((found.get("gpu") or {}).get("count") or 0)
         return {"GPU": float(self.gpus_per_worker)}
+
+    def data_plane(self, spec: RunSpec) -> DataPlane:
+        return InlinePlane(spec.name)  # the job input and stream carry the run; storage_url the large parts
 
     def execute(self, spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
         self._check_fits(spec)
