@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.storage import check_writable, latest_committed
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 
@@ -25,8 +26,19 @@ def new_run_name() -> str:
     return f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+def check_run_name(run_name: Any, where: str = "RunStorage") -> None:
+    """A run name is one folder under checkpoint_dir: never a path that could point outside it."""
+    if not isinstance(run_name, str):
+        raise ConfigurationError(f"{where}(run_name={run_name!r}): give a folder name as a string, e.g. \"exp1\".")
+    if not run_name.strip() or run_name in (".", "..") or any(c in run_name for c in ("/", "\\", "\0")):
+        raise ConfigurationError(
+            f"{where}(run_name={run_name!r}): a run name is one folder under checkpoint_dir; give a non-empty "
+            "name without path separators or '..', e.g. \"exp1\".")
+
+
 class RunStorage:
     def __init__(self, checkpoint_dir: str, run_name: str, storage_options: dict[str, Any] | None) -> None:
+        check_run_name(run_name)
         self.run_url = f"{checkpoint_dir.rstrip('/')}/{run_name}"
         self.checkpoints_url = f"{self.run_url}/checkpoints"
         self.storage_options = storage_options
