@@ -62,12 +62,13 @@ class WorkerJob:
             trainer.loggers = [*trainer.loggers, relay]
         interrupted = False
         try:
-            checkpointing.apply_storage_options(strategy.checkpoint_dir, strategy.storage_options)
-            try:
-                results = self.function(*self.args, **self.kwargs)
-            except StopRequested as stop:
-                interrupted, results = True, None
-                _stop_like_local_ctrl_c(trainer, stop)
+            # Credentials are the run's only: Ray reuses this process for later runs (see checkpointing).
+            with checkpointing.run_storage_options(strategy.checkpoint_dir, strategy.storage_options):
+                try:
+                    results = self.function(*self.args, **self.kwargs)
+                except StopRequested as stop:
+                    interrupted, results = True, None
+                    _stop_like_local_ctrl_c(trainer, stop)
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is a for a in added)]
             if relay:
                 trainer.loggers = [lg for lg in trainer.loggers if lg is not relay]
