@@ -20,7 +20,7 @@ from gpu_proxy import events, shipping
 from gpu_proxy.errors import ShippingError, WorkerLostError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
-from gpu_proxy.errors import RunStoppedError
+from gpu_proxy.errors import RunInterrupted, RunStoppedError
 from gpu_proxy.runs.home import submit_detached
 from gpu_proxy_lightning import checkpointing, predictions, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
@@ -113,17 +113,27 @@ class RemoteLauncher(_Launcher):
         handler = HomeEventHandler(trainer, strategy.home_loggers)
         status = "failed"
         stopped: RunStoppedError | None = None
+        interrupted: RunInterrupted | None = None
         try:
             try:
                 outputs = self._run_with_restarts(spec, handler, storage, trainer, function, args, kwargs)
+                status = "success"
             except RunStoppedError as stop:  # the cluster stopped it (budget): the state so far comes home
-                stopped, outputs = stop, values(stop.outcomes)
-            status = "success"
+                stopped, outputs, status = stop, values(stop.outcomes), "success"
+            except RunInterrupted as interrupt:  # Ctrl-C: as a local run, keep what was trained so far
+                outputs = _values_or_none(interrupt.outcomes)
+                if outputs is None:  # aborted (a second Ctrl-C): nothing came back to restore
+                    raise
+                interrupted = interrupt  # status stays "failed": what Lightning tells loggers on Ctrl-C
         finally:
             handler.close(status)
         if trainer is None:
+            if interrupted is not None:
+                raise interrupted
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
+        if interrupted is not None:
+            raise interrupted  # a KeyboardInterrupt: Lightning's Ctrl-C handling goes on from here
         if stopped is not None:
             latest = storage.latest() if storage is not None else None
             hint = (f" The newest checkpoint is {latest}; fit again with the same run_name to continue."
@@ -187,6 +197,16 @@ class RemoteLauncher(_Launcher):
 
     def kill(self, signum: Any) -> None:
         pass  # the run's workers are stopped by the run itself (see gpu_proxy.runs.home)
+
+
+def _values_or_none(outcomes: list[Any]) -> list[Any] | None:
+    """Each rank's output, or None when the run ended without them (aborted, a worker lost)."""
+    if not outcomes:
+        return None
+    try:
+        return values(outcomes)
+    except Exception:  # noqa: BLE001 - the interrupt is what the user must see, not a cancelled rank
+        return None
 
 
 def _name_unshippable(trainer: Any, args: tuple) -> str | None:

@@ -79,3 +79,59 @@ def test_a_stop_request_ends_an_evaluation_loop_within_a_few_batches(tmp_path, s
     # A stop reaches the workers within a fraction of a second; then at most STOP_CHECK_EVERY batches.
     assert ended[0] - sent["batch"] < 50, (sent, ended)
     assert trainer.state.status == "interrupted"
+
+
+class SlowFit(DigitsModel):
+    """Notes rank 0's step in ``folder/step``, and its weights when the run ends by Ctrl-C."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.02)
+        if self.global_rank == 0:
+            Path(self.folder, "step").write_text(str(self.trainer.global_step))
+        return super().training_step(batch, batch_idx)
+
+
+class KeepsFinalWeights(L.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if trainer.global_rank == 0:
+            torch.save({"global_step": trainer.global_step, "state_dict": pl_module.state_dict()},
+                       Path(self.folder, "final.pt"))
+
+
+@pytest.mark.xfail(strict=True, reason="needs gpu_proxy/runs/home.py to raise RunInterrupted")
+def test_ctrl_c_keeps_what_rank0_trained_so_far_like_a_local_run(tmp_path):
+    from tests.lightning_project.models import DigitsData
+
+    model = SlowFit(str(tmp_path))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(strategy="remote_gpu", accelerator="cpu", devices=2, max_epochs=1000, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KeepsFinalWeights(str(tmp_path))])
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt_after_40_steps():
+        deadline = time.monotonic() + 60
+        while last_batch(tmp_path, "step", "") < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_40_steps, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit):
+            trainer.fit(model, datamodule=DigitsData(limit=400))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert final["global_step"] >= 40
+    assert trainer.global_step == final["global_step"]
+    assert trainer.state.status == "interrupted"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final["state_dict"][key]), key
+    assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
