@@ -15,6 +15,7 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from gpu_proxy import events, shipping
 from gpu_proxy.errors import ShippingError, WorkerLostError
@@ -93,11 +94,14 @@ def _stop_like_local_ctrl_c(trainer: Any, stop: KeyboardInterrupt) -> None:
 class RemoteLauncher(_Launcher):
     def __init__(self, strategy: Any) -> None:
         self._strategy = strategy
+        self._run_name: str | None = None  # the run executing now, at home
 
     @property
+    @override
     def is_interactive_compatible(self) -> bool:
         return True  # cloudpickle ships notebook-defined code
 
+    @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         strategy = self._strategy
         continue_run = strategy.run_name is not None  # a run named by the user continues where it stopped
@@ -172,6 +176,7 @@ class RemoteLauncher(_Launcher):
         failures: list[str] = []
         while True:
             try:
+                self._run_name = spec.name
                 return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
             except WorkerLostError as lost:
                 failures.append(str(lost))
@@ -195,8 +200,22 @@ class RemoteLauncher(_Launcher):
         except ShippingError as error:
             raise ShippingError(_name_unshippable(trainer, args) or str(error)) from error.__cause__
 
+    @override
     def kill(self, signum: Any) -> None:
-        pass  # the run's workers are stopped by the run itself (see gpu_proxy.runs.home)
+        """Stop the run gracefully, as the cluster does when its budget is spent: every rank at the same
+        step, ``interrupted.ckpt`` saved, the state so far brought home, ``RunStoppedError`` raised.
+
+        Lightning's signal connector runs in the Trainer's process, which here is a worker: there
+        Lightning's own SIGTERM handling already stops every rank's loops at the same step, and the
+        processes are Ray's to end, so a worker does nothing. At home, anyone may call this (a SIGTERM
+        handler of the user's, a watchdog thread) while ``fit`` runs.
+        """
+        cluster = self._strategy._resolved_cluster
+        if self._strategy.is_remote_worker or cluster is None or self._run_name is None:
+            return
+        for control in cluster.active_runs():
+            if control.run_name == self._run_name:
+                control.request_stop(f"the run was stopped by signal {getattr(signum, 'name', signum)}")
 
 
 def _values_or_none(outcomes: list[Any]) -> list[Any] | None:

@@ -135,3 +135,30 @@ def test_ctrl_c_keeps_what_rank0_trained_so_far_like_a_local_run(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, final["state_dict"][key]), key
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_launcher_kill_stops_the_run_gracefully_and_brings_the_state_home(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gpu_proxy.errors import RunStoppedError
+    from tests.lightning_project.models import DigitsData
+
+    model = SlowFit(str(tmp_path))
+    trainer = L.Trainer(strategy="remote_gpu", accelerator="cpu", devices=2, max_epochs=100, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KeepsFinalWeights(str(tmp_path)), ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+
+    def kill_after_40_steps():
+        deadline = time.monotonic() + 60
+        while last_batch(tmp_path, "step", "") < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        trainer.strategy.launcher.kill(signal.SIGTERM)  # what a SIGTERM handler at home would call
+
+    threading.Thread(target=kill_after_40_steps, daemon=True).start()
+    with pytest.raises(RunStoppedError, match="stopped by signal SIGTERM"):
+        trainer.fit(model, datamodule=DigitsData(limit=400))
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert 40 <= final["global_step"] == trainer.global_step < 100 * 5
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final["state_dict"][key]), key
+    assert (tmp_path / "ckpt" / "interrupted.ckpt").exists()
