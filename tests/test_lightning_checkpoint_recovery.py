@@ -46,22 +46,23 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run_and_kill(dir_url: str, spool_dir: Path, mode: str, kill_when) -> None:
+def run_and_kill(dir_url: str, spool_dir: Path, mode: str, after_line: str, until=lambda: True) -> None:
+    """Run the child, and SIGKILL it once it printed `after_line` and `until()` holds."""
     spool_dir.mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), SLOWFILE_MBPS="20" if mode == "mid-upload" else "2000")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, dir_url, str(spool_dir), mode], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     try:
+        for line in proc.stdout:
+            if line.strip() == after_line:
+                break
+        else:
+            raise AssertionError(f"child exited (rc={proc.wait()}) before printing {after_line!r}")
         deadline = time.monotonic() + 60
-        lines = []
-        while not kill_when(lines):
-            assert proc.poll() is None and time.monotonic() < deadline, f"child ended first: {lines}"
-            if mode == "after-commit":
-                lines.append(proc.stdout.readline().strip())
-            else:
-                lines.append("queued" if "queued" not in lines and proc.stdout.readline().strip() == "queued"
-                             else "")
-                time.sleep(0.01)
+        while not until():
+            assert proc.poll() is None, "the child finished before it could be killed"
+            assert time.monotonic() < deadline, "the child never got there"
+            time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -82,7 +83,7 @@ def restarted_worker_io(spool_dir: Path) -> AsyncFsspecCheckpointIO:
 
 def test_a_removal_queued_before_the_kill_happens_on_resume_once_its_replacement_committed(tmp_path):
     dir_url, spool_dir = f"slowfile://{tmp_path}/ckpts", tmp_path / "spool"
-    run_and_kill(dir_url, spool_dir, "after-commit", lambda lines: "committed epoch=1.ckpt" in lines)
+    run_and_kill(dir_url, spool_dir, "after-commit", "committed epoch=1.ckpt")
     assert list_committed(dir_url) == [f"{dir_url}/epoch=0.ckpt", f"{dir_url}/epoch=1.ckpt"]  # the kill's damage
     assert spooled_files(spool_dir)  # the new best's spool file, a checkpoint's size
 
@@ -101,10 +102,10 @@ def test_a_removal_whose_replacement_never_committed_is_dropped_and_the_old_chec
     dir_url, spool_dir = f"slowfile://{tmp_path}/ckpts", tmp_path / "spool"
     staging = tmp_path / "ckpts" / STAGING_DIR
 
-    def mid_upload(lines) -> bool:
-        return "queued" in lines and any(p.stat().st_size > 0 for p in staging.glob("*.partial"))
+    def partial_file_growing() -> bool:
+        return any(p.stat().st_size > 0 for p in staging.glob("*.partial"))
 
-    run_and_kill(dir_url, spool_dir, "mid-upload", mid_upload)
+    run_and_kill(dir_url, spool_dir, "mid-upload", "queued", partial_file_growing)
     assert spooled_files(spool_dir)
 
     io = restarted_worker_io(spool_dir)
