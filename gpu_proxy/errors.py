@@ -40,3 +40,14 @@ class RunStoppedError(GpuProxyError):
         super().__init__(reason)
         self.reason = reason
         self.outcomes = outcomes or []
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The user stopped the run (Ctrl-C): the workers stopped together at a step boundary. Raised by
+    ``gpu_proxy.runs.home.execute`` in place of a bare ``KeyboardInterrupt``; ``outcomes`` are the
+    run's outcomes as it ended, so the caller can bring the trained-so-far state home first, as a
+    local run keeps it. Empty when the run was aborted (a second Ctrl-C) and nothing came back."""
+
+    def __init__(self, message: str = "the remote run was stopped", outcomes: list | None = None) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes or []

@@ -9,16 +9,17 @@ and raises an upload failure, so a run never reports success with a checkpoint m
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from gpu_proxy.secrets import conceal
-from gpu_proxy.storage import commit
+from gpu_proxy.storage import commit, removals, spool
 from gpu_proxy.storage.location import resolve, split
+from gpu_proxy.storage.spool import Spool
 from gpu_proxy.storage.uploader import BackgroundUploader
 
 
@@ -48,17 +49,33 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         self.max_pending = max_pending
         self.spool_dir = spool_dir
         self.on_commit = on_commit
-        self._uploader = BackgroundUploader(max_pending)
+        self._start()
+
+    def _start(self) -> None:
+        self._uploader = BackgroundUploader(self.max_pending)
+        self._spool = Spool(self.spool_dir)
+        self._replayed: set[tuple[str, str]] = set()  # directories whose leftover removals were replayed
 
     # The strategy is shipped to remote workers inside the trainer; threads and queues do not pickle.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_uploader")
+        for name in ("_uploader", "_spool", "_replayed"):
+            state.pop(name)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._uploader = BackgroundUploader(self.max_pending)
+        self._start()
+        # A worker starting (or restarting after a kill) reclaims what dead processes left spooled.
+        with contextlib.suppress(OSError):
+            spool.sweep(self.spool_dir)
+
+    def _replay_removals(self, fs: Any, dir_path: str, keep: tuple[str, ...] = ()) -> None:
+        """Once per directory: carry out the save_top_k removals a killed writer had queued there."""
+        key = (type(fs).__name__, dir_path)
+        if key not in self._replayed:
+            removals.replay(fs, dir_path, keep)
+            self._replayed.add(key)
 
     def _options(self, storage_options: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
         return storage_options if storage_options is not None else self.storage_options
@@ -68,10 +85,11 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         options = self._options(storage_options)
         url = str(path)
         fs, fs_path = resolve(url, options)
-        fd, local_path = tempfile.mkstemp(prefix="gpu-proxy-", suffix=".ckpt", dir=self.spool_dir)
+        self._replay_removals(fs, split(fs_path)[0])
+        fd, local_path = self._spool.new_file()
         try:
-            with os.fdopen(fd, "wb") as spool:
-                torch.save(checkpoint, spool)
+            with os.fdopen(fd, "wb") as spooled:
+                torch.save(checkpoint, spooled)
         except BaseException:
             os.unlink(local_path)
             raise
@@ -87,6 +105,7 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
         url = str(path)
         fs, fs_path = resolve(url, self.storage_options)
         commit.forget_listings(fs, split(fs_path)[0])  # written by another process, maybe
+        self._replay_removals(fs, split(fs_path)[0], keep=(fs_path,))
         if not fs.exists(fs_path):
             raise FileNotFoundError(f"Checkpoint file not found: {url}")
         if commit.is_managed(fs, split(fs_path)[0]) and not commit.is_committed(fs, fs_path):
@@ -99,11 +118,16 @@ class AsyncFsspecCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         url = str(path)
         fs, fs_path = resolve(url, self.storage_options)
-        self._uploader.submit_remove(fs, fs_path, url=url, storage_options=self.storage_options)
+        self._replay_removals(fs, split(fs_path)[0])
+        # Durable: written down first, so a kill before it ran does not leave the old checkpoint for good.
+        self._uploader.submit_remove(fs, fs_path, url=url, storage_options=self.storage_options, durable=True)
 
     def wait(self) -> None:
         """Block until every checkpoint saved so far has committed; raise an upload failure."""
         self._uploader.wait()
 
     def teardown(self) -> None:
-        self._uploader.close()
+        try:
+            self._uploader.close()
+        finally:
+            self._spool.close()

@@ -15,13 +15,14 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from gpu_proxy import events, shipping
 from gpu_proxy.dataplane.package import Package
 from gpu_proxy.errors import ShippingError, WorkerLostError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
-from gpu_proxy.errors import RunStoppedError
+from gpu_proxy.errors import RunInterrupted, RunStoppedError
 from gpu_proxy.runs.home import submit_detached
 from gpu_proxy_lightning import checkpointing, predictions, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
@@ -63,12 +64,13 @@ class WorkerJob:
             trainer.loggers = [*trainer.loggers, relay]
         interrupted = False
         try:
-            checkpointing.apply_storage_options(strategy.checkpoint_dir, strategy.storage_options)
-            try:
-                results = self.function(*self.args, **self.kwargs)
-            except StopRequested as stop:
-                interrupted, results = True, None
-                _stop_like_local_ctrl_c(trainer, stop)
+            # Credentials are the run's only: Ray reuses this process for later runs (see checkpointing).
+            with checkpointing.run_storage_options(strategy.checkpoint_dir, strategy.storage_options):
+                try:
+                    results = self.function(*self.args, **self.kwargs)
+                except StopRequested as stop:
+                    interrupted, results = True, None
+                    _stop_like_local_ctrl_c(trainer, stop)
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is a for a in added)]
             if relay:
                 trainer.loggers = [lg for lg in trainer.loggers if lg is not relay]
@@ -93,11 +95,14 @@ def _stop_like_local_ctrl_c(trainer: Any, stop: KeyboardInterrupt) -> None:
 class RemoteLauncher(_Launcher):
     def __init__(self, strategy: Any) -> None:
         self._strategy = strategy
+        self._run_name: str | None = None  # the run executing now, at home
 
     @property
+    @override
     def is_interactive_compatible(self) -> bool:
         return True  # cloudpickle ships notebook-defined code
 
+    @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         strategy = self._strategy
         continue_run = strategy.run_name is not None  # a run named by the user continues where it stopped
@@ -113,17 +118,27 @@ class RemoteLauncher(_Launcher):
         handler = HomeEventHandler(trainer, strategy.home_loggers)
         status = "failed"
         stopped: RunStoppedError | None = None
+        interrupted: RunInterrupted | None = None
         try:
             try:
                 outputs = self._run_with_restarts(spec, handler, storage, trainer, function, args, kwargs)
+                status = "success"
             except RunStoppedError as stop:  # the cluster stopped it (budget): the state so far comes home
-                stopped, outputs = stop, values(stop.outcomes)
-            status = "success"
+                stopped, outputs, status = stop, values(stop.outcomes), "success"
+            except RunInterrupted as interrupt:  # Ctrl-C: as a local run, keep what was trained so far
+                outputs = _values_or_none(interrupt.outcomes)
+                if outputs is None:  # aborted (a second Ctrl-C): nothing came back to restore
+                    raise
+                interrupted = interrupt  # status stays "failed": what Lightning tells loggers on Ctrl-C
         finally:
             handler.close(status)
         if trainer is None:
+            if interrupted is not None:
+                raise interrupted
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
+        if interrupted is not None:
+            raise interrupted  # a KeyboardInterrupt: Lightning's Ctrl-C handling goes on from here
         if stopped is not None:
             latest = storage.latest() if storage is not None else None
             hint = (f" The newest checkpoint is {latest}; fit again with the same run_name to continue."
@@ -163,6 +178,7 @@ class RemoteLauncher(_Launcher):
         failures: list[str] = []
         while True:
             try:
+                self._run_name = spec.name
                 return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
             except WorkerLostError as lost:
                 failures.append(str(lost))
@@ -186,8 +202,32 @@ class RemoteLauncher(_Launcher):
         except ShippingError as error:
             raise ShippingError(_name_unshippable(trainer, args) or str(error)) from error.__cause__
 
+    @override
     def kill(self, signum: Any) -> None:
-        pass  # the run's workers are stopped by the run itself (see gpu_proxy.runs.home)
+        """Stop the run gracefully, as the cluster does when its budget is spent: every rank at the same
+        step, ``interrupted.ckpt`` saved, the state so far brought home, ``RunStoppedError`` raised.
+
+        Lightning's signal connector runs in the Trainer's process, which here is a worker: there
+        Lightning's own SIGTERM handling already stops every rank's loops at the same step, and the
+        processes are Ray's to end, so a worker does nothing. At home, anyone may call this (a SIGTERM
+        handler of the user's, a watchdog thread) while ``fit`` runs.
+        """
+        cluster = self._strategy._resolved_cluster
+        if self._strategy.is_remote_worker or cluster is None or self._run_name is None:
+            return
+        for control in cluster.active_runs():
+            if control.run_name == self._run_name:
+                control.request_stop(f"the run was stopped by signal {getattr(signum, 'name', signum)}")
+
+
+def _values_or_none(outcomes: list[Any]) -> list[Any] | None:
+    """Each rank's output, or None when the run ended without them (aborted, a worker lost)."""
+    if not outcomes:
+        return None
+    try:
+        return values(outcomes)
+    except Exception:  # noqa: BLE001 - the interrupt is what the user must see, not a cancelled rank
+        return None
 
 
 def _state_bytes(module: Any) -> int:

@@ -1,12 +1,17 @@
 """``RemoteStrategy``: Lightning's DDP, with the processes on a Ray cluster instead of this machine."""
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
+
+from typing_extensions import override
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from gpu_proxy.clusters.base import Cluster
@@ -15,6 +20,7 @@ from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy.secrets import conceal
+from gpu_proxy_lightning.checkpointing import check_run_name
 from gpu_proxy_lightning.environment import RemoteWorkerEnvironment
 from gpu_proxy_lightning.remote_accelerator import RemoteCUDAAccelerator
 
@@ -66,24 +72,21 @@ class RemoteStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
+        # Every argument is checked here, before the Trainer exists and long before any worker starts.
+        _check_arguments(cluster=cluster, num_workers=num_workers, use_gpu=use_gpu,
+                         resources_per_worker=resources_per_worker, detach=detach, home_grace_s=home_grace_s,
+                         checkpoint_dir=checkpoint_dir, storage_options=storage_options, run_name=run_name,
+                         max_failures=max_failures, process_group_backend=process_group_backend)
+        home_loggers = _checked_loggers(home_loggers)
         super().__init__(process_group_backend=process_group_backend, **ddp_kwargs)
-        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-            raise ConfigurationError(f"num_workers={num_workers!r}: give a positive whole number of workers.")
-        if resources_per_worker is not None:
-            bad = {k: v for k, v in resources_per_worker.items() if not isinstance(v, (int, float)) or v < 0}
-            if bad:
-                raise ConfigurationError(f"resources_per_worker has invalid amounts {bad}: use numbers >= 0, "
-                                         'e.g. {"CPU": 2, "GPU": 1}.')
         self.cluster: ClusterSpec = cluster
         self.num_workers = num_workers
         self.use_gpu = use_gpu
         self.resources_per_worker = dict(resources_per_worker) if resources_per_worker else None
-        if not isinstance(max_failures, int) or max_failures < 0:
-            raise ConfigurationError(f"max_failures={max_failures!r}: give a whole number >= 0.")
         if max_failures and not checkpoint_dir:
             raise ConfigurationError("max_failures needs checkpoint_dir=<fsspec URL>: a restart resumes from "
                                      "the newest committed checkpoint there.")
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         if staging_dir is not None and (not isinstance(staging_dir, str) or not staging_dir.strip()):
             raise ConfigurationError(f"staging_dir={staging_dir!r}: give an fsspec URL, e.g. 's3://bucket/staging'.")
         self.staging_dir = staging_dir
@@ -91,10 +94,7 @@ class RemoteStrategy(DDPStrategy):
         self.storage_options = conceal(dict(storage_options)) if storage_options else None
         self.run_name = run_name
         self.max_failures = max_failures
-        self.home_loggers = list(home_loggers or [])
-        if home_grace_s is not None and home_grace_s < MIN_GRACE_S:
-            raise ConfigurationError(f"home_grace_s={home_grace_s!r}: give at least {MIN_GRACE_S:g} seconds "
-                                     "(home beats every few seconds), or None to never stop.")
+        self.home_loggers = home_loggers
         self.detach = detach
         self.home_grace_s = home_grace_s
         self.run_id: str | None = None
@@ -102,9 +102,14 @@ class RemoteStrategy(DDPStrategy):
         self._resolved_cluster: Cluster | None = None
 
     # ----- home side --------------------------------------------------------------------------
+    @override
     def _configure_launcher(self) -> None:
+        # The Trainer calls this once it has set the accelerator, devices and num_nodes on the strategy:
+        # the first moment the settings can be checked against each other, still inside Trainer(...).
         from gpu_proxy_lightning.launcher import RemoteLauncher
 
+        self._check_gpu_settings()
+        self._reconcile_world_size()
         self._launcher = RemoteLauncher(self)
 
     def resolved_cluster(self) -> Cluster:
@@ -121,23 +126,61 @@ class RemoteStrategy(DDPStrategy):
     def worker_count(self) -> int:
         return self.num_workers or max(1, self.num_processes) * max(1, self.num_nodes)
 
+    def _accelerator_is_gpu(self) -> bool | None:
+        """True/False once the Trainer has set the accelerator; None before."""
+        accelerator = self._accelerator
+        if accelerator is None:
+            return None
+        return isinstance(accelerator, (RemoteCUDAAccelerator, CUDAAccelerator))
+
     def wants_gpu(self) -> bool:
-        if self.use_gpu is not None:
-            return self.use_gpu
-        if self.resources_per_worker and self.resources_per_worker.get("GPU", 0) > 0:
-            return True
-        return isinstance(self.accelerator, (RemoteCUDAAccelerator, CUDAAccelerator))
+        """Whether each worker gets a GPU: exactly what :meth:`worker_resources` asks Ray for."""
+        return self.worker_resources().get("GPU", 0) > 0
 
     def worker_resources(self) -> dict[str, float]:
         resources = dict(self.resources_per_worker or {"CPU": 1.0})
-        if self.wants_gpu():
-            resources.setdefault("GPU", 1.0)
-        elif resources.get("GPU", 0) > 0:
-            raise ConfigurationError(
-                f"use_gpu=False but resources_per_worker asks for {resources['GPU']} GPU per worker; "
-                "drop one of the two.")
+        if "GPU" not in resources and (self.use_gpu or (self.use_gpu is None and self._accelerator_is_gpu())):
+            resources["GPU"] = 1.0
         return resources
 
+    def _check_gpu_settings(self) -> None:
+        """Refuse a Trainer accelerator that contradicts use_gpu / resources_per_worker (see __init__)."""
+        on_gpu = self._accelerator_is_gpu()
+        asked = self.resources_per_worker.get("GPU") if self.resources_per_worker else None
+        name = type(self._accelerator).__name__
+        if on_gpu and (self.use_gpu is False or asked == 0):
+            setting = "use_gpu=False" if self.use_gpu is False else 'resources_per_worker={"GPU": 0}'
+            raise ConfigurationError(
+                f"Trainer(accelerator=...) chose GPUs ({name}) but RemoteStrategy has {setting}: the workers "
+                "would get no GPU. Use accelerator=\"cpu\", or drop that setting.")
+        if on_gpu is False and (self.use_gpu or (asked or 0) > 0):
+            setting = "use_gpu=True" if self.use_gpu else f'resources_per_worker={{"GPU": {asked}}}'
+            raise ConfigurationError(
+                f"RemoteStrategy has {setting} but the Trainer's accelerator is {name}: the workers would hold "
+                "GPUs and train on their CPUs. Pass Trainer(accelerator=\"gpu\"), or drop that setting.")
+
+    def _reconcile_world_size(self) -> None:
+        """``num_workers`` wins over ``devices x num_nodes``, so the home Trainer reports the run's world size."""
+        if self.num_workers is None or self.parallel_devices is None:
+            return
+        nodes = max(1, self.num_nodes)
+        if self.num_workers % nodes:
+            raise ConfigurationError(
+                f"RemoteStrategy(num_workers={self.num_workers}) with Trainer(num_nodes={nodes}): give a "
+                "multiple of num_nodes, or drop num_workers and set devices per node.")
+        per_node = self.num_workers // nodes
+        if per_node == len(self.parallel_devices):
+            return
+        if len(self.parallel_devices) > 1:  # devices="auto" gives 1; more was asked for explicitly
+            rank_zero_warn(f"RemoteStrategy(num_workers={self.num_workers}) overrides Trainer(devices="
+                           f"{len(self.parallel_devices)}, num_nodes={nodes}): the run has {self.num_workers} "
+                           "workers, and the Trainer reports that world size.")
+        first = self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+        self.parallel_devices = ([torch.device("cuda", i) for i in range(per_node)] if first.type == "cuda"
+                                 else [first] * per_node)
+        self.set_world_ranks()
+
+    @override
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
@@ -163,11 +206,13 @@ class RemoteStrategy(DDPStrategy):
         return self._worker_ctx is not None
 
     @property
+    @override
     def root_device(self) -> torch.device:
         if self._worker_ctx is None:
             return super().root_device
         return self.parallel_devices[self.local_rank]
 
+    @override
     def set_world_ranks(self) -> None:
         if self._worker_ctx is None:
             return super().set_world_ranks()
@@ -177,10 +222,84 @@ class RemoteStrategy(DDPStrategy):
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         if self._worker_ctx is None:
             return super().distributed_sampler_kwargs
         return {"num_replicas": self._worker_ctx.world_size, "rank": self.global_rank}
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _bad(name: str, value: Any, fix: str) -> ConfigurationError:
+    return ConfigurationError(f"RemoteStrategy({name}={value!r}): {fix}")
+
+
+def _check_arguments(*, cluster: Any, num_workers: Any, use_gpu: Any, resources_per_worker: Any, detach: Any,
+                     home_grace_s: Any, checkpoint_dir: Any, storage_options: Any, run_name: Any,
+                     max_failures: Any, process_group_backend: Any) -> None:
+    """Raise :class:`ConfigurationError` naming the first argument of the wrong type or value, and the fix."""
+    if cluster is not None and not isinstance(cluster, (str, Cluster)):
+        raise _bad("cluster", cluster, 'give None (embedded), a dashboard address "http://host:8265", a saved '
+                                       "cluster name, or a gpu_proxy cluster object.")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise _bad("num_workers", num_workers, "give a positive whole number of workers, or None for "
+                                               "devices x num_nodes.")
+    if use_gpu is not None and not isinstance(use_gpu, bool):
+        raise _bad("use_gpu", use_gpu, "give True, False, or None (follow the Trainer's accelerator).")
+    if resources_per_worker is not None:
+        if not isinstance(resources_per_worker, dict):
+            raise _bad("resources_per_worker", resources_per_worker, 'give a dict of Ray resources, e.g. '
+                                                                     '{"CPU": 2, "GPU": 1}.')
+        bad = {k: v for k, v in resources_per_worker.items()
+               if not isinstance(k, str) or not _is_number(v) or v < 0 or math.isinf(v)}
+        if bad:
+            raise _bad("resources_per_worker", resources_per_worker,
+                       f"invalid entries {bad}: give resource names with amounts >= 0, e.g. "
+                       '{"CPU": 2, "GPU": 1}.')
+        gpus = resources_per_worker.get("GPU")
+        if use_gpu is False and gpus:
+            raise ConfigurationError(f'RemoteStrategy(use_gpu=False, resources_per_worker={{"GPU": {gpus!r}}}): '
+                                     "these contradict each other; drop one of the two.")
+        if use_gpu is True and gpus == 0:
+            raise ConfigurationError('RemoteStrategy(use_gpu=True, resources_per_worker={"GPU": 0}): these '
+                                     "contradict each other; drop one of the two.")
+    if not isinstance(detach, bool):
+        raise _bad("detach", detach, "give True or False.")
+    if home_grace_s is not None and (not _is_number(home_grace_s) or home_grace_s < MIN_GRACE_S):
+        raise _bad("home_grace_s", home_grace_s, f"give seconds as a number >= {MIN_GRACE_S:g} (home beats "
+                                                 "every few seconds), e.g. 300, or None to never stop.")
+    if checkpoint_dir is not None and (not isinstance(checkpoint_dir, (str, os.PathLike)) or not str(checkpoint_dir)):
+        raise _bad("checkpoint_dir", checkpoint_dir, 'give an fsspec URL string, e.g. "s3://bucket/runs" or '
+                                                     '"/data/runs".')
+    if storage_options is not None and (not isinstance(storage_options, dict)
+                                        or not all(isinstance(k, str) for k in storage_options)):
+        raise _bad("storage_options", storage_options, 'give a dict of fsspec options, e.g. {"profile": "lab"} '
+                                                       'or {"key": ..., "secret": ...}.')
+    if run_name is not None:
+        check_run_name(run_name, "RemoteStrategy")
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise _bad("max_failures", max_failures, "give a whole number >= 0 of restarts, e.g. 2.")
+    if process_group_backend is not None and not isinstance(process_group_backend, str):
+        raise _bad("process_group_backend", process_group_backend, 'give "nccl", "gloo", or None.')
+
+
+def _checked_loggers(home_loggers: Any) -> list[Any]:
+    """Home loggers must be Lightning Loggers: they are called here for the whole run."""
+    if home_loggers is None:
+        return []
+    if isinstance(home_loggers, Logger):
+        return [home_loggers]
+    if not isinstance(home_loggers, (list, tuple)):
+        raise _bad("home_loggers", home_loggers, "give a list of Lightning loggers, e.g. [CSVLogger(\"logs\")].")
+    bad = [lg for lg in home_loggers if not isinstance(lg, Logger)]
+    if bad:
+        raise _bad("home_loggers", home_loggers, f"{bad[0]!r} is not a Lightning Logger; give loggers from "
+                                                 "lightning.pytorch.loggers (CSVLogger, TensorBoardLogger...) or "
+                                                 "subclasses of Logger.")
+    return list(home_loggers)
 
 
 def register(registry: Any) -> None:

@@ -17,12 +17,13 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from fsspec.spec import AbstractFileSystem
 
-from gpu_proxy.storage import commit
+from gpu_proxy.storage import commit, removals
 from gpu_proxy.storage.diagnose import storage_error
 from gpu_proxy.storage.errors import UploadError
 
@@ -56,6 +57,7 @@ class BackgroundUploader:
         self._lock = threading.Lock()
         self._failure: UploadError | None = None  # set by the thread; cleared by wait/close
         self._failure_reported = False
+        self._uploading: list[tuple[AbstractFileSystem, str]] = []  # file uploads submitted, not yet done
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -68,7 +70,12 @@ class BackgroundUploader:
         `on_commit(url, meta)` runs on the upload thread once the checkpoint is committed (to
         report it home, say); an exception it raises counts as an upload failure.
         """
+        entry = (fs, path)
+
         def discard() -> None:
+            with self._lock:
+                with contextlib.suppress(ValueError):
+                    self._uploading.remove(entry)
             if delete_local:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(local_path)
@@ -78,22 +85,49 @@ class BackgroundUploader:
             if on_commit is not None:
                 on_commit(url, dict(meta or {}))
 
-        self._submit(_Task(run, discard, url, "upload the checkpoint to", storage_options))
+        self._submit(_Task(run, discard, url, "upload the checkpoint to", storage_options),
+                     on_accept=lambda: self._uploading.append(entry))
 
     def submit_remove(self, fs: AbstractFileSystem, path: str, *, url: str,
-                      storage_options: dict[str, Any] | None = None) -> None:
-        """Un-commit and delete the checkpoint at `path`, after every task submitted before."""
-        self._submit(_Task(lambda: commit.remove(fs, path), lambda: None, url,
-                           "remove the checkpoint", storage_options))
+                      storage_options: dict[str, Any] | None = None, durable: bool = False) -> None:
+        """Un-commit and delete the checkpoint at `path`, after every task submitted before.
 
-    def _submit(self, task: _Task) -> None:
+        `durable`: first write the removal down beside the checkpoint (see `removals`), so that it
+        still happens if this process dies before it ran, once the uploads it waits for committed.
+        """
+        def run() -> None:
+            commit.remove(fs, path)
+            if durable:
+                removals.done(fs, path)
+
+        if durable:
+            self._raise_failure_on_submit()
+            requested_at_ns = time.time_ns()  # before listing: every upload listed commits after it
+            with self._lock:
+                after = [p for f, p in self._uploading if type(f) is type(fs)]
+            try:
+                removals.record(fs, path, after, requested_at_ns)
+            except Exception as exc:  # noqa: BLE001 - in the caller's terms, like an upload failure
+                raise storage_error(exc, url, storage_options, "record the removal of", UploadError) from None
+        self._submit(_Task(run, lambda: None, url, "remove the checkpoint", storage_options))
+
+    def _raise_failure_on_submit(self) -> None:
         with self._lock:
             failure = self._failure
             self._failure_reported = self._failure_reported or failure is not None
         if failure is not None:
-            task.discard()
             raise failure
+
+    def _submit(self, task: _Task, on_accept: Callable[[], None] | None = None) -> None:
+        try:
+            self._raise_failure_on_submit()
+        except UploadError:
+            task.discard()
+            raise
         self._ensure_thread()
+        if on_accept is not None:
+            with self._lock:
+                on_accept()
         self._tasks.put(task)
 
     # -- waiting ----------------------------------------------------------------------------
