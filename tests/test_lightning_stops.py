@@ -105,7 +105,6 @@ class KeepsFinalWeights(L.Callback):
                        Path(self.folder, "final.pt"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs gpu_proxy/runs/home.py to raise RunInterrupted")
 def test_ctrl_c_keeps_what_rank0_trained_so_far_like_a_local_run(tmp_path):
     from tests.lightning_project.models import DigitsData
 

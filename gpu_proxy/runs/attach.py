@@ -86,11 +86,11 @@ def attach(run_id: str, cluster: ClusterSpec, on_event: Callable[[Event], None] 
            storage_options: dict[str, Any] | None = None) -> list[Any]:
     """Replay a run's events from the start, follow it live, and return each rank's result.
 
-    A finished run's large results wait on its data plane (the head's disk, or its staging URL,
+    Ctrl-C stops watching; the run goes on (``gpu-proxy stop`` stops it). A finished run's large results wait on its data plane (the head's disk, or its staging URL,
     read with ``storage_options``); they are brought home and then removed there.
     """
     with _connected(cluster) as resolved:
-        outcomes = JobRun(resolved.endpoint(), run_id).follow(on_event or ConsoleRenderer())
+        outcomes = JobRun(resolved.endpoint(), run_id).follow(on_event or ConsoleRenderer(), watch_only=True)
         plane = _plane_of(resolved, run_id, outcomes, storage_options)
         try:
             outcomes = fetch(plane, outcomes)

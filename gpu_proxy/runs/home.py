@@ -7,7 +7,7 @@ from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.dataplane.base import DataPlane
 from gpu_proxy.dataplane.package import Package, StoredFile
-from gpu_proxy.errors import RunStoppedError, WorkerLostError
+from gpu_proxy.errors import RunInterrupted, RunStoppedError, WorkerLostError
 from gpu_proxy.events import Event
 from gpu_proxy.runs.control import RunControl
 from gpu_proxy.runs.spec import RunSpec
@@ -19,8 +19,8 @@ def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) 
 
     The payload goes out on the cluster's data plane before the run starts and large results come
     home on it; the run's staging area is removed however the run ends. Ctrl-C asks the workers to
-    stop at their next step boundary; a second Ctrl-C aborts them. Either way ``KeyboardInterrupt``
-    is raised here once the workers are gone. A cluster may stop the run itself (its budget spent):
+    stop at their next step boundary and :class:`RunInterrupted` (a ``KeyboardInterrupt``) is raised
+    here with the outcomes, so the caller keeps the state trained so far; a second Ctrl-C aborts them. A cluster may stop the run itself (its budget spent):
     then :class:`RunStoppedError` is raised, carrying the outcomes.
     """
     cluster.start()
@@ -33,7 +33,7 @@ def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) 
     finally:
         plane.clean()
     if control.interrupted:
-        raise KeyboardInterrupt("the remote run was stopped")
+        raise RunInterrupted("the remote run was stopped", outcomes)
     if control.stop_reason is not None:
         raise RunStoppedError(control.stop_reason, outcomes)
     return outcomes

@@ -79,33 +79,35 @@ class JobRun:
                 else:
                     on_event(event)
 
-    def follow(self, control: "RunControl | Callable[[Event], None]") -> list[dict[str, Any]]:
+    def follow(self, control: "RunControl | Callable[[Event], None]", watch_only: bool = False) -> list[dict[str, Any]]:
         """Relay the run's events from where this object last was; return the outcomes at the end.
 
-        ``control`` is the run's :class:`RunControl` (or just an event handler, e.g. for attach).
+        ``control`` is the run's :class:`RunControl` (or just an event handler, e.g. for attach). A stop
+        request (Ctrl-C) stops the run at its next step boundary and the outcomes still come; a second
+        one aborts the run on the cluster and raises ``KeyboardInterrupt`` here. With ``watch_only``
+        (attach), Ctrl-C stops watching and leaves the run going.
         """
         if not isinstance(control, RunControl):
             control = RunControl(control, self.job_id)
         heartbeat = HomeHeartbeat(self._endpoint, self.job_id).start()  # the job id is the run's name
         try:
-            outcomes = self._follow(control)
+            return self._follow(control, watch_only)
         finally:
             heartbeat.close()
-        if control.interrupted:
-            raise KeyboardInterrupt("the remote run was stopped")
-        return outcomes
 
-    def _follow(self, control: RunControl) -> list[dict[str, Any]]:
+    def _follow(self, control: RunControl, watch_only: bool) -> list[dict[str, Any]]:
         result: dict[str, Any] = {}
         self._tail_in_background(control)
         decoder, pending, stops = log_codec.Decoder(), "", 0
         for item in control.items():
             if isinstance(item, StopRequest):
+                if watch_only and control.interrupted:
+                    raise KeyboardInterrupt(f"stopped watching run {self.job_id}; it goes on (stop it with "
+                                            f"`gpu-proxy stop {self.job_id} -c <cluster>`)")
                 stops += 1
-                if stops == 1:
-                    self.stop()  # SIGTERM to the driver: a graceful stop at the next step boundary
-                elif control.interrupted:
-                    raise KeyboardInterrupt("the remote run was stopped")
+                self.stop()  # SIGTERM to the driver: the first asks for a graceful stop, the second aborts
+                if stops > 1 and control.interrupted:
+                    raise KeyboardInterrupt("the remote run was aborted")
                 continue
             pending += item.text
             complete, _, pending = pending.rpartition("\n")
