@@ -89,9 +89,10 @@ def check_cluster_spec(spec: ClusterSpec) -> None:
     configured = providers.configured_clusters()
     if spec in configured:
         table = dict(configured[spec])
-        provider = providers.PROVIDERS.get(str(table.pop("provider", spec)))
+        name = str(table.pop("provider", spec))
+        provider = providers.PROVIDERS.get(name)
         if provider is None:
-            raise ConfigurationError(f"{providers.config_file()} [{spec}]: provider={table.get('provider')!r} is "
+            raise ConfigurationError(f"{providers.config_file()} [{spec}]: provider={name!r} is "
                                      f"unknown. {providers.known_names()}")
         providers.check_options(provider, table, where=f"{providers.config_file()} [{spec}]: ")
         return
