@@ -59,7 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     if args.kind == "runpod":
         return _up_runpod(args)
-    if args.kind in ("aws", "gcp", "azure"):
+    if args.kind in ("aws", "gcp", "azure", "onprem"):
         from gpu_proxy.clouds.ray_launcher.cli import up_launcher
 
         return up_launcher(args, lambda per_hour: _confirm(args, per_hour))
@@ -222,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
-    up.add_argument("kind", choices=["ray", "ssh", "runpod", "aws", "gcp", "azure"],
+    up.add_argument("kind", choices=["ray", "ssh", "runpod", "aws", "gcp", "azure", "onprem"],
                     help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines; "
                          "runpod: launch RunPod GPU pods (key from RUNPOD_API_KEY or ~/.runpod/config.toml); "
-                         "aws/gcp/azure: GPU machines through Ray's cluster launcher (the cloud's own credentials)")
+                         "aws/gcp/azure: GPU machines through Ray's cluster launcher (the cloud's own credentials); "
+                         "onprem: Ray's launcher on machines you name (--head, --worker)")
     up.add_argument("--name", default="default", help="name to save the cluster under (default: default)")
     up.add_argument("--address", help="ray: the Ray dashboard URL, e.g. http://127.0.0.1:8265")
     up.add_argument("--head", help="ssh: user@host[:port] of the head machine")

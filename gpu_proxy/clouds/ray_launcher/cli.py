@@ -25,6 +25,8 @@ def up_launcher(args: argparse.Namespace, confirm) -> int:
     from gpu_proxy.clouds.ray_launcher.cluster import LauncherCluster
 
     gpus = args.gpu or []
+    if args.kind == "onprem":
+        gpus = ["-"]  # your machines' GPUs are what they are
     if len(gpus) > 1:
         raise SystemExit(f"gpu-proxy up {args.kind}: give one --gpu (several are a RunPod choice only)")
     if not gpus and not args.instance_type:
@@ -34,11 +36,14 @@ def up_launcher(args: argparse.Namespace, confirm) -> int:
               f"or pick another --name", file=sys.stderr)
         return 1
     state_dir = str(saved.state_folder("ray_launcher", args.name))  # created by start(), not by --dry-run
-    cluster = LauncherCluster(args.kind, gpus[0] if gpus else None, args.gpus_per_node, args.nodes,
-                              region=args.region, zone=args.zone, project_id=args.project_id,
-                              resource_group=args.resource_group, instance_type=args.instance_type,
-                              image=args.image, pip_packages=args.pip, keep=True,
-                              name=f"gpu-proxy-{args.name}", state_dir=state_dir)
+    common = dict(image=args.image, keep=True, name=f"gpu-proxy-{args.name}", state_dir=state_dir)
+    if args.kind == "onprem":
+        cluster = _onprem(args, common)
+    else:
+        cluster = LauncherCluster(args.kind, gpus[0] if gpus else None, args.gpus_per_node, args.nodes,
+                                  region=args.region, zone=args.zone, project_id=args.project_id,
+                                  resource_group=args.resource_group, instance_type=args.instance_type,
+                                  pip_packages=args.pip, **common)
     print(f"estimated cost: {cluster.estimate()}", flush=True)
     if args.dry_run:
         print(yaml.safe_dump(cluster.config(), sort_keys=False), end="")
@@ -59,6 +64,28 @@ def up_launcher(args: argparse.Namespace, confirm) -> int:
           f"{resources.get('GPU', 0):g} GPUs, ~${state['usd_per_hour']:.2f}/hour; "
           f"`gpu-proxy down {args.name}` tears it down")
     return 0
+
+
+def _onprem(args: argparse.Namespace, common: dict):
+    """Ray's on-prem (``local``) provider: machines you name, reached over SSH as ``--head``/``--worker``."""
+    from gpu_proxy.clouds.ray_launcher.cluster import LauncherCluster
+    from gpu_proxy.clusters.ray_node import RayPorts
+    from gpu_proxy.ssh import SSHTarget
+
+    if not args.head:
+        raise SystemExit("gpu-proxy up onprem: --head user@host[:port] is required")
+    head = SSHTarget.parse(args.head)
+    workers = [SSHTarget.parse(w) for w in args.worker or []]
+    options: list[str] = []
+    ports = RayPorts()
+    if args.free_ports:  # machines shared with other Ray clusters: free ports and a temp dir of its own
+        ports = RayPorts.free_on_this_machine()
+        options = [f for f in ports.flags("head") if not f.startswith(("--port=", "--dashboard-port="))]
+        options.append(f"--temp-dir=/tmp/gp-{args.name}")
+    return LauncherCluster("local", head_ip=head.host, worker_ips=[w.host for w in workers], ssh_user=head.user,
+                           ssh_private_key=args.identity_file, ssh_port=head.port, ray_executable=args.ray_executable,
+                           pip_packages=args.pip or (), ray_start_options=options,
+                           gcs_port=ports.gcs or 6379, dashboard_port=ports.dashboard or 8265, **common)
 
 
 def down_launcher(name: str, definition: dict) -> int:
