@@ -163,6 +163,8 @@ def _use_and_tear_down(machine, tmp_path, config, env, up, started):
     assert down.returncode == 0, down.stderr[-3000:]
     assert "torn down with Ray's cluster launcher" in down.stdout
     assert machine.ray_processes() == []
+    relays = subprocess.run(["pgrep", "-f", f"ray_launcher.relay 127.0.0.1 {machine.port}"], capture_output=True)
+    assert relays.stdout == b"", "no SSH connection of the launcher is left open here"
     assert "lab" not in json.loads((config / "clusters.json").read_text())
     assert not Path(definition["state_dir"]).exists()  # token and config gone with it
     print(f"up {up_s:.1f} s, whole case {time.monotonic() - started:.1f} s")

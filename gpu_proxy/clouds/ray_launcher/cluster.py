@@ -40,11 +40,29 @@ def _write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _close_ssh_masters(cluster_name: str) -> None:
+    """End the SSH connections Ray's launcher keeps open (``ControlPersist``) to the cluster's machines, so
+    that ``down`` leaves no process behind here. The folder is the one Ray's SSH runner computes."""
+    import getpass
+    import hashlib
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import HASH_MAX_LENGTH
+
+    user = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:HASH_MAX_LENGTH]
+    folder = Path("/tmp", f"ray_ssh_{user}", hashlib.sha256(cluster_name.encode()).hexdigest()[:HASH_MAX_LENGTH])
+    for socket_path in folder.glob("*") if folder.is_dir() else []:
+        subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "gpu-proxy-launcher"],
+                       capture_output=True, stdin=subprocess.DEVNULL, timeout=10, check=False)
+
+
 def teardown(config_file: str, folder: str | None = None) -> None:
     """``ray down`` through Ray's launcher API; then delete the cluster's folder (token, config)."""
+    import yaml
     from ray.autoscaler.sdk import teardown_cluster
 
     teardown_cluster(config_file)
+    _close_ssh_masters(yaml.safe_load(Path(config_file).read_text())["cluster_name"])
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
 
