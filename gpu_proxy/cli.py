@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         runs.add_argument("--cluster", "-c", default="default", help="saved name or dashboard address")
         runs.set_defaults(func=func)
     for name, func, text in (("logs", cmd_logs, "print a run's logs"),
-                             ("attach", cmd_attach, "replay a run's events and follow it live (Ctrl-C stops watching)"),
+                             ("attach", cmd_attach, "replay a run's events and follow it live"),
                              ("stop", cmd_stop, "stop a run on a cluster")):
         command = sub.add_parser(name, help=text)
         command.add_argument("run_id")

@@ -168,3 +168,14 @@ def _use_and_tear_down(machine, tmp_path, config, env, up, started):
     assert "lab" not in json.loads((config / "clusters.json").read_text())
     assert not Path(definition["state_dir"]).exists()  # token and config gone with it
     print(f"up {up_s:.1f} s, whole case {time.monotonic() - started:.1f} s")
+
+
+def test_no_cloud_sdk_is_imported_to_build_configs_or_resolve_names():
+    code = ("import sys, gpu_proxy\n"
+            "for cloud, extra in (('aws', {}), ('gcp', {'project_id': 'p'}), ('azure', {})):\n"
+            "    gpu_proxy.RemoteGPU(cloud, gpu='T4', **extra).config('/t')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'googleapiclient', "
+            "'azure')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
