@@ -11,9 +11,10 @@ from gpu_proxy.errors import GpuProxyError
 
 def _existing(name: str) -> str:
     """Commands about runs must not launch a cluster: a bare provider name that is not saved is refused."""
-    from gpu_proxy.clusters.providers import PROVIDERS
+    from gpu_proxy.clusters.providers import PROVIDERS, configured_clusters
 
-    if name in PROVIDERS and name not in ("local", "ray") and name not in saved.saved_clusters():
+    launches = name.startswith("ssh://") or name in PROVIDERS or name in configured_clusters()
+    if launches and name not in ("local", "ray") and name not in saved.saved_clusters():
         raise SystemExit(f"gpu-proxy: -c {name!r} names a provider, which would launch a new cluster; give the "
                          f"name a cluster was saved under (`gpu-proxy status` lists them) or its dashboard URL")
     return name

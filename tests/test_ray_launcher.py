@@ -156,6 +156,9 @@ def _use_and_tear_down(machine, tmp_path, config, env, up, started):
     assert "Recent runs there" in missing.stderr and "SUCCEEDED" in missing.stderr
     assert "Traceback" not in missing.stderr
     run_id = missing.stderr.split("Recent runs there:\n")[1].splitlines()[1].split()[0]
+    missing = cli("attach", "no-such-run", "-c", "lab", env=env, timeout=60)
+    assert missing.returncode == 1 and "no run 'no-such-run' on cluster 'lab'" in missing.stderr
+    assert run_id in missing.stderr and "Traceback" not in missing.stderr
     stopped = cli("stop", run_id, "-c", "lab", env=env)
     assert stopped.returncode == 0 and f"run {run_id!r} had already ended" in stopped.stdout
 

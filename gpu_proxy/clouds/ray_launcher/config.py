@@ -177,7 +177,8 @@ def build_config(spec: LauncherSpec) -> dict[str, Any]:
     if spec.cloud != "local":
         instance = spec.instance
         assert instance is not None
-        resources = {"CPU": instance.vcpus, "GPU": instance.gpus}
+        # An instance type not in our table: {} lets Ray find its CPUs and GPUs itself.
+        resources = {"CPU": instance.vcpus, "GPU": instance.gpus} if instance.vcpus else {}
         config["available_node_types"] = {
             "gpu_proxy_head": {"resources": resources, "node_config": _node_config(spec)},
             "gpu_proxy_worker": {"resources": resources, "node_config": _node_config(spec),
