@@ -59,6 +59,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     if args.kind == "runpod":
         return _up_runpod(args)
+    if args.kind in ("aws", "gcp", "azure", "onprem"):
+        from gpu_proxy.clouds.ray_launcher.cli import up_launcher
+
+        return up_launcher(args, lambda per_hour: _confirm(args, per_hour))
     print(f"gpu-proxy up: cluster kind {args.kind!r} is not available in this version", file=sys.stderr)
     return 2
 
@@ -75,7 +79,9 @@ def _up_runpod(args: argparse.Namespace) -> int:
               f"or pick another --name", file=sys.stderr)
         return 1
     state_dir = saved.state_folder("runpod", args.name)
-    cluster = RunPodCluster(args.gpu, args.gpus_per_node, args.nodes, instant_cluster=args.instant_cluster,
+    gpus = [part.strip() for value in args.gpu for part in value.split(",") if part.strip()]
+    cluster = RunPodCluster(gpus if len(gpus) > 1 else gpus[0], args.gpus_per_node, args.nodes,
+                            max_usd_per_hour=args.max_usd_per_hour, instant_cluster=args.instant_cluster,
                             idle_timeout=args.idle_timeout, budget_usd=args.budget_usd, keep=True, image=args.image,
                             cloud=args.cloud, data_centers=args.data_center or (), expected_hours=args.hours,
                             ray_ports=RayPorts.free_on_this_machine() if args.free_ports else None,
@@ -83,16 +89,8 @@ def _up_runpod(args: argparse.Namespace) -> int:
                             state_dir=str(state_dir))
     estimate = cluster.check()
     print(f"estimated cost: {estimate}", flush=True)
-    if not args.yes and estimate.per_hour > args.confirm_above:
-        question = (f"This cluster costs ${estimate.per_hour:.2f}/hour, above --confirm-above "
-                    f"${args.confirm_above:g}/hour, until `gpu-proxy down {args.name}`")
-        if not sys.stdin.isatty():
-            print(f"gpu-proxy up: {question}. Not launching without confirmation: pass --yes (or raise "
-                  f"--confirm-above) to launch from a script.", file=sys.stderr)
-            return 1
-        if input(f"{question}. Launch? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("not launched")
-            return 1
+    if not _confirm(args, estimate.per_hour):
+        return 1
     cluster.start()
     try:
         state = cluster.saved_state()
@@ -109,6 +107,35 @@ def _up_runpod(args: argparse.Namespace) -> int:
           f"{resources.get('GPU', 0):g} GPUs, ${state['usd_per_hour']:.2f}/hour ({', '.join(guards)}); "
           f"`gpu-proxy down {args.name}` terminates it")
     return 0
+
+
+def _confirm(args: argparse.Namespace, per_hour: float) -> bool:
+    """Ask before launching above --confirm-above USD/hour; without a terminal, refuse unless --yes."""
+    if args.yes or per_hour <= args.confirm_above:
+        return True
+    question = (f"This cluster costs ${per_hour:.2f}/hour, above --confirm-above "
+                f"${args.confirm_above:g}/hour, until `gpu-proxy down {args.name}`")
+    if not sys.stdin.isatty():
+        print(f"gpu-proxy up: {question}. Not launching without confirmation: pass --yes (or raise "
+              f"--confirm-above) to launch from a script.", file=sys.stderr)
+        return False
+    if input(f"{question}. Launch? [y/N] ").strip().lower() not in ("y", "yes"):
+        print("not launched")
+        return False
+    return True
+
+
+def _money(text: str) -> float:
+    """argparse type of a money limit: finite and positive (``nan`` would never be reached)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite positive number of US dollars, e.g. 50")
+    return value
 
 
 def _cost_text(cluster) -> str:
@@ -159,32 +186,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    from gpu_proxy.runs.attach import list_runs
-
-    runs = list_runs(args.cluster)
-    print(_table([[r.run_id, r.status, _time(r.start_time), _time(r.end_time)] for r in runs],
-                 ["RUN", "STATE", "STARTED", "ENDED"]))
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    from gpu_proxy import events
-    from gpu_proxy.runs.attach import run_events
-
-    for event in run_events(args.run_id, args.cluster):
-        if event.kind == events.LOG:
-            print(f"(rank {event.rank}) {event.data.get('line', '')}")
-    return 0
-
-
-def cmd_attach(args: argparse.Namespace) -> int:
-    from gpu_proxy.runs.attach import attach
-
-    attach(args.run_id, args.cluster)
-    return 0
-
-
 def cmd_down(args: argparse.Namespace) -> int:
     from gpu_proxy.clusters.resolve import resolve_cluster
 
@@ -192,6 +193,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"no saved cluster named {args.cluster!r}", file=sys.stderr)
         return 1
     definition = saved.saved_clusters()[args.cluster]
+    if definition["kind"] == "ray_launcher":  # `ray down` through Ray's launcher, by its saved config
+        from gpu_proxy.clouds.ray_launcher.cli import down_launcher
+
+        return down_launcher(args.cluster, definition)
     if definition["kind"] == "runpod":  # needs no token: the pods are terminated by id
         from gpu_proxy.clouds.runpod.saved import SavedRunPodCluster
 
@@ -217,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
-    up.add_argument("kind", choices=["ray", "ssh", "runpod"],
+    up.add_argument("kind", choices=["ray", "ssh", "runpod", "aws", "gcp", "azure", "onprem"],
                     help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines; "
-                         "runpod: launch RunPod GPU pods (key from RUNPOD_API_KEY or ~/.runpod/config.toml)")
+                         "runpod: launch RunPod GPU pods (key from RUNPOD_API_KEY or ~/.runpod/config.toml); "
+                         "aws/gcp/azure: GPU machines through Ray's cluster launcher (the cloud's own credentials); "
+                         "onprem: Ray's launcher on machines you name (--head, --worker)")
     up.add_argument("--name", default="default", help="name to save the cluster under (default: default)")
     up.add_argument("--address", help="ray: the Ray dashboard URL, e.g. http://127.0.0.1:8265")
     up.add_argument("--head", help="ssh: user@host[:port] of the head machine")
@@ -232,21 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--free-ports", action="store_true",
                     help="ssh/runpod: nodes sharing a machine with other Ray clusters: pick free ports instead of "
                          "Ray's defaults (6379, 8265...)")
-    up.add_argument("--gpu", help="runpod: GPU type, e.g. H100, 'RTX 4090', 'NVIDIA H100 80GB HBM3'")
-    up.add_argument("--gpus-per-node", type=int, default=1, help="runpod: GPUs per pod (default 1)")
+    up.add_argument("--gpu", action="append", help="GPU type, e.g. H100, 'RTX 4090', A10G; runpod: repeat it (or "
+                                                   "a,b) or any-80gb for the cheapest available of several")
+    up.add_argument("--max-usd-per-hour", type=_money, help="runpod: refuse above this list price per hour")
+    up.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per pod / machine (default 1)")
     up.add_argument("--nodes", type=int, default=1,
                     help="runpod: pods (default 1); above 1 they share RunPod's global network")
     up.add_argument("--instant-cluster", action="store_true",
                     help="runpod: several nodes as one RunPod Instant Cluster (fast interconnect)")
     up.add_argument("--idle-timeout", help="runpod: pods end themselves after this long unused, e.g. 10m, 1h")
-    up.add_argument("--budget-usd", type=float, help="runpod: stop the run and terminate the pods before this spend")
+    up.add_argument("--budget-usd", type=_money, help="runpod: stop the run and terminate the pods before this spend")
     up.add_argument("--hours", type=float, help="runpod: expected hours, for the estimate")
-    up.add_argument("--image", help="runpod: the node image (default $GPU_PROXY_RUNPOD_IMAGE)")
+    up.add_argument("--image", help="runpod: the node image (default $GPU_PROXY_RUNPOD_IMAGE); aws/gcp/azure: a "
+                                    "Docker image with Python, Ray and gpu-proxy (default: pip install)")
     up.add_argument("--cloud", default="SECURE", choices=["SECURE", "COMMUNITY"], help="runpod: RunPod cloud")
     up.add_argument("--data-center", action="append", help="runpod: preferred data centre id (repeat)")
     up.add_argument("--confirm-above", type=float, default=5.0,
                     help="runpod: ask before launching a cluster above this many USD/hour (default 5)")
     up.add_argument("--yes", "-y", action="store_true", help="runpod: launch without asking")
+    from gpu_proxy.clouds.ray_launcher.cli import add_arguments
+
+    add_arguments(up)
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="resources and state of saved clusters")
@@ -257,12 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("cluster", help="a saved name or dashboard address")
     dashboard.set_defaults(func=cmd_dashboard)
 
+    from gpu_proxy.cli_runs import cmd_attach, cmd_logs, cmd_runs, cmd_stop
+
     for name, func, text in (("runs", cmd_runs, "list the runs on a cluster"),):
         runs = sub.add_parser(name, help=text)
         runs.add_argument("--cluster", "-c", default="default", help="saved name or dashboard address")
         runs.set_defaults(func=func)
     for name, func, text in (("logs", cmd_logs, "print a run's logs"),
-                             ("attach", cmd_attach, "replay a run's events and follow it live")):
+                             ("attach", cmd_attach, "replay a run's events and follow it live"),
+                             ("stop", cmd_stop, "stop a run on a cluster")):
         command = sub.add_parser(name, help=text)
         command.add_argument("run_id")
         command.add_argument("--cluster", "-c", default="default", help="saved name or dashboard address")

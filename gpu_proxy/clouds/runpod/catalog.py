@@ -7,6 +7,7 @@ names are close, before anything is launched.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -102,7 +103,71 @@ def estimate_cost(gpu: GpuType, gpus_per_node: int = 1, nodes: int = 1, hours: f
         raise ConfigurationError(f"cloud={cloud!r}: use 'SECURE' or 'COMMUNITY'.")
     if not isinstance(nodes, int) or nodes < 1:
         raise ConfigurationError(f"nodes={nodes!r} must be a whole number >= 1.")
-    if hours is not None and hours < 0:
-        raise ConfigurationError(f"hours={hours!r} must be >= 0.")
+    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
+                              or not math.isfinite(hours) or hours < 0):
+        raise ConfigurationError(f"hours={hours!r} must be a finite number of hours >= 0.")
     check_count(gpu, gpus_per_node, cloud)
     return CostEstimate(gpu.id, gpus_per_node, nodes, gpu.price(cloud), hours)
+
+
+def check_money(value: "float | None", what: str) -> "float | None":
+    """A money limit must be a finite positive number (``nan`` would never be reached, ``inf`` is no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{what}={value!r} must be a finite positive number of US dollars, e.g. {what}=50; "
+                                 f"leave it out for no limit.")
+    return float(value)
+
+
+_MEMORY_CLASS = re.compile(r"any(?:-(\d+)\s*gb)?", re.IGNORECASE)
+
+
+def expand_choices(names: "str | Sequence[str]", gpus: Sequence[GpuType], cloud: str = "SECURE") -> list[GpuType]:
+    """The catalog entries a ``gpu=`` list means, in the order given. ``"any-80gb"`` is every type with at
+    least 80 GB per GPU; ``"any"`` every type; a comma-separated string is a list."""
+    if isinstance(names, str):
+        names = [part for part in (p.strip() for p in names.split(",")) if part] if "," in names else [names]
+    if not names:
+        raise ConfigurationError("gpu=[]: name at least one RunPod GPU type, e.g. ['H100 SXM', 'A100 80GB'] or 'any-80gb'.")
+    offered = [gpu for gpu in gpus if (gpu.secure if cloud == "SECURE" else gpu.community)]
+    chosen: list[GpuType] = []
+    for name in names:
+        shorthand = _MEMORY_CLASS.fullmatch(name.strip()) if isinstance(name, str) else None
+        if shorthand:
+            memory = int(shorthand.group(1) or 0)
+            matches = [gpu for gpu in offered if gpu.memory_gb >= memory]
+            if not matches:
+                largest = max((gpu.memory_gb for gpu in offered), default=0)
+                raise ConfigurationError(f"gpu={name!r}: RunPod's {cloud.lower()} cloud has no GPU type with {memory} GB "
+                                         f"or more (the largest has {largest} GB).")
+        else:
+            matches = [resolve_gpu(name, gpus, cloud)]
+        chosen += [gpu for gpu in matches if gpu not in chosen]
+    return chosen
+
+
+def choose_gpu(candidates: Sequence[GpuType], gpus_per_node: int, nodes: int, cloud: str = "SECURE",
+               max_usd_per_hour: "float | None" = None) -> GpuType:
+    """The cheapest of ``candidates`` that RunPod has in stock now for ``gpus_per_node`` per pod (the catalog
+    read with availability for that count) and that fits ``max_usd_per_hour`` for the whole cluster."""
+    fits = [gpu for gpu in candidates if gpu.max_count(cloud) >= gpus_per_node]
+    if not fits:
+        raise ConfigurationError(f"gpus_per_node={gpus_per_node}: none of {', '.join(g.id for g in candidates)} comes "
+                                 f"with that many GPUs in one RunPod pod; use nodes= to add machines.")
+    in_stock = sorted((gpu for gpu in fits if gpu.availability not in (None, "NONE")), key=lambda g: g.price(cloud))
+    if not in_stock:
+        raise ConfigurationError(f"None of {', '.join(repr(g.id) for g in fits)} is available on RunPod now for "
+                                 f"{gpus_per_node} GPU(s) per pod ({cloud.lower()} cloud). Add other types to gpu=, "
+                                 f"try fewer GPUs per pod, or try again later.")
+    per_hour = lambda gpu: gpu.price(cloud) * gpus_per_node * nodes  # noqa: E731
+    if max_usd_per_hour is not None:
+        affordable = [gpu for gpu in in_stock if per_hour(gpu) <= max_usd_per_hour]
+        if not affordable:
+            cheapest = in_stock[0]
+            raise ConfigurationError(
+                f"No available GPU type fits max_usd_per_hour={max_usd_per_hour:g}: the cheapest available candidate, "
+                f"{cheapest.id!r} ({cheapest.name}), costs ${per_hour(cheapest):.2f}/hour for {nodes} x {gpus_per_node} "
+                f"GPU(s) (${cheapest.price(cloud):.2f}/GPU-hour). Raise the limit, use fewer GPUs, or add cheaper types.")
+        in_stock = affordable
+    return in_stock[0]

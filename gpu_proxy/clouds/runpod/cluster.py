@@ -27,6 +27,7 @@ error reaches the caller; so does the end of this Python process unless ``keep=T
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gpu_proxy.clouds.runpod.catalog import CLOUDS, CostEstimate, check_count, estimate_cost, resolve_gpu
+from gpu_proxy.clouds.runpod.catalog import (CLOUDS, CostEstimate, check_count, check_money, choose_gpu, estimate_cost,
+                                             expand_choices, resolve_gpu)
 from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
                                             RunPodError, RunPodUnavailableError)
 from gpu_proxy.clouds.runpod.meter import CostMeter
@@ -66,7 +68,7 @@ def parse_duration(value: "str | float | int | None", what: str = "idle_timeout"
         seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
     except ValueError:
         seconds = -1
-    if seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:  # "nan" and "inf" parse as floats, and would crash later
         raise ConfigurationError(f"{what}={value!r}: give a positive duration, e.g. 600, '90s', '10m' or '1h'.")
     return seconds
 
@@ -103,7 +105,9 @@ class RunPodCluster(SSHReachedCluster):
 
     Args:
         gpu: a RunPod GPU type: its id (``"NVIDIA H100 80GB HBM3"``), display name (``"H100 SXM"``) or
-            an unambiguous part of either.
+            an unambiguous part of either; or several (a list, or ``"a,b"``) and memory classes
+            (``"any-80gb"``: at least 80 GB): the cheapest in stock now for ``gpus_per_node`` is chosen.
+        max_usd_per_hour: refuse to launch above this many USD/hour for the whole cluster (list price).
         gpus_per_node: GPUs per pod (one machine).
         nodes: pods. Above 1: pods with global networking in one data centre that supports it
             (about 100 Mbps between pods), or ``instant_cluster=True`` (see docs/runpod.md).
@@ -136,7 +140,8 @@ class RunPodCluster(SSHReachedCluster):
 
     owns_nodes = True
 
-    def __init__(self, gpu: str, gpus_per_node: int = 1, nodes: int = 1, *, instant_cluster: bool = False,
+    def __init__(self, gpu: "str | Sequence[str]", gpus_per_node: int = 1, nodes: int = 1, *,
+                 max_usd_per_hour: float | None = None, instant_cluster: bool = False,
                  idle_timeout: "str | float | None" = None, budget_usd: float | None = None, keep: bool = False,
                  image: str | None = None, cloud: str = "SECURE", data_centers: Sequence[str] = (),
                  disk_gb: int = 50, expected_hours: float | None = None, api_key: str | None = None,
@@ -147,8 +152,13 @@ class RunPodCluster(SSHReachedCluster):
                  progress: Callable[[str], None] | None = None) -> None:
         import os
 
-        if not isinstance(gpu, str) or not gpu.strip():
-            raise ConfigurationError(f"gpu={gpu!r}: give a RunPod GPU type, e.g. 'NVIDIA H100 80GB HBM3'.")
+        if isinstance(gpu, (list, tuple)) and gpu and all(isinstance(g, str) and g.strip() for g in gpu):
+            choices = tuple(g.strip() for g in gpu)  # the cheapest available of these, chosen at launch
+        elif isinstance(gpu, str) and gpu.strip():
+            choices = tuple(p.strip() for p in gpu.split(",") if p.strip())
+        else:
+            raise ConfigurationError(f"gpu={gpu!r}: give a RunPod GPU type, e.g. 'NVIDIA H100 80GB HBM3', a list "
+                                     f"(['H100 SXM', 'A100 80GB']: the cheapest available) or 'any-80gb'.")
         if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
             raise ConfigurationError(f"gpus_per_node={gpus_per_node!r} must be a whole number >= 1.")
         if not isinstance(nodes, int) or nodes < 1:
@@ -158,8 +168,8 @@ class RunPodCluster(SSHReachedCluster):
         if instant_cluster and cloud != "SECURE":
             raise ConfigurationError(f"instant_cluster=True with cloud={cloud!r}: RunPod's Instant Clusters run on its "
                                      f"secure cloud only (their create request has no cloud); use cloud='SECURE'.")
-        if budget_usd is not None and (not isinstance(budget_usd, (int, float)) or budget_usd <= 0):
-            raise ConfigurationError(f"budget_usd={budget_usd!r} must be a positive number of US dollars.")
+        check_money(budget_usd, "budget_usd")
+        self.max_usd_per_hour = check_money(max_usd_per_hour, "max_usd_per_hour")
         if cloud not in CLOUDS:
             raise ConfigurationError(f"cloud={cloud!r}: use 'SECURE' or 'COMMUNITY'.")
         if isinstance(data_centers, str):
@@ -169,7 +179,8 @@ class RunPodCluster(SSHReachedCluster):
             raise ConfigurationError(
                 f"No node image: build cluster_image/Dockerfile, push it to a registry RunPod can pull from, and "
                 f"pass image='registry/name:tag' or set {IMAGE_ENV} (see docs/runpod.md).")
-        self.gpu = gpu.strip()
+        self.gpu_choices = choices
+        self.gpu = choices[0]  # the chosen type's id once check() ran
         self.gpus_per_node = gpus_per_node
         self.nodes = nodes
         self.instant_cluster = instant_cluster
@@ -287,9 +298,21 @@ class RunPodCluster(SSHReachedCluster):
 
     def check(self) -> CostEstimate:
         """Everything checkable before money is spent: key, GPU name, count, budget. Returns the estimate."""
-        gpu = resolve_gpu(self.gpu, self.client.gpu_types(), self.cloud)
+        if len(self.gpu_choices) > 1 or self.gpu_choices[0].lower().startswith("any"):
+            # A choice: the live catalog, read with availability for this many GPUs per pod.
+            catalog = self.client.gpu_types(availability=True, count=self.gpus_per_node, cloud=self.cloud)
+            gpu = choose_gpu(expand_choices(self.gpu_choices, catalog, self.cloud), self.gpus_per_node, self.nodes,
+                             self.cloud, self.max_usd_per_hour)
+            self._progress(f"cheapest available of {', '.join(self.gpu_choices)}: {gpu.id} "
+                           f"(${gpu.price(self.cloud):.2f}/GPU-hour)")
+            self.gpu = gpu.id
+        else:
+            gpu = resolve_gpu(self.gpu, self.client.gpu_types(), self.cloud)
         check_count(gpu, self.gpus_per_node, self.cloud)
         estimate = estimate_cost(gpu, self.gpus_per_node, self.nodes, self.expected_hours, self.cloud)
+        if self.max_usd_per_hour is not None and estimate.per_hour > self.max_usd_per_hour:
+            raise ConfigurationError(f"{estimate} is above max_usd_per_hour={self.max_usd_per_hour:g}: raise it, use "
+                                     f"fewer GPUs, or give several types (gpu=[...]) to pick the cheapest available.")
         if self.budget_usd is not None:
             if estimate.total is not None and estimate.total > self.budget_usd:
                 raise ConfigurationError(
