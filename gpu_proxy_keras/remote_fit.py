@@ -17,7 +17,7 @@ import numpy as np
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
-from gpu_proxy.errors import ConfigurationError, WorkerLostError
+from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.secrets import conceal
 from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, trained_state
@@ -80,7 +80,17 @@ class RemoteFit:
         storage = self._run_checkpoints()
         resumed = storage.latest() if storage is not None and self.run_name is not None else None
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=True)
-        result, resumed = self._fit_with_restarts(data, kwargs, callbacks, handler, storage, resumed)
+        try:
+            result, resumed = self._fit_with_restarts(data, kwargs, callbacks, handler, storage, resumed)
+        except (KeyboardInterrupt, RunStoppedError) as stopped:
+            # Stopped from here (Ctrl-C, a cluster's budget): the workers ended their fit at an epoch
+            # end, so the model keeps the trained-so-far state, as a local fit interrupted keeps it
+            # (model.history already holds the streamed epochs). A stop that carries no outcomes
+            # (a second Ctrl-C, an abort) has nothing to bring.
+            partial = _rank0_result(getattr(stopped, "outcomes", None))
+            if partial is not None:
+                self._take_in(partial, callbacks, verbose, data)
+            raise
         if result is None:  # the named run had already committed its last epoch: nothing to train
             trained_state.restore(self.model, _state_of(storage.read(resumed)))
             result = {"history": {}, "epoch": []}
@@ -243,6 +253,15 @@ def _first_samples(data: dict[str, Any] | None) -> tuple[Any, Any, Any] | None:
             return None  # a URL, a function, a PyDataset: only the workers see its samples
         parts.append(_rows(value, slice(0, 2)))
     return tuple(parts)
+
+
+def _rank0_result(outcomes: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Rank 0's result among a stopped run's outcomes, when it finished with one."""
+    try:
+        results = values(outcomes) if outcomes else []
+    except Exception:  # noqa: BLE001 - a rank failed while stopping: the stop is what is raised
+        return None
+    return results[0] if results and isinstance(results[0], dict) and "state" in results[0] else None
 
 
 def _rows(value: Any, rows: slice) -> Any:
