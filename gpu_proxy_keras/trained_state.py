@@ -54,8 +54,8 @@ def _plain_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 def restore(model: Any, state: TrainedState, data_batch: Any = None) -> None:
     """Make the local model hold the worker's weights, optimizer state and metric state.
 
-    ``data_batch`` (``(x, y, sample_weight)`` of a few samples, or None) builds compiled metrics that
-    the local model never ran, so that their state has somewhere to go."""
+    ``data_batch`` (``(x, y, sample_weight)`` arrays of a few samples, or None) builds compiled
+    metrics that the local model never ran, so that their state has somewhere to go."""
     if not model.built and state.build_config:
         model.build_from_config(state.build_config)  # a subclassed model first built remotely
     if state.weights is not None:
@@ -79,12 +79,12 @@ def _restore_metrics(model: Any, values: dict[str, np.ndarray], data_batch: Any)
         return
     local = {v.path: v for v in model.metrics_variables}
     if set(values) - set(local) and data_batch is not None:
-        # Keras builds compiled metrics on their first update (it picks e.g. which "accuracy" from
-        # the shapes); one update on a few samples at home does that, and is overwritten below.
-        x, y, sample_weight = data_batch
+        # Keras builds compiled metrics on their first use (it picks e.g. which "accuracy" from the
+        # shapes). Its own evaluate does that with this symbolic build (no computation) from a batch;
+        # private, Keras pinned.
         try:
-            model.compute_metrics(x, y, model(x, training=False), sample_weight=sample_weight)
-        except Exception:  # noqa: BLE001 - a custom compute_metrics may want more: those stay unbuilt
+            model._symbolic_build(data_batch=data_batch)
+        except Exception:  # noqa: BLE001 - a metric home cannot build keeps home's (unbuilt) state
             pass
         local = {v.path: v for v in model.metrics_variables}
     for path, value in values.items():
