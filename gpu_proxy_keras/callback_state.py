@@ -39,7 +39,9 @@ def restore(callbacks: list[Any], states: list[dict[str, Any]], model: Any, verb
             if key == "params" and isinstance(value, dict):
                 value = dict(value, verbose=verbose)  # workers always run with verbose=0
             setattr(callback, key, value)
-        callback.set_model(model)
+        # Keras' own storage of callback.model, not set_model(): a subclass's set_model may act
+        # (TensorBoard's writes its graph summary), and that already happened on the worker.
+        callback._model = model
 
 
 _SKIP = object()
