@@ -104,7 +104,7 @@ class KerasJob:
         if jax_together:  # each rank is fed its part of every global batch
             data, kwargs = jax_distribution.local_fit_arguments(data, kwargs, ctx.rank, world_size)
         kwargs = dict(kwargs, **data, verbose=0, callbacks=callbacks)
-        before = trained_state.weights_of(model) if self.method != "fit" else None
+        before = trained_state.weights_of(model) if self.method != "fit" and ctx.rank == 0 else None
         try:
             with keras.saving.custom_object_scope(user["custom_objects"]):
                 result = getattr(model, self.method)(**kwargs)
