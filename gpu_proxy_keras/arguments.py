@@ -16,10 +16,14 @@ MULTI_WORKER_BACKENDS = ("tensorflow", "jax")
 def check_model(model: Any) -> None:
     if not isinstance(model, keras.Model):
         raise ConfigurationError(f"RemoteFit needs a keras.Model; got {type(model).__name__}.")
+
+
+def check_compiled(model: keras.Model, method: str) -> None:
+    """fit and evaluate need a compiled model, as Keras' own do; predict does not."""
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
         raise ConfigurationError(
             f"The model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
-            "before RemoteFit(...).fit(...), as Keras' own fit requires.")
+            f"before RemoteFit(...).{method}(...), as Keras' own {method} requires (predict needs no compile).")
 
 
 def check_workers(num_workers: Any, backend: str) -> None:

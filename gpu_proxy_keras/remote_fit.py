@@ -12,14 +12,15 @@ import tempfile
 from typing import Any
 
 import keras
+import numpy as np
 
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
-from gpu_proxy.errors import ConfigurationError, WorkerLostError
+from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.secrets import conceal
-from gpu_proxy_keras import arguments, data_sources, trained_state
+from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
 from gpu_proxy_keras.worker_job import KerasJob
@@ -65,10 +66,10 @@ class RemoteFit:
             initial_epoch: int = 0, steps_per_epoch: int | None = None,
             validation_steps: int | None = None, validation_batch_size: int | None = None,
             validation_freq: int = 1) -> keras.callbacks.History:
+        arguments.check_compiled(self.model, "fit")
         callbacks = list(callbacks or [])
-        data = {"x": x, "y": y, "validation_data": validation_data, "sample_weight": sample_weight}
-        for name in data:
-            arguments.check_data(name, data[name], required=name == "x", storage_options=self.storage_options)
+        data = self._checked_data({"x": x, "y": y, "validation_data": validation_data,
+                                   "sample_weight": sample_weight})
         arguments.check_fit(x, epochs, initial_epoch, validation_split, callbacks, self.num_workers)
         kwargs = dict(batch_size=batch_size, epochs=epochs, validation_split=validation_split,
                       shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
@@ -79,12 +80,22 @@ class RemoteFit:
         storage = self._run_checkpoints()
         resumed = storage.latest() if storage is not None and self.run_name is not None else None
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=True)
-        result, resumed = self._fit_with_restarts(data, kwargs, callbacks, handler, storage, resumed)
+        try:
+            result, resumed = self._fit_with_restarts(data, kwargs, callbacks, handler, storage, resumed)
+        except (KeyboardInterrupt, RunStoppedError) as stopped:
+            # Stopped from here (Ctrl-C, a cluster's budget): the workers ended their fit at an epoch
+            # end, so the model keeps the trained-so-far state, as a local fit interrupted keeps it
+            # (model.history already holds the streamed epochs). A stop that carries no outcomes
+            # (a second Ctrl-C, an abort) has nothing to bring.
+            partial = _rank0_result(getattr(stopped, "outcomes", None))
+            if partial is not None:
+                self._take_in(partial, callbacks, verbose, data)
+            raise
         if result is None:  # the named run had already committed its last epoch: nothing to train
             trained_state.restore(self.model, _state_of(storage.read(resumed)))
             result = {"history": {}, "epoch": []}
         else:
-            trained_state.restore(self.model, result["state"])
+            self._take_in(result, callbacks, verbose, data)
         history = handler.history or keras.callbacks.History()
         history.set_model(self.model)
         # The streamed logs went through float(); rank 0's own dict is the exact record, after the
@@ -97,25 +108,45 @@ class RemoteFit:
                  verbose: Any = "auto", sample_weight: Any = None, steps: int | None = None,
                  callbacks: list[keras.callbacks.Callback] | None = None,
                  return_dict: bool = False) -> Any:
-        data = {"x": x, "y": y, "sample_weight": sample_weight}
-        for name, value in data.items():
-            arguments.check_data(name, value, required=name == "x", storage_options=self.storage_options)
+        arguments.check_compiled(self.model, "evaluate")  # as Keras' own evaluate
+        data = self._checked_data({"x": x, "y": y, "sample_weight": sample_weight})
         kwargs = dict(batch_size=batch_size, steps=steps, return_dict=return_dict)
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
-        workers = self._shard_workers(x, steps, functions_shard=True)
-        results = self._run("evaluate", data, kwargs, list(callbacks or []), handler, workers,
-                            sharded=workers > 1)
-        return results[0]  # rank 0 combined every rank's metric states
+        callbacks = list(callbacks or [])
+        workers = self._shard_workers(data["x"], steps, functions_shard=True)
+        results = self._run("evaluate", data, kwargs, callbacks, handler, workers, sharded=workers > 1)
+        self._take_in(results[0], callbacks, verbose, data)
+        return results[0]["result"]  # rank 0 combined every rank's metric states
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto",
                 steps: int | None = None, callbacks: list[keras.callbacks.Callback] | None = None) -> Any:
-        arguments.check_data("x", x, required=True, storage_options=self.storage_options)
+        data = self._checked_data({"x": x})
         handler = HomeEventHandler(self.model, verbose, self.home_callbacks, add_history=False)
+        callbacks = list(callbacks or [])
         # A function's dataset is split by batches, and batch order across ranks is lost: one worker.
-        workers = self._shard_workers(x, steps, functions_shard=False)
-        results = self._run("predict", {"x": x}, dict(batch_size=batch_size, steps=steps),
-                            list(callbacks or []), handler, workers, sharded=workers > 1)
-        return data_sources.concatenate(results) if workers > 1 else results[0]
+        workers = self._shard_workers(data["x"], steps, functions_shard=False)
+        results = self._run("predict", data, dict(batch_size=batch_size, steps=steps),
+                            callbacks, handler, workers, sharded=workers > 1)
+        self._take_in(results[0], callbacks, verbose, None)
+        outputs = [result["result"] for result in results]
+        return data_sources.concatenate(outputs) if workers > 1 else outputs[0]
+
+    # ----- what a local run leaves behind --------------------------------------------------------
+    def _checked_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The data arguments, checked, with backend-native tensors as numpy (see native_data.py)."""
+        data = {name: native_data.to_numpy(name, value) for name, value in data.items()}
+        for name, value in data.items():
+            arguments.check_data(name, value, required=name == "x", storage_options=self.storage_options)
+        return data
+
+    def _take_in(self, result: dict[str, Any], callbacks: list[Any], verbose: Any,
+                 data: dict[str, Any] | None) -> None:
+        """Rank 0's model state into the local model, its callbacks' state into the user's objects.
+
+        With sharded evaluate/predict this is rank 0's: its metrics hold every shard's combined
+        state (as one worker's would), other variables and callbacks saw rank 0's shard only."""
+        trained_state.restore(self.model, result["state"], _first_samples(data))
+        callback_state.restore(callbacks, result["callbacks"], self.model, verbose)
 
     # ----- running -------------------------------------------------------------------------------
     def _shard_workers(self, x: Any, steps: int | None, functions_shard: bool) -> int:
@@ -198,7 +229,7 @@ class RemoteFit:
 
 def _archive(model: keras.Model) -> bytes:
     """The model as Keras' own .keras archive: architecture, weights, compile config, optimizer state."""
-    if model.built and not model.optimizer.built:
+    if model.built and getattr(model, "optimizer", None) is not None and not model.optimizer.built:
         # An unbuilt optimizer is saved without its slots and the worker's copy would warn and
         # mismatch; building it now is what the first local fit() step would do anyway.
         model.optimizer.build(model.trainable_variables)
@@ -207,6 +238,38 @@ def _archive(model: keras.Model) -> bytes:
         model.save(path)
         with open(path, "rb") as file:
             return file.read()
+
+
+def _first_samples(data: dict[str, Any] | None) -> tuple[Any, Any, Any] | None:
+    """``(x, y, sample_weight)`` of the first two samples when they are arrays here, else None."""
+    if data is None or data.get("y") is None:
+        return None
+    parts = []
+    for name in ("x", "y", "sample_weight"):
+        value = data.get(name)
+        leaves = list(value.values()) if isinstance(value, dict) else \
+            list(value) if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(leaf, np.ndarray) for leaf in leaves):
+            return None  # a URL, a function, a PyDataset: only the workers see its samples
+        parts.append(_rows(value, slice(0, 2)))
+    return tuple(parts)
+
+
+def _rank0_result(outcomes: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Rank 0's result among a stopped run's outcomes, when it finished with one."""
+    try:
+        results = values(outcomes) if outcomes else []
+    except Exception:  # noqa: BLE001 - a rank failed while stopping: the stop is what is raised
+        return None
+    return results[0] if results and isinstance(results[0], dict) and "state" in results[0] else None
+
+
+def _rows(value: Any, rows: slice) -> Any:
+    if isinstance(value, dict):
+        return {key: _rows(item, rows) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows(item, rows) for item in value)
+    return None if value is None else value[rows]
 
 
 def _state_of(archive: bytes) -> trained_state.TrainedState:

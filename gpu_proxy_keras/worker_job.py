@@ -59,10 +59,11 @@ class KerasJob:
     def run_here(self, ctx: Any) -> Any:
         import keras
 
-        from gpu_proxy_keras import trained_state, worker_callbacks
+        from gpu_proxy_keras import callback_state, trained_state, worker_callbacks
         from gpu_proxy_keras import worker_events
 
         world_size = ctx.world_size if self.trains_together else 1
+        multi_worker = world_size > 1
         jax_together = self.backend == "jax" and world_size > 1
         if jax_together:  # before anything else touches JAX (the user's objects may hold jax arrays)
             from gpu_proxy_keras import jax_distribution
@@ -103,22 +104,29 @@ class KerasJob:
         if jax_together:  # each rank is fed its part of every global batch
             data, kwargs = jax_distribution.local_fit_arguments(data, kwargs, ctx.rank, world_size)
         kwargs = dict(kwargs, **data, verbose=0, callbacks=callbacks)
+        before = trained_state.weights_of(model) if self.method != "fit" and ctx.rank == 0 else None
         try:
             with keras.saving.custom_object_scope(user["custom_objects"]):
                 result = getattr(model, self.method)(**kwargs)
         finally:
             if merge is not None:
                 merge.close()
-        if self.method == "predict" and self.sharded:
-            return result  # every rank's shard of the predictions; home joins them in rank order
+        # What a local run leaves behind: the model's state. Every rank of a multi-worker fit reads
+        # it: under MultiWorkerMirroredStrategy a metric variable is sync-on-read, so reading it is
+        # an all-reduce every worker must join (rank 0 alone would wait on peers that have left).
+        state = trained_state.capture(model, optimizer=self.method == "fit", unchanged_from=before) \
+            if ctx.rank == 0 or multi_worker else None
         if ctx.rank != 0:
-            return None
-        if merge is not None:
-            return merge.result(model, bool(user["kwargs"].get("return_dict")))
+            # Every rank's shard of the predictions; home joins them in rank order.
+            return {"result": result} if self.method == "predict" and self.sharded else None
+        # And the callbacks' state: the user's list, by position (the extra callbacks added above
+        # are not in it).
+        after = {"state": state, "callbacks": callback_state.capture(user["callbacks"])}
         if self.method == "fit":
-            return {"history": result.history, "epoch": list(result.epoch),
-                    "state": trained_state.capture(model)}
-        return result
+            return {"history": result.history, "epoch": list(result.epoch), **after}
+        if merge is not None:  # loaded into rank 0's metrics: the state above is the combined one
+            result = merge.result(model, bool(user["kwargs"].get("return_dict")))
+        return {"result": result, **after}
 
 
 def _can_use_backend_here(backend: str) -> bool:

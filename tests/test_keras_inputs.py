@@ -31,10 +31,11 @@ def no_runs(monkeypatch):
     monkeypatch.setattr("gpu_proxy_keras.remote_fit.resolve_cluster", _no_run)
 
 
-def test_uncompiled_model_is_refused(no_runs):
+def test_uncompiled_model_is_refused_by_fit(no_runs):
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    x, y = blobs(n=16)
     with pytest.raises(ConfigurationError, match="not compiled.*model.compile"):
-        RemoteFit(model)
+        RemoteFit(model).fit(x, y)  # predict needs no compile: tests/test_keras_parity.py
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -101,4 +101,10 @@ def test_training_callbacks_run_on_every_rank_and_stop_them_at_the_same_epoch(tm
         begun = [int(line.split()[1]) for line in (tmp_path / f"rank{rank}.txt").read_text().split("\n") if line]
         assert begun == [0, 1], rank
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(5e-10, rel=1e-6)
+    # The callbacks at home hold rank 0's state (issue 15), as a local fit leaves them.
+    plateau, stop = callbacks[0], callbacks[1]
+    assert (stop.stopped_epoch, stop.wait, stop.best_epoch) == (1, 1, 0)
+    assert stop.best == pytest.approx(history.history["loss"][0], abs=1e-6)
+    assert plateau.wait == 0 and plateau.best == pytest.approx(history.history["loss"][0], abs=1e-6)
+    assert all(callback.model is model for callback in callbacks)
     assert len(list((tmp_path / "tb" / "train").iterdir())) == 1  # TensorBoard wrote from rank 0 only

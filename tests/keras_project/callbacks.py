@@ -122,3 +122,44 @@ class RecordEpochBegins(keras.callbacks.Callback):
 
         with open(os.path.join(self.folder, f"rank{os.environ['RANK']}.txt"), "a") as file:
             file.write(f"{os.getpid()} {epoch}\n")
+
+
+class RecordCalls(keras.callbacks.Callback):
+    """Runs on the workers: counts and records what Keras calls it with, as a user's callback does.
+    It also holds things that must never come home by value (a function, the model's optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_batches = 0
+        self.epochs: list[int] = []
+        self.epoch_logs: dict[int, dict[str, float]] = {}
+        self.test_batches: list[int] = []
+        self.predict_batches: list[int] = []
+        self.ended = ""
+        self.transform = len  # a function: a reference, kept at home as it is
+        self.optimizer_seen = None
+
+    def on_train_begin(self, logs=None):
+        self.optimizer_seen = self.model.optimizer
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.train_batches += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(epoch)
+        self.epoch_logs[epoch] = dict(logs or {})
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.test_batches.append(batch)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self.predict_batches.append(batch)
+
+    def on_train_end(self, logs=None):
+        self.ended += "train "
+
+    def on_test_end(self, logs=None):
+        self.ended += "test "
+
+    def on_predict_end(self, logs=None):
+        self.ended += "predict "

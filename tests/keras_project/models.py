@@ -74,3 +74,43 @@ class BlobBatches(keras.utils.PyDataset):
 def blob_batches() -> BlobBatches:
     """Builds the PyDataset: what a user passes as a function, called on each worker."""
     return BlobBatches()
+
+
+@keras.saving.register_keras_serializable(package="keras_project")
+class CountingMLP(keras.Model):
+    """A subclassed model whose predict_step and test_step count their batches in non-trainable
+    variables: state that Keras' own predict/evaluate leave in the local model."""
+
+    def __init__(self, classes: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.classes = classes
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.out = keras.layers.Dense(classes, activation="softmax")
+        self.predicted_batches = keras.Variable(0.0, trainable=False, name="predicted_batches")
+        self.tested_batches = keras.Variable(0.0, trainable=False, name="tested_batches")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.out.build((input_shape[0], 16))
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+    def predict_step(self, data):
+        self.predicted_batches.assign_add(1.0)
+        return super().predict_step(data)
+
+    def test_step(self, data):
+        self.tested_batches.assign_add(1.0)
+        return super().test_step(data)
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes}
+
+
+def counting_mlp(features: int = 8, seed: int = 3) -> CountingMLP:
+    keras.utils.set_random_seed(seed)
+    model = CountingMLP()
+    model.build((None, features))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
