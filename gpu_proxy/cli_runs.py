@@ -82,25 +82,13 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a run (its Ray Job); watching with `attach` and stopping are different commands."""
-    from ray.job_submission import JobSubmissionClient
+    from gpu_proxy.runs.attach import stop_run
 
-    from gpu_proxy.clusters.resolve import resolve_cluster
-
-    cluster = resolve_cluster(_existing(args.cluster))
-    cluster.start()
     try:
-        endpoint = cluster.endpoint()
-        if endpoint is None:
-            raise SystemExit("gpu-proxy stop: runs on the embedded cluster end with their Python process; "
-                             "give -c a saved cluster or a dashboard URL")
-        try:  # TODO(lead): move onto the shared dashboard client
-            stopped = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).stop_job(args.run_id)
-        except RuntimeError as error:
-            if _is_missing_run(error):
-                return _no_such_run(args)
-            raise
-    finally:
-        if getattr(cluster, "owns_nodes", False):
-            cluster.stop()  # a saved cluster: only this process's tunnel closes
+        stopped = stop_run(args.run_id, _existing(args.cluster))
+    except RuntimeError as error:
+        if _is_missing_run(error):
+            return _no_such_run(args)
+        raise
     print(f"run {args.run_id!r} {'asked to stop' if stopped else 'had already ended'} on cluster {args.cluster!r}")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
-from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
+from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.secrets import conceal
@@ -40,11 +40,12 @@ class RemoteFit:
                  use_gpu: bool | None = None, resources_per_worker: dict[str, float] | None = None,
                  home_callbacks: list[keras.callbacks.Callback] | None = None,
                  checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                 max_failures: int = 0, run_name: str | None = None) -> None:
+                 max_failures: int = 0, run_name: str | None = None, staging_dir: str | None = None) -> None:
         arguments.check_model(model)
         self.backend = keras.backend.backend()
         arguments.check_workers(num_workers, self.backend)
         arguments.check_checkpoints(checkpoint_dir, max_failures, run_name)
+        check_cluster_spec(cluster)  # an unknown name fails now, not at the first fit
         self.model = model
         self.checkpoint_dir = checkpoint_dir
         self.max_failures = max_failures
@@ -56,6 +57,10 @@ class RemoteFit:
         self.resources_per_worker = resources_per_worker
         self.home_callbacks = list(home_callbacks or [])
         self.storage_options = conceal(dict(storage_options)) if storage_options else None  # gpu_proxy.secrets
+        if staging_dir is not None and (not isinstance(staging_dir, str) or not staging_dir.strip()):
+            raise ConfigurationError(f"staging_dir={staging_dir!r}: give an fsspec URL, e.g. 's3://bucket/staging'.")
+        # Where a cluster given only by address stages the model, data and results (see gpu_proxy.dataplane).
+        self.staging_dir = staging_dir or (f"{checkpoint_dir.rstrip('/')}/_staging" if checkpoint_dir else None)
         self._resolved_cluster: Cluster | None = None
 
     # ----- Keras' methods ------------------------------------------------------------------------
@@ -90,12 +95,17 @@ class RemoteFit:
             partial = _rank0_result(getattr(stopped, "outcomes", None))
             if partial is not None:
                 self._take_in(partial, callbacks, verbose, data)
+                self._record_history(handler, resumed, partial)  # the epochs the state holds
             raise
         if result is None:  # the named run had already committed its last epoch: nothing to train
             trained_state.restore(self.model, _state_of(storage.read(resumed)))
             result = {"history": {}, "epoch": []}
         else:
             self._take_in(result, callbacks, verbose, data)
+        return self._record_history(handler, resumed, result)
+
+    def _record_history(self, handler: HomeEventHandler, resumed: Committed | None,
+                        result: dict[str, Any]) -> keras.callbacks.History:
         history = handler.history or keras.callbacks.History()
         history.set_model(self.model)
         # The streamed logs went through float(); rank 0's own dict is the exact record, after the
@@ -199,16 +209,20 @@ class RemoteFit:
              archive: bytes | None = None, checkpoint: dict[str, Any] | None = None,
              sharded: bool = False) -> list[Any]:
         """Every rank's result, in rank order."""
-        user_objects = shipping.dumps(
+        user_objects = shipping.pack(
             {"custom_objects": dict(keras.saving.get_custom_objects()), "callbacks": callbacks,
              "data": {k: v for k, v in data.items() if v is not None}, "kwargs": kwargs},
             what="the data, callbacks and custom objects of the run")
-        job = KerasJob(method=method, backend=self.backend, model_archive=archive or _archive(self.model),
+        # As an array, the archive travels out of band (uncopied) like the data arrays.
+        model_archive = np.frombuffer(archive or _archive(self.model), dtype=np.uint8)
+        job = KerasJob(method=method, backend=self.backend, model_archive=model_archive,
                        user_objects=user_objects, checkpoint=checkpoint, storage_options=self.storage_options,
                        batch_events=handler.wants_batches, sharded=sharded)
         secrets: dict[str, str] = {}  # gpu_proxy.secrets: storage credentials travel beside the payload
-        spec = RunSpec(payload=shipping.dumps(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
-                       resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}")
+        spec = RunSpec(payload=shipping.pack(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
+                       resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}",
+                       staging_dir=self.staging_dir, staging_options=self.storage_options,
+                       result_bytes_hint=model_archive.nbytes if method == "fit" else 0)
         return values(execute(self._cluster(), spec, handler.handle))
 
     def _cluster(self) -> Cluster:

@@ -13,8 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from gpu_proxy_keras import distribution, rendezvous
 
 
@@ -22,8 +20,10 @@ from gpu_proxy_keras import distribution, rendezvous
 class KerasJob:
     method: str  # "fit", "evaluate" or "predict"
     backend: str
-    model_archive: bytes  # the model's .keras archive: architecture, weights, compile, optimizer state
-    user_objects: bytes  # cloudpickled {"custom_objects", "callbacks", "data", "kwargs"}
+    #: The model's .keras archive (architecture, weights, compile, optimizer state): bytes, or a uint8
+    #: array so that it travels out of band, uncopied.
+    model_archive: Any
+    user_objects: Any  # a gpu_proxy.dataplane Package of {"custom_objects", "callbacks", "data", "kwargs"}
     checkpoint: dict[str, Any] | None = None  # EpochCheckpoint's arguments (rank 0), see epoch_checkpoint.py
     # For data given as file URLs. A field of the job, not inside user_objects: credentials in it are
     # gpu_proxy.secrets values, which travel beside a pickle only when that pickle holds them directly.
@@ -69,7 +69,7 @@ class KerasJob:
             from gpu_proxy_keras import jax_distribution
 
             jax_distribution.setup(ctx.rank, world_size, ctx.master_addr, ctx.master_port)
-        user = cloudpickle.loads(self.user_objects)
+        user = self.user_objects.loads()
         strategy = distribution.tensorflow_strategy(world_size) if self.backend == "tensorflow" else None
         if strategy is not None:
             with strategy.scope():

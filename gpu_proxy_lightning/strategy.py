@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from gpu_proxy.clusters.base import Cluster
-from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
+from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
@@ -78,6 +78,7 @@ class RemoteStrategy(DDPStrategy):
                          checkpoint_dir=checkpoint_dir, storage_options=storage_options, run_name=run_name,
                          max_failures=max_failures, process_group_backend=process_group_backend)
         home_loggers = _checked_loggers(home_loggers)
+        check_cluster_spec(cluster)  # an unknown name fails now, not at the first fit
         super().__init__(process_group_backend=process_group_backend, **ddp_kwargs)
         self.cluster: ClusterSpec = cluster
         self.num_workers = num_workers

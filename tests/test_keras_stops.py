@@ -53,8 +53,6 @@ def test_a_stop_by_the_cluster_keeps_the_trained_so_far_state(local_cluster):
     _check_trained_so_far(model, record)
 
 
-@pytest.mark.xfail(strict=True, reason="gpu_proxy.runs.execute raises KeyboardInterrupt without the run's "
-                   "outcomes (issue 20); RemoteFit takes them in from its .outcomes once the core adds them")
 def test_ctrl_c_at_home_keeps_the_trained_so_far_state(local_cluster):
     x, y = blobs(n=32)
     model, record = mlp(), RecordCalls()

@@ -55,6 +55,12 @@ def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
     return sorted(runs, key=lambda r: r.start_time or 0)
 
 
+def stop_run(run_id: str, cluster: ClusterSpec) -> bool:
+    """Ask a run to stop at its next step boundary (as Ctrl-C at its home would); False if it had ended."""
+    with _connected(cluster) as resolved:
+        return JobRun(resolved.endpoint(), run_id).stop()
+
+
 def run_events(run_id: str, cluster: ClusterSpec) -> list[Event]:
     """Every event the run has sent so far, in order (from its job log)."""
     with _connected(cluster) as resolved:

@@ -47,8 +47,9 @@ class JobRun:
     def status(self) -> JobStatus:
         return self._client.get_job_status(self.job_id)
 
-    def stop(self) -> None:
-        self._client.stop_job(self.job_id)
+    def stop(self) -> bool:
+        """SIGTERM to the run's driver (a graceful stop); False if the run had already ended."""
+        return self._client.stop_job(self.job_id)
 
     def _tail_in_background(self, control: RunControl) -> threading.Thread:
         async def tail() -> None:
