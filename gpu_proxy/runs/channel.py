@@ -76,15 +76,21 @@ class EventChannel:
         return state.stop_requested if state else False
 
 
-_shared: tuple[str, Any] | None = None
+_shared: tuple[tuple[str, str], Any] | None = None
 
 
 def shared_channel() -> Any:
-    """This process's channel on the connected Ray cluster, created on first use."""
+    """This process's channel on the connected Ray cluster, created on first use.
+
+    Keyed by job *and* node: after ``ray.shutdown()`` and a new ``ray.init()`` (notebooks, test
+    fixtures) the new cluster's driver has the same job id, and the old handle would point into a
+    cluster that is gone.
+    """
     global _shared
-    job = ray.get_runtime_context().get_job_id()
-    if _shared is None or _shared[0] != job:
-        _shared = (job, EventChannel.remote())
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id())
+    if _shared is None or _shared[0] != key:
+        _shared = (key, EventChannel.remote())
     return _shared[1]
 
 

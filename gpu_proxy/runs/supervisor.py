@@ -152,7 +152,7 @@ def _open_channel(run: str) -> Any:
     channel = shared_channel()
     try:
         ray.get(channel.open.remote(run), timeout=60)
-    except ray.exceptions.RayActorError:  # killed or lost with its node: start a new one
+    except ray.exceptions.RayError:  # killed, lost with its node, or of a cluster since shut down: a new one
         forget_shared_channel()
         channel = shared_channel()
         ray.get(channel.open.remote(run), timeout=60)
