@@ -22,7 +22,7 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".gpu-proxy-installed"
 TORCH_PIN = "torch==2.13.0"
-APT_PACKAGES = ["openssh-server", "openssh-client"]  # the tests run a real sshd on loopback
+APT_PACKAGES = ["openssh-server", "openssh-client", "rsync"]  # a real sshd on loopback; rsync for Ray's launcher
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -42,7 +42,8 @@ def ensure_venv() -> None:
 
 
 def ensure_apt_packages() -> None:
-    if shutil.which("sshd") or Path("/usr/sbin/sshd").exists():
+    sshd = shutil.which("sshd") or Path("/usr/sbin/sshd").exists()
+    if sshd and shutil.which("ssh") and shutil.which("rsync"):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         print(f"note: install {' '.join(APT_PACKAGES)} to run the SSH tests; they are skipped without it")
