@@ -282,7 +282,14 @@ class Services:
         proc, endpoint = start_moto_server()
         self.stops.append(lambda: stop_process(proc))
         endpoint.client().create_bucket(Bucket=BUCKET)
-        head = start_ray_head()
+        for attempt in range(3):  # a port taken between its choice and Ray's bind: try others
+            try:
+                head = start_ray_head()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                print("ray start --head did not come up; trying again", flush=True)
         self.stops.append(lambda: stop_ray_head(head))
         self.env.update({ENV_PREFIX + "DASHBOARD": head.dashboard_url, "RAY_AUTH_TOKEN_PATH": head.token_path,
                          ENV_PREFIX + "S3_OPTIONS": json.dumps(endpoint.storage_options)})

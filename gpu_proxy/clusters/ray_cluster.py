@@ -1,12 +1,11 @@
 """An existing Ray cluster, reached through its dashboard address; runs are Ray Jobs on it."""
 from __future__ import annotations
 
-import json
 import urllib.error
-import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 from gpu_proxy.clusters.base import Endpoint, JobsCluster
+from gpu_proxy.clusters.dashboard import DashboardClient
 from gpu_proxy.clusters.ray_token import find_ray_token
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
 
@@ -44,11 +43,10 @@ class RayCluster(JobsCluster):
     def endpoint(self) -> Endpoint:
         return Endpoint(self.address, self._token or find_ray_token())
 
-    def _get(self, path: str) -> Any:
-        request = urllib.request.Request(self.address + path, headers=self.endpoint().headers())
+    def _dashboard(self, call: Callable[[DashboardClient], Any], path: str) -> Any:
+        """``call`` on the dashboard, its failures said in the user's terms."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
+            return call(DashboardClient(self.endpoint(), self.timeout_s))
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise ClusterUnreachableError(
@@ -64,15 +62,8 @@ class RayCluster(JobsCluster):
 
     def start(self) -> None:
         if not self._checked:
-            self._get("/api/version")
+            self._dashboard(lambda client: client.get_json("/api/version"), "/api/version")
             self._checked = True
 
     def resources(self) -> dict[str, float]:
-        nodes = self._get("/api/v0/nodes?detail=1")["data"]["result"]["result"]
-        totals: dict[str, float] = {}
-        for node in nodes:
-            if node.get("state") == "ALIVE":
-                for key, value in node.get("resources_total", {}).items():
-                    if not key.startswith("node:"):
-                        totals[key] = totals.get(key, 0.0) + value
-        return totals
+        return self._dashboard(DashboardClient.resources, "/api/v0/nodes")

@@ -19,7 +19,6 @@ What Ray 2.60 binds where (checked with ``ray start`` on Linux):
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Mapping
@@ -378,11 +376,10 @@ def start_node(spec: RayNodeSpec, log_path: str | None = None,
 
 def alive_nodes(dashboard_url: str, token: str, timeout_s: float = 5.0) -> list[dict]:
     """The ALIVE nodes the dashboard reports (raises ``urllib`` errors when it does not answer)."""
-    request = urllib.request.Request(dashboard_url.rstrip("/") + "/api/v0/nodes?detail=1",
-                                     headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        nodes = json.loads(response.read())["data"]["result"]["result"]
-    return [node for node in nodes if node.get("state") == "ALIVE"]
+    from gpu_proxy.clusters.base import Endpoint
+    from gpu_proxy.clusters.dashboard import DashboardClient
+
+    return DashboardClient(Endpoint(dashboard_url, token), timeout_s).alive_nodes()
 
 
 def wait_for_nodes(dashboard_url: str, token: str, count: int, timeout_s: float = 120.0,

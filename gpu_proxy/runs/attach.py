@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TextIO
 
-from ray.job_submission import JobSubmissionClient
 
 from gpu_proxy import events
 from gpu_proxy.clusters.base import JobsCluster
+from gpu_proxy.clusters.dashboard import DashboardClient
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.dataplane.base import DataPlane
 from gpu_proxy.dataplane.staging import StagingPlane
@@ -45,7 +45,7 @@ def _connected(cluster: ClusterSpec) -> Iterator[JobsCluster]:
 def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
     with _connected(cluster) as resolved:
         endpoint = resolved.endpoint()
-        jobs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).list_jobs()
+        jobs = DashboardClient(endpoint).jobs().list_jobs()
     runs = []
     for job in jobs:
         if (job.metadata or {}).get("gpu_proxy_run"):
@@ -65,7 +65,7 @@ def run_events(run_id: str, cluster: ClusterSpec) -> list[Event]:
     """Every event the run has sent so far, in order (from its job log)."""
     with _connected(cluster) as resolved:
         endpoint = resolved.endpoint()
-        logs = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers()).get_job_logs(run_id)
+        logs = DashboardClient(endpoint).jobs().get_job_logs(run_id)
     decoder = log_codec.Decoder()
     return [event for line in logs.splitlines() for event in decoder.feed(line)]
 

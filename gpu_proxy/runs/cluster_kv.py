@@ -7,9 +7,8 @@ travel this way.
 """
 from __future__ import annotations
 
-import urllib.request
-
 from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.clusters.dashboard import DashboardClient
 
 
 def package_name(run_name: str, what: str) -> str:
@@ -22,9 +21,7 @@ def kv_key(run_name: str, what: str) -> bytes:
 
 def put_value(endpoint: Endpoint, run_name: str, what: str, value: bytes, timeout_s: float = 10.0) -> None:
     """Store ``value`` under the run's ``what`` key (raises ``urllib.error.URLError`` on failure)."""
-    url = f"{endpoint.dashboard_url}/api/packages/gcs/{package_name(run_name, what)}"
-    request = urllib.request.Request(url, data=value, method="PUT", headers=endpoint.headers())
-    urllib.request.urlopen(request, timeout=timeout_s).close()
+    DashboardClient(endpoint).put_package(package_name(run_name, what), value, timeout_s)
 
 
 def take_value(run_name: str, what: str) -> bytes | None:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 
 from gpu_proxy import events, shipping
 from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.clusters.dashboard import DashboardClient
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import cluster_kv, log_codec
@@ -28,12 +29,12 @@ class JobRun:
     def __init__(self, endpoint: Endpoint, job_id: str) -> None:
         self.job_id = job_id
         self._endpoint = endpoint
-        self._client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+        self._client = DashboardClient(endpoint).jobs()
         self.last_seq = -1
 
     @classmethod
     def submit(cls, endpoint: Endpoint, spec: RunSpec) -> "JobRun":
-        client = JobSubmissionClient(endpoint.dashboard_url, headers=endpoint.headers())
+        client = DashboardClient(endpoint).jobs()
         if spec.secrets:  # beside the job, not in its package (run.pkl never holds them)
             cluster_kv.put_value(endpoint, spec.name, "secrets", json.dumps(spec.secrets).encode())
         with tempfile.TemporaryDirectory(prefix="gpu-proxy-") as folder:
