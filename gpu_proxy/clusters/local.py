@@ -7,6 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray._private import ray_constants  # private (Ray is pinned to 2.60): see start()
 
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.errors import ConfigurationError
@@ -46,10 +47,14 @@ class LocalCluster(Cluster):
             # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
             # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
             # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
-            # Loopback only: with a node IP of 127.0.0.1 and this variable Ray binds every port there
-            # (see gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing.
+            # Loopback only: with a node IP of exactly 127.0.0.1 Ray binds every port there (see
+            # gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing. Ray rewrites
+            # 127.0.0.1 to the machine's address unless this variable is "0": its child processes read
+            # it from their environment, this process read it into a constant when Ray was imported.
             saved = os.environ.get(_LOOPBACK_ONLY_ENV)
             os.environ[_LOOPBACK_ONLY_ENV] = "0"
+            saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+            ray_constants.ENABLE_RAY_CLUSTER = False
             try:
                 ray.init(
                     address="local",  # always a new cluster: never attach to another `ray start` here
@@ -59,6 +64,7 @@ class LocalCluster(Cluster):
                     logging_level=logging.WARNING,
                 )
             finally:
+                ray_constants.ENABLE_RAY_CLUSTER = saved_constant
                 if saved is None:
                     os.environ.pop(_LOOPBACK_ONLY_ENV, None)
                 else:
