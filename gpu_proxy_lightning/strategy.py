@@ -195,9 +195,15 @@ class RemoteStrategy(DDPStrategy):
     def enter_worker(self, ctx: WorkerContext) -> None:
         """Turn the strategy shipped from home into rank ``ctx.rank`` of the run."""
         self._worker_ctx = ctx
-        device = torch.device("cuda", 0) if ctx.use_gpu else torch.device("cpu")  # Ray masks the other GPUs
+        local = ctx.placement.local_world_size
+        if ctx.use_gpu:
+            # The core made every GPU of the run on this node visible, in local-rank order
+            # (gpu_proxy/runs/worker.py): rank i's own is cuda:i, as under Lightning's own DDP.
+            per_worker = max(1, len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")) // local)
+            self.parallel_devices = [torch.device("cuda", i * per_worker) for i in range(local)]
+        else:
+            self.parallel_devices = [torch.device("cpu")] * local
         self.accelerator = CUDAAccelerator() if ctx.use_gpu else CPUAccelerator()
-        self.parallel_devices = [device] * ctx.placement.local_world_size
         self.num_nodes = ctx.num_nodes
         self.cluster_environment = RemoteWorkerEnvironment(ctx)
         self.set_world_ranks()

@@ -21,6 +21,8 @@ class _RunState:
         self.arrived = asyncio.Event()
         self.rendezvous: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stop_requested = False
+        self.devices: dict[int, dict[int, list[str]]] = {}  # node rank -> local rank -> its GPU ids
+        self.devices_changed = asyncio.Event()
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -67,6 +69,18 @@ class EventChannel:
 
     async def rendezvous(self, run: str) -> tuple[str, int]:
         return await self._run(run).rendezvous
+
+    async def share_devices(self, run: str, node_rank: int, local_rank: int, ids: list[str],
+                            local_world_size: int) -> list[str]:
+        """Every GPU id of the run's workers on this node, in local-rank order, once all have said theirs."""
+        state = self._run(run)
+        node = state.devices.setdefault(node_rank, {})
+        node[local_rank] = ids
+        state.devices_changed.set()
+        while len(node) < local_world_size:
+            state.devices_changed.clear()
+            await state.devices_changed.wait()
+        return [gpu for rank in sorted(node) for gpu in node[rank]]
 
     async def request_stop(self, run: str) -> None:
         self._run(run).stop_requested = True

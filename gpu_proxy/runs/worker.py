@@ -102,10 +102,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _distributed_env(ctx: WorkerContext) -> Iterator[None]:
+def _distributed_env(ctx: WorkerContext, devices: dict[str, str]) -> Iterator[None]:
     """The environment variables torch.distributed and frameworks read, set for this call only."""
     p = ctx.placement
-    values = {
+    values = {**devices,
         "MASTER_ADDR": ctx.master_addr, "MASTER_PORT": str(ctx.master_port), "RANK": str(p.rank),
         "LOCAL_RANK": str(p.local_rank), "NODE_RANK": str(p.node_rank), "GROUP_RANK": str(p.node_rank),
         "WORLD_SIZE": str(p.world_size), "LOCAL_WORLD_SIZE": str(p.local_world_size),
@@ -123,6 +123,20 @@ def _distributed_env(ctx: WorkerContext) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _node_devices(placement: WorkerPlacement, channel: Any) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` as Lightning's own DDP has it: every GPU of the run on this node.
+
+    Ray gives each worker its own GPU only, so every rank would be ``cuda:0``. Sharing the node's
+    ids in local-rank order makes a worker's own GPU ``cuda:<local_rank>``, as under a local launch.
+    """
+    if not placement.use_gpu:
+        return {}
+    own = [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    ids = ray.get(channel.share_devices.remote(placement.run_name, placement.node_rank, placement.local_rank,
+                                               own, placement.local_world_size), timeout=120)
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
+
+
 def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
     if placement.rank == 0:
         port = _free_port()
@@ -138,13 +152,14 @@ def run_worker(files: RunFiles, placement: WorkerPlacement, channel: Any,
     emitter = EventEmitter(channel, placement.run_name, placement.rank)
     outcome: dict[str, Any] = {"rank": placement.rank}
     try:
+        devices = _node_devices(placement, channel)
         master_addr, master_port = _rendezvous(placement, channel)
         ctx = WorkerContext(placement, emitter, master_addr, master_port)
 
         def forward_line(stream: str, line: str) -> None:
             emitter.emit(events.LOG, {"stream": stream, "line": line, "node": placement.node_rank})
 
-        with OutputCapture(forward_line), _distributed_env(ctx), installed(secrets or {}):
+        with OutputCapture(forward_line), _distributed_env(ctx, devices), installed(secrets or {}):
             try:
                 function = files.load_payload().loads()
                 value = function(ctx)
