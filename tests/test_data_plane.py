@@ -187,3 +187,20 @@ def _check(result: dict) -> None:
     assert result["home"] == result["rank0"], "home's weights must be rank 0's, bit for bit"
     assert "val_loss" in result["validated"][0]
     assert result["predictions"][0].shape == (8, 1)
+
+
+@pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
+def test_results_nobody_attached_to_are_removed_after_the_retention(sshd, tmp_path):
+    """The next run's send removes run folders older than RETENTION_DAYS on the head; newer ones stay."""
+    from gpu_proxy.dataplane.base import RETENTION_DAYS
+    from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root
+
+    root = resolve_root(sshd.target(), str(tmp_path / "runs"))
+    old, recent = tmp_path / "runs" / "run-old", tmp_path / "runs" / "run-recent"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "result-0").write_bytes(b"x")
+    long_ago = __import__("time").time() - (RETENTION_DAYS + 1) * 86400
+    os.utime(old, (long_ago, long_ago))
+    SSHPlane("run-new", sshd.target(), root).send(shipping.pack(1))
+    assert not old.exists() and recent.exists() and (tmp_path / "runs" / "run-new" / "payload").exists()

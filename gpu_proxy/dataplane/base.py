@@ -28,6 +28,9 @@ from gpu_proxy.dataplane.package import Package, PackageError, StoredFile, check
 
 #: Outcomes up to this size stay inline on the control plane.
 INLINE_LIMIT = 64 * 1024
+#: A detached run's results wait this long for ``attach``; the next run on the same plane removes
+#: run folders older than this.
+RETENTION_DAYS = 7
 PAYLOAD = "payload"
 
 

@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import tempfile
 
-from gpu_proxy.dataplane.base import PAYLOAD, ClusterTransport, DataPlane, SharedFolder
+from gpu_proxy.dataplane.base import PAYLOAD, RETENTION_DAYS, ClusterTransport, DataPlane, SharedFolder
 from gpu_proxy.dataplane.package import CHUNK, Package, PackageError, StoredFile, read_file, write
 from gpu_proxy.ssh import SSHTarget, run_remote
 from gpu_proxy.ssh.errors import SSHError
@@ -36,7 +36,10 @@ class SSHPlane(DataPlane):
 
     def send(self, payload: Package) -> StoredFile:
         final = f"{self.folder}/{PAYLOAD}"
-        script = (f"umask 077 && mkdir -p {shlex.quote(self.folder)} && cat > {shlex.quote(final)}.part "
+        root = shlex.quote(self.folder.rsplit("/", 1)[0])
+        # Also removes the folders of detached runs nobody attached to within the retention.
+        script = (f"find {root} -mindepth 1 -maxdepth 1 -type d -mtime +{RETENTION_DAYS} -exec rm -rf {{}} + "
+                  f"2>/dev/null; umask 077 && mkdir -p {shlex.quote(self.folder)} && cat > {shlex.quote(final)}.part "
                   f"&& mv -f {shlex.quote(final)}.part {shlex.quote(final)}")
         process = subprocess.Popen(self.target.ssh_command(remote_command=script), stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

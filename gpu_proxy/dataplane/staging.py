@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Any
 
-from gpu_proxy.dataplane.base import PAYLOAD, ClusterTransport, DataPlane
+from gpu_proxy.dataplane.base import PAYLOAD, RETENTION_DAYS, ClusterTransport, DataPlane, result_name
 from gpu_proxy.dataplane.package import (CHUNK, Package, PackageError, StoredFile, read_file, write)
 
 
@@ -86,7 +86,25 @@ class StagingPlane(DataPlane):
         self.options = options
 
     def send(self, payload: Package) -> StoredFile:
+        self._remove_expired()
         return upload(payload, f"{self.run_url}/{PAYLOAD}", self.options)
+
+    def _remove_expired(self) -> None:
+        """Folders of detached runs nobody attached to within the retention (best effort)."""
+        import time
+
+        fs, root = _filesystem(self.run_url.rsplit("/", 1)[0], self.options)
+        try:
+            entries = fs.ls(root, detail=True)
+        except (FileNotFoundError, OSError):
+            return
+        cutoff = time.time() - RETENTION_DAYS * 86400
+        for entry in entries:
+            try:  # a run's first result is what waits for attach; its age is the folder's
+                if fs.modified(f"{entry['name']}/{result_name(0)}").timestamp() < cutoff:
+                    fs.rm(entry["name"], recursive=True)
+            except (FileNotFoundError, OSError, NotImplementedError, ValueError):
+                continue
 
     def transport(self) -> ClusterTransport:
         return StagingTransport(self.run_url, self.options)
