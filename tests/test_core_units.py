@@ -97,7 +97,7 @@ def test_cluster_specs_that_cannot_work_are_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("GPU_PROXY_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ConfigurationError, match="Ray Client"):
         resolve_cluster("ray://head:10001")
-    with pytest.raises(ConfigurationError, match="no cluster of that name"):
+    with pytest.raises(ConfigurationError, match="is not a provider, a configured cluster or a saved one"):
         resolve_cluster("my-lab")
     with pytest.raises(ConfigurationError, match="is a int"):
         resolve_cluster(3)  # type: ignore[arg-type]
