@@ -36,7 +36,7 @@ class MeteredCluster(LocalCluster):
             self._meter.start()
 
     def _run_meter(self) -> None:
-        while self.ticks <= self.stop_after_ticks:
+        while self.ticks < self.stop_after_ticks:  # no tick after the stop: a slow stop must not be billed again
             time.sleep(self.tick_s)
             runs = self.active_runs()
             if not runs:
