@@ -13,18 +13,9 @@ from gpu_proxy.errors import ConfigurationError
 from gpu_proxy_keras import RemoteFit, native_data
 from tests.keras_project.callbacks import RecordCalls
 from tests.keras_project.models import blobs, counting_mlp, mlp
+from tests.test_keras_inputs import no_runs  # noqa: F401  (bad arguments fail before any run starts)
 
 pytestmark = [pytest.mark.usefixtures("local_cluster"), pytest.mark.timeout(300)]
-
-
-def _no_run(*args, **kwargs):
-    raise AssertionError("a run started although the arguments were bad")
-
-
-@pytest.fixture
-def no_runs(monkeypatch):
-    monkeypatch.setattr("gpu_proxy_keras.remote_fit.execute", _no_run)
-    monkeypatch.setattr("gpu_proxy_keras.remote_fit.resolve_cluster", _no_run)
 
 
 def _fit_callbacks():
