@@ -204,3 +204,26 @@ def test_results_nobody_attached_to_are_removed_after_the_retention(sshd, tmp_pa
     os.utime(old, (long_ago, long_ago))
     SSHPlane("run-new", sshd.target(), root).send(shipping.pack(1))
     assert not old.exists() and recent.exists() and (tmp_path / "runs" / "run-new" / "payload").exists()
+
+
+def test_a_cluster_by_address_refuses_more_workers_than_it_has_before_sending_anything(ray_head, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
+    from gpu_proxy.errors import ClusterResourceError
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", ray_head.token_path)
+    jobs = JobSubmissionClient(ray_head.dashboard_url, headers={"Authorization": f"Bearer {ray_head.token}"})
+    before = len(jobs.list_jobs())
+    strategy = RemoteStrategy(cluster=ray_head.dashboard_url, num_workers=8)
+    with pytest.raises(ClusterResourceError, match="8 workers"):
+        big_models.trainer(strategy).fit(big_models.BigModel(1), train_dataloaders=big_models.loader())
+    assert len(jobs.list_jobs()) == before
+
+
+def test_local_cluster_arguments_are_checked():
+    from gpu_proxy.clusters.local import LocalCluster
+
+    with pytest.raises(ConfigurationError, match=r"num_cpus='2'"):
+        LocalCluster(num_cpus="2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="num_gpus=-1"):
+        LocalCluster(num_gpus=-1)

@@ -68,6 +68,9 @@ class Cluster(abc.ABC):
     def stop(self) -> None:
         """Tear down what this object started (nodes, tunnels). Default: nothing."""
 
+    def check(self, spec: "RunSpec") -> None:
+        """Raise before anything is sent when ``spec`` can never run here. Default: the supervisor checks."""
+
     @abc.abstractmethod
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         """Home's half of the data plane that ``spec``'s payload and results travel on."""
@@ -125,6 +128,15 @@ class JobsCluster(Cluster):
 
     def dashboard_url(self) -> str | None:
         return self.endpoint().dashboard_url
+
+    def check(self, spec: "RunSpec") -> None:
+        """The run's workers against the nodes the dashboard reports: a shortage is said before any upload."""
+        from gpu_proxy.clusters.dashboard import DashboardClient
+        from gpu_proxy.runs.resources import check_fits
+
+        nodes = [{k: v for k, v in node.get("resources_total", {}).items() if not k.startswith("node:")}
+                 for node in DashboardClient(self.endpoint()).alive_nodes()]
+        check_fits(spec.num_workers, spec.resources_per_worker, nodes)
 
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         if spec.staging_dir:
