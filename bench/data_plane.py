@@ -11,6 +11,8 @@ Paths, each with the medium its raw reference copies over:
   zero-copy map, so the raw figure is about one memcpy).
 - ``address``: a ``ray start --head`` on loopback given by its dashboard URL (token auth), with
   ``staging_dir`` on a moto S3 server. Raw: ``s3fs`` ``put_file`` + ``get_file`` of that many bytes.
+  By design staged bytes cross the store twice each way (home puts, the head gets; the head puts,
+  home gets), so this path's floor is 2.0x that raw figure.
 - ``ssh``: an :class:`~gpu_proxy.clusters.ssh.SSHCluster` on a loopback sshd, built as the
   ``ssh_cluster`` fixture builds it. Raw: ``ssh host 'cat > file'`` fed from a local file, then
   ``ssh host cat file`` into a local file.

@@ -21,6 +21,7 @@ RESTART = "restart"
 COST = "cost"  # added at home by a cluster that meters money: spent_usd, usd_per_hour, budget_usd
 ERROR = "error"
 FINISHED = "finished"
+STOPPED = "stopped"  # the run was stopped without home asking (its home went away): reason, checkpoint
 RESULT = "result"  # a worker's final outcome; consumed by the home launcher, not by users
 
 

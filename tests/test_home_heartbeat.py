@@ -26,11 +26,19 @@ def test_a_run_whose_home_is_gone_stops_after_the_grace_period(ray_head):
     time.sleep(3)
     home.close()  # home "dies": no more beats, nobody follows the log
     started = time.monotonic()
-    while str(run.status()) not in ("SUCCEEDED", "FAILED", "STOPPED", "JobStatus.SUCCEEDED") and \
+    while str(run.status()) not in ("SUCCEEDED", "FAILED", "STOPPED", "JobStatus.SUCCEEDED", "JobStatus.FAILED") and \
             time.monotonic() - started < 60:
         time.sleep(0.5)
-    outcomes = JobRun(endpoint, run.job_id).follow(lambda event: None)
+    seen: list = []
+    outcomes = JobRun(endpoint, run.job_id).follow(seen.append)
     assert values(outcomes[:1])[0].startswith("stopped after")
+    # Why it ended is an event (attach and logs show it) and a state `gpu-proxy runs` shows.
+    stopped = [event.data["reason"] for event in seen if event.kind == "stopped"]
+    assert stopped == ["no heartbeat from home for 6 s"]
+    from gpu_proxy.runs.attach import list_runs
+
+    (info,) = [r for r in list_runs(RayCluster(ray_head.dashboard_url, token=ray_head.token)) if r.run_id == run.job_id]
+    assert info.status == "STOPPED (no heartbeat from home for 6 s)"
 
 
 def test_a_followed_run_is_not_stopped(ray_head):

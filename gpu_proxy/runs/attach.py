@@ -18,6 +18,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
 from gpu_proxy.runs.home import fetch, values
 from gpu_proxy.runs.job import JobRun
+from gpu_proxy.runs.job_driver import STOPPED_MARKER
 from gpu_proxy.runs.spec import RunSpec
 
 
@@ -49,10 +50,18 @@ def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
     runs = []
     for job in jobs:
         if (job.metadata or {}).get("gpu_proxy_run"):
-            runs.append(RunInfo(job.submission_id, str(job.status.value if hasattr(job.status, "value") else job.status),
-                                job.entrypoint, (job.start_time or 0) / 1000 or None,
+            runs.append(RunInfo(job.submission_id, _status(job), job.entrypoint, (job.start_time or 0) / 1000 or None,
                                 (job.end_time or 0) / 1000 or None))
     return sorted(runs, key=lambda r: r.start_time or 0)
+
+
+def _status(job: Any) -> str:
+    """The job's state, or ``STOPPED (why)`` for a run its driver stopped on its own (home gone)."""
+    status = str(job.status.value if hasattr(job.status, "value") else job.status)
+    message = job.message or ""
+    if STOPPED_MARKER in message:
+        return "STOPPED (" + message.split(STOPPED_MARKER, 1)[1].splitlines()[0].strip() + ")"
+    return status
 
 
 def stop_run(run_id: str, cluster: ClusterSpec) -> bool:
@@ -83,6 +92,8 @@ class ConsoleRenderer:
             metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in (event.data.get("metrics") or {}).items())
             self.out.write(f"epoch {event.data.get('epoch')} step {event.data.get('global_step', '')} {metrics}\n")
+        elif event.kind == events.STOPPED:
+            self.out.write(f"[stopped] {event.data.get('reason')}\n")
         elif event.kind in (events.RESTART, events.WARNING, events.CHECKPOINT):
             self.out.write(f"[{event.kind}] {event.data}\n")
         self.out.flush()

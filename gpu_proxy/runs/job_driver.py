@@ -27,11 +27,20 @@ from gpu_proxy.secrets import install
 HARD_STOP_AFTER_S = 60.0
 
 
+#: How the driver's last log line names a stop nobody at home asked for; the Ray Job then ends FAILED
+#: with this line in its message, which ``gpu_proxy.runs.attach.list_runs`` shows as STOPPED.
+STOPPED_MARKER = "gpu-proxy: stopped: "
+STOPPED_EXIT_CODE = 3
+
+
 class _LogSink:
     def __init__(self) -> None:
         self.last_seq = -1
+        self.last_checkpoint: str | None = None
 
     def __call__(self, event: Event) -> None:
+        if event.kind == events.CHECKPOINT:
+            self.last_checkpoint = event.data.get("url") or self.last_checkpoint
         if event.seq < 0:
             event.seq = self.last_seq + 1
         self.last_seq = max(self.last_seq, event.seq)
@@ -46,6 +55,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
     watch = None
+    gone: list[str] = []  # why home's watch stopped the run, if it did
     try:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
         # ray.init() installs its own SIGTERM handler (sys.exit): put back the graceful stop.
@@ -56,7 +66,7 @@ def main(argv: list[str]) -> int:
         spec = pickle.loads(Path(run_pickle).read_bytes())
         spec.secrets = secrets
         if spec.home_grace_s is not None:
-            watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop)).start()
+            watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop, gone)).start()
         outcomes = supervise(spec, sink, stop)
     except BaseException as exc:  # noqa: BLE001 - reported home, then the job fails
         sink(Event(events.RESULT, {"driver_error": shipping.pack_exception(exc)}))
@@ -64,14 +74,20 @@ def main(argv: list[str]) -> int:
     finally:
         if watch is not None:
             watch.close()
+    if gone:  # before the result: whoever attaches later reads why the run ended early
+        reason = gone[0] + (f"; checkpoint {sink.last_checkpoint}" if sink.last_checkpoint else "")
+        sink(Event(events.STOPPED, {"reason": reason, "checkpoint": sink.last_checkpoint}))
     sink(Event(events.RESULT, {"outcomes": outcomes, "stopped": stop.requests > 0}))
+    if gone:
+        print(STOPPED_MARKER + reason, flush=True)
+        return STOPPED_EXIT_CODE
     return 0
 
 
-def _home_gone(spec: RunSpec, stop: StopSignal) -> None:
+def _home_gone(spec: RunSpec, stop: StopSignal, gone: list[str]) -> None:
     """Home stopped following: stop at the next step boundary, as Ctrl-C would; abort if that hangs."""
-    print(f"gpu-proxy: no heartbeat from home for {spec.home_grace_s:g} s: stopping run {spec.name}",
-          file=sys.stderr, flush=True)
+    gone.append(f"no heartbeat from home for {spec.home_grace_s:g} s")
+    print(f"gpu-proxy: {gone[0]}: stopping run {spec.name}", file=sys.stderr, flush=True)
     stop.request()
     time.sleep(HARD_STOP_AFTER_S)
     stop.request()
