@@ -154,11 +154,13 @@ def pack(obj: Any, what: str = "the run", secrets: dict[str, str] | None = None)
     return Package(stream.getvalue(), [_flat(b) for b in buffers])
 
 
-def _flat(buffer: pickle.PickleBuffer) -> memoryview:
+def _flat(buffer: pickle.PickleBuffer) -> Any:
+    from gpu_proxy.dataplane.package import as_bytes_array
+
     try:
-        return buffer.raw()  # a contiguous buffer as flat bytes, no copy
-    except BufferError:  # a non-contiguous array: one copy, as pickle would have made in band
-        return memoryview(bytes(buffer))
+        return as_bytes_array(buffer)  # a contiguous buffer as flat bytes, no copy
+    except (BufferError, ValueError):  # a non-contiguous array: one copy, as pickle would have made in band
+        return as_bytes_array(bytes(buffer))
 
 
 def _picklable(obj: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gpu_proxy import shipping
+from gpu_proxy.dataplane.package import as_bytes_array
 
 
 class _Storage:
@@ -37,12 +38,12 @@ class _Storage:
 
 
 def _rebuild_storage(data: Any) -> torch.UntypedStorage:
-    view = memoryview(data).cast("B")
-    if view.nbytes == 0:
+    flat = as_bytes_array(data)
+    if flat.nbytes == 0:
         return torch.UntypedStorage(0)
-    if view.readonly:  # e.g. Ray's object store: tensors must be writable, so this one copies
-        view = memoryview(bytearray(view))
-    return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
+    if not flat.flags.writeable:  # e.g. Ray's object store: tensors must be writable, so this one copies
+        flat = flat.copy()
+    return torch.from_numpy(flat).untyped_storage()  # holds ``flat`` (and what it views) while it lives
 
 
 def _rebuild_tensor(storage: torch.UntypedStorage, offset: int, size: tuple, stride: tuple,

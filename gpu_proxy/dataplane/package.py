@@ -17,6 +17,10 @@ Invariants the code keeps:
    :class:`StoredFile`), never inside it; a reader checks both before it unpickles a byte.
 3. A reader maps the file copy-on-write (``mmap.ACCESS_COPY``): buffers become writable arrays
    and tensors without a copy, and a write never reaches the file.
+
+Buffers are held as flat ``uint8`` numpy arrays, never as long-lived ``memoryview`` slices: an
+array keeps what it views (a mapping, an object-store buffer) alive through its ``base`` however
+its consumers (numpy, torch, TensorFlow, JAX) share or drop it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import pickle
 import struct
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Iterable
+
+import numpy as np
 
 MAGIC = b"GPXPKG1\n"
 ALIGN = 64
@@ -57,10 +63,9 @@ class StoredFile:
 class Package:
     """A pickle stream (``head``) and the buffers it refers to."""
 
-    def __init__(self, head: bytes, buffers: list[memoryview], keepalive: Any = None) -> None:
+    def __init__(self, head: bytes, buffers: list[np.ndarray]) -> None:
         self.head = head
         self.buffers = buffers
-        self._keepalive = keepalive  # the mapping the buffers live in, if any
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +82,7 @@ class Package:
 
     @staticmethod
     def _rebuild(head: bytes, buffers: list[Any]) -> "Package":
-        return Package(head, [memoryview(b).cast("B") for b in buffers])
+        return Package(head, [as_bytes_array(b) for b in buffers])
 
     # ----- one file's bytes ------------------------------------------------------------------------
     def layout(self) -> tuple[bytes, list[memoryview]]:
@@ -85,11 +90,10 @@ class Package:
         sizes = [b.nbytes for b in self.buffers]
         meta = json.dumps({"head": len(self.head), "buffers": sizes}).encode()
         header = MAGIC + struct.pack("<Q", len(meta)) + meta
+        header += b"\0" * (_padded(len(header)) - len(header))
         parts: list[memoryview] = []
-        offset = _padded(len(header))
-        header += b"\0" * (offset - len(header))
-        for part in [memoryview(self.head), *self.buffers]:
-            parts.append(part.cast("B") if part.format != "B" or part.ndim != 1 else part)
+        for part in [memoryview(self.head), *(memoryview(b) for b in self.buffers)]:
+            parts.append(part)
             pad = _padded(part.nbytes) - part.nbytes
             if pad:
                 parts.append(memoryview(b"\0" * pad))
@@ -100,8 +104,9 @@ class Package:
         return b"".join([header, *parts])
 
     @classmethod
-    def from_bytes(cls, data: "bytes | memoryview", keepalive: Any = None) -> "Package":
-        view = memoryview(data).cast("B")
+    def from_bytes(cls, data: Any) -> "Package":
+        """The package in ``data`` (bytes, or a mapping), its buffers viewing ``data`` without a copy."""
+        view = as_bytes_array(data)
         if bytes(view[:len(MAGIC)]) != MAGIC:
             raise PackageError("not a gpu-proxy package (bad magic)")
         (meta_len,) = struct.unpack("<Q", view[len(MAGIC):len(MAGIC) + 8])
@@ -113,7 +118,14 @@ class Package:
                 raise PackageError("the package is shorter than its header says")
             parts.append(view[offset:offset + size])
             offset += _padded(size)
-        return cls(bytes(parts[0]), parts[1:], keepalive if keepalive is not None else data)
+        return cls(bytes(parts[0]), parts[1:])
+
+
+def as_bytes_array(buffer: Any) -> np.ndarray:
+    """``buffer`` (bytes, an array, a mapping, a PickleBuffer) as a flat uint8 array viewing it."""
+    if isinstance(buffer, np.ndarray) and buffer.dtype == np.uint8 and buffer.ndim == 1:
+        return buffer
+    return np.frombuffer(buffer, dtype=np.uint8)
 
 
 def _padded(size: int) -> int:
@@ -175,7 +187,7 @@ def read_file(path: str, expected: StoredFile, checked: bool = False) -> Package
         raise PackageError(f"{expected.location} is empty")
     with open(path, "rb") as file:
         mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-    return Package.from_bytes(memoryview(mapping), keepalive=mapping)
+    return Package.from_bytes(mapping)
 
 
 def _remove(path: str) -> None:
