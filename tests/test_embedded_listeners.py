@@ -21,11 +21,11 @@ def test_every_listener_of_the_embedded_cluster_is_on_loopback(local_cluster):
         big_models.BigModel(0.01), train_dataloaders=big_models.loader())  # pooled workers stay up
     session = ray._private.worker._global_node.get_session_dir_path()
     home = psutil.Process()
-    cluster = {home.pid}
-    for process in home.children(recursive=True):
+    cluster = {home.pid}  # home, the embedded cluster's daemons, and the workers they started
+    for process in home.children(recursive=True):  # (not the suite's other clusters: a `ray start` head)
         try:
-            if session in " ".join(process.cmdline()) or process.name().startswith("ray::"):
-                cluster.add(process.pid)
+            if session in " ".join(process.cmdline()):
+                cluster |= {process.pid} | {child.pid for child in process.children(recursive=True)}
         except psutil.Error:
             continue
     listeners = [c for c in psutil.net_connections("inet")
