@@ -109,7 +109,8 @@ def test_no_staging_is_left_after_success_failure_or_ctrl_c(local_cluster, tmp_p
 
     from tests.lightning_project.models import DigitsData, DigitsModel
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's run folders land here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's run folders land here,
+    monkeypatch.setattr("gpu_proxy.dataplane.local.SHARED_MEMORY", str(tmp_path))  # wherever the root
 
     def fit(model, **options):
         run = big_models.trainer(RemoteStrategy(cluster=local_cluster, num_workers=1), **options)

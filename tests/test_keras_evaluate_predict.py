@@ -96,7 +96,9 @@ def test_arrays_ship_once_for_all_workers():
     usage = ObjectStoreUsage()
     model = mlp(features=64)
     RemoteFit(model, num_workers=2, home_callbacks=[usage]).evaluate(x, y, batch_size=8192, verbose=0)
-    assert 16 <= usage.mib < 24  # one copy in the store for both workers, not one each
+    # The arrays travel once, as the run's payload file that both workers map (gpu_proxy.dataplane):
+    # not one copy per worker, and nothing bulky in the object store.
+    assert usage.mib < 8
 
 
 def test_shard_bounds_cover_every_sample_once_in_order():

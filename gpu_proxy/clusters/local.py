@@ -74,7 +74,8 @@ class LocalCluster(Cluster):
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         from gpu_proxy.dataplane.local import LocalFolderPlane
 
-        return LocalFolderPlane(spec.name)
+        size = spec.payload.nbytes if spec.payload is not None else 0
+        return LocalFolderPlane(spec.name, size_hint=size + spec.result_bytes_hint)
 
     def execute(self, spec: "RunSpec", control: "RunControl") -> list[dict[str, Any]]:
         from gpu_proxy.runs.in_process import execute_in_process

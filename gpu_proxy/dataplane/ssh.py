@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 
 from gpu_proxy.dataplane.base import PAYLOAD, RETENTION_DAYS, ClusterTransport, DataPlane, SharedFolder
-from gpu_proxy.dataplane.package import CHUNK, Package, PackageError, StoredFile, read_file, write
+from gpu_proxy.dataplane.package import Package, PackageError, StoredFile, read_file, write
 from gpu_proxy.ssh import SSHTarget, run_remote
 from gpu_proxy.ssh.errors import SSHError
 
@@ -60,28 +60,17 @@ class SSHPlane(DataPlane):
         return SharedFolder(self.folder)
 
     def fetch(self, result: StoredFile) -> Package:
-        import hashlib
-
         descriptor, local = tempfile.mkstemp(prefix="gpu-proxy-result-")
-        digest, size = hashlib.sha256(), 0
-        process = subprocess.Popen(self.target.ssh_command(remote_command=f"cat {shlex.quote(result.location)}"),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            with os.fdopen(descriptor, "wb") as file:
-                while chunk := process.stdout.read(CHUNK):
-                    digest.update(chunk)
-                    file.write(chunk)
-                    size += len(chunk)
-            error = process.stderr.read().decode(errors="replace")
-            if process.wait() != 0:
-                raise PackageError(f"Could not fetch {self.target.destination}:{result.location}: {error.strip()}")
-            if (size, digest.hexdigest()) != (result.size, result.sha256):
-                raise PackageError(f"{self.target.destination}:{result.location} arrived with {size} bytes "
-                                   f"(expected {result.size}) or a different SHA-256: not used")
-            return read_file(local, result, checked=True)
+            with os.fdopen(descriptor, "wb") as file:  # ssh writes the file itself: no copy through Python
+                done = subprocess.run(self.target.ssh_command(remote_command=f"cat {shlex.quote(result.location)}"),
+                                      stdout=file, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise PackageError(f"Could not fetch {self.target.destination}:{result.location}: "
+                                   f"{done.stderr.decode(errors='replace').strip()}")
+            return read_file(local, StoredFile(f"{self.target.destination}:{result.location}", result.size,
+                                               result.sha256))  # size and hash checked before use
         finally:
-            if process.poll() is None:
-                process.kill()
             os.unlink(local)  # a mapped file stays readable until it is unmapped
 
     def clean(self) -> None:
