@@ -40,7 +40,7 @@ class LocalFolderPlane(DataPlane):
         return SharedFolder(self.folder, arrived_checked=True)  # written and hashed by this process
 
     def fetch(self, result: StoredFile) -> Package:
-        return read_file(result.location, result)
+        return read_file(result.location, result, size_only=True)  # written on this machine
 
     def clean(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)  # mapped results stay readable until unmapped

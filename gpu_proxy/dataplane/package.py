@@ -183,10 +183,13 @@ def check_file(path: str, expected: StoredFile, size_only: bool = False) -> None
         raise PackageError(f"{expected.location} does not have the content that was written (SHA-256 differs)")
 
 
-def read_file(path: str, expected: StoredFile, checked: bool = False) -> Package:
-    """Map the file at ``path`` (invariant 3) once its size and hash match ``expected``."""
+def read_file(path: str, expected: StoredFile, checked: bool = False, size_only: bool = False) -> Package:
+    """Map the file at ``path`` (invariant 3) once its size and hash match ``expected``.
+
+    ``checked``: the caller checked it already; ``size_only``: it was written on this machine,
+    where invariant 1 alone keeps a partial file from its final name."""
     if not checked:
-        check_file(path, expected)
+        check_file(path, expected, size_only=size_only)
     if expected.size == 0:
         raise PackageError(f"{expected.location} is empty")
     with open(path, "rb") as file:
