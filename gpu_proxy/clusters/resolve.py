@@ -75,8 +75,10 @@ def check_cluster_spec(spec: ClusterSpec) -> None:
     from gpu_proxy.clusters import providers
     from gpu_proxy.clusters.saved import saved_clusters
 
+    where = ""
     if spec is None:
         spec = providers.from_environment()
+        where = f"{providers.ENV_VAR}={spec!r}: "
     if spec is None or isinstance(spec, Cluster) or not isinstance(spec, str):
         return
     if spec.startswith(("ray://", "http://", "https://")):
@@ -99,5 +101,5 @@ def check_cluster_spec(spec: ClusterSpec) -> None:
     if spec in providers.PROVIDERS:
         providers.check_options(providers.PROVIDERS[spec], {})
         return
-    raise ConfigurationError(f"cluster={spec!r} is not a provider, a configured cluster or a saved one. "
+    raise ConfigurationError(f"{where}cluster={spec!r} is not a provider, a configured cluster or a saved one. "
                              f"{providers.known_names()}")
