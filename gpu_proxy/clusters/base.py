@@ -68,7 +68,7 @@ class Cluster(abc.ABC):
     def stop(self) -> None:
         """Tear down what this object started (nodes, tunnels). Default: nothing."""
 
-    def check(self, spec: "RunSpec") -> None:
+    def check_run(self, spec: "RunSpec") -> None:
         """Raise before anything is sent when ``spec`` can never run here. Default: the supervisor checks."""
 
     @abc.abstractmethod
@@ -129,7 +129,7 @@ class JobsCluster(Cluster):
     def dashboard_url(self) -> str | None:
         return self.endpoint().dashboard_url
 
-    def check(self, spec: "RunSpec") -> None:
+    def check_run(self, spec: "RunSpec") -> None:
         """The run's workers against the nodes the dashboard reports: a shortage is said before any upload."""
         from gpu_proxy.clusters.dashboard import DashboardClient
         from gpu_proxy.runs.resources import check_fits

@@ -25,7 +25,7 @@ def execute(cluster: Cluster, spec: RunSpec, on_event: Callable[[Event], None]) 
     """
     cluster.start()
     control = RunControl(on_event, spec.name)
-    cluster.check(spec)
+    cluster.check_run(spec)
     plane = cluster.data_plane(spec)
     try:
         send(plane, spec)
@@ -65,7 +65,7 @@ def submit_detached(cluster: Cluster, spec: RunSpec) -> str:
     Its results wait on the data plane until ``attach`` brings them home (and then removes them).
     """
     cluster.start()
-    cluster.check(spec)
+    cluster.check_run(spec)
     plane = cluster.data_plane(spec)
     try:
         send(plane, spec)
