@@ -51,6 +51,7 @@ class _LogSink:
 
 def main(argv: list[str]) -> int:
     run_pickle, run_name = argv[0], argv[1]
+    spec_bytes = Path(run_pickle).read_bytes()  # before ray.init(), which may change the working directory
     stop = StopSignal()
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
         # Before the spec: its data plane half may refer to credentials (gpu_proxy.secrets).
         secrets = json.loads(cluster_kv.take_value(run_name, "secrets") or b"{}")
         install(secrets)
-        spec = pickle.loads(Path(run_pickle).read_bytes())
+        spec = pickle.loads(spec_bytes)
         spec.secrets = secrets
         if spec.home_grace_s is not None:
             watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop, gone)).start()
