@@ -37,6 +37,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         saved.save_cluster(args.name, {"kind": "ray", "address": args.address})
         print(f"saved cluster {args.name!r}: {args.address}")
         return 0
+    if args.kind == "local":
+        from gpu_proxy.clusters.kept_local import start_kept_local
+
+        print("starting a kept Ray cluster on this machine (loopback only)", flush=True)
+        definition = start_kept_local(args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        saved.save_cluster(args.name, definition)
+        print(f"cluster {args.name!r} is up at {definition['address']}: pass cluster={args.name!r}; "
+              f"`gpu-proxy down {args.name}` stops it")
+        return 0
     if args.kind == "ssh":
         from gpu_proxy.clusters.ray_node import RayPorts
         from gpu_proxy.clusters.ssh import SSHCluster
@@ -147,6 +156,21 @@ def _cost_text(cluster) -> str:
     return text + (f", budget ${meter['budget_usd']:g})" if meter.get("budget_usd") else ")")
 
 
+def _warm_text(cluster) -> str:
+    """The cluster's warm workers, as its run server reports them: ``2 lightning idle 35s``, ..."""
+    from gpu_proxy.clusters.base import JobsCluster
+    from gpu_proxy.runs.server_client import ServerClient
+
+    if not isinstance(cluster, JobsCluster):
+        return "-"
+    try:
+        groups = ServerClient(cluster).request("status").get("pool", [])
+    except (OSError, GpuProxyError) as exc:
+        return f"? ({exc})"
+    return ", ".join(f"{g['workers']} {g['kind']} {g['state']}" + (f" {g['idle_s']:.0f}s" if g["state"] == "idle" else "")
+                     for g in groups) or "none"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gpu_proxy.clusters.resolve import resolve_cluster
 
@@ -161,12 +185,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             cluster.start()
             resources = cluster.resources()
             rows.append([name, "up", f"{resources.get('CPU', 0):g}", f"{resources.get('GPU', 0):g}",
-                         _cost_text(cluster), cluster.dashboard_url() or "-"])
+                         _cost_text(cluster), _warm_text(cluster), cluster.dashboard_url() or "-"])
             if getattr(cluster, "owns_nodes", False):
                 cluster.stop()  # only this process's tunnel: the nodes keep running
         except GpuProxyError as exc:
-            rows.append([name, "unreachable", "-", "-", "-", str(exc).split(". ")[0]])
-    print(_table(rows, ["CLUSTER", "STATE", "CPUS", "GPUS", "COST", "DASHBOARD"]))
+            rows.append([name, "unreachable", "-", "-", "-", "-", str(exc).split(". ")[0]])
+    print(_table(rows, ["CLUSTER", "STATE", "CPUS", "GPUS", "COST", "WARM WORKERS", "DASHBOARD"]))
     return 0 if all(row[1] == "up" for row in rows) else 1
 
 
@@ -205,6 +229,14 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"cluster {args.cluster!r} torn down: pod(s) {', '.join(definition['pod_ids'])} terminated")
         return 0
     cluster = resolve_cluster(args.cluster)
+    _end_warm_workers(cluster)
+    if definition["kind"] == "local":
+        from gpu_proxy.clusters.kept_local import stop_kept_local
+
+        stop_kept_local(definition)
+        saved.forget_cluster(args.cluster)
+        print(f"cluster {args.cluster!r} stopped")
+        return 0
     if definition["kind"] == "ssh":
         from gpu_proxy.clusters.ssh import stop_saved_nodes
 
@@ -216,14 +248,33 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _end_warm_workers(cluster) -> None:
+    """Warm workers give their resources back (on a cluster we only forget, too: they are ours)."""
+    from gpu_proxy.clusters.base import JobsCluster
+    from gpu_proxy.runs.server_client import ServerClient
+
+    if not isinstance(cluster, JobsCluster):
+        return
+    try:
+        cluster.start()
+        cleared = ServerClient(cluster).request("clear").get("cleared", 0)
+    except (OSError, GpuProxyError) as exc:
+        print(f"note: could not reach the cluster's run server to end its warm workers ({exc}); they end "
+              "after their keep_warm time", file=sys.stderr)
+        return
+    if cleared:
+        print(f"ended {cleared} group(s) of warm workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu-proxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="bring a cluster up (or attach an existing one) and save it by name")
-    up.add_argument("kind", choices=["ray", "ssh", "runpod", "aws", "gcp", "azure", "onprem"],
-                    help="ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines; "
+    up.add_argument("kind", choices=["local", "ray", "ssh", "runpod", "aws", "gcp", "azure", "onprem"],
+                    help="local: a Ray cluster on this machine that outlives your scripts (warm workers for "
+                         "script after script); ray: an existing Ray cluster by dashboard address; ssh: start Ray on your machines; "
                          "runpod: launch RunPod GPU pods (key from RUNPOD_API_KEY or ~/.runpod/config.toml); "
                          "aws/gcp/azure: GPU machines through Ray's cluster launcher (the cloud's own credentials); "
                          "onprem: Ray's launcher on machines you name (--head, --worker)")
@@ -242,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gpu", action="append", help="GPU type, e.g. H100, 'RTX 4090', A10G; runpod: repeat it (or "
                                                    "a,b) or any-80gb for the cheapest available of several")
     up.add_argument("--max-usd-per-hour", type=_money, help="runpod: refuse above this list price per hour")
+    up.add_argument("--num-cpus", type=int, help="local: CPUs Ray may use (default: all)")
+    up.add_argument("--num-gpus", type=int, help="local: GPUs Ray may use (default: all)")
     up.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per pod / machine (default 1)")
     up.add_argument("--nodes", type=int, default=1,
                     help="runpod: pods (default 1); above 1 they share RunPod's global network")

@@ -5,6 +5,7 @@ It is registered with ``lightning.pytorch`` and, when installed, ``pytorch_light
 from lightning.pytorch.strategies import StrategyRegistry
 
 from gpu_proxy_lightning import pl_mirror, remote_accelerator, tensor_buffers  # noqa: F401  (tensors out of band)
+from gpu_proxy_lightning import worker_reset  # noqa: F401  (a pooled worker puts torch back after a run)
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 
 register(StrategyRegistry)

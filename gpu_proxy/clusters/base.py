@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
@@ -28,10 +29,20 @@ if TYPE_CHECKING:
     from gpu_proxy.runs.control import RunControl
     from gpu_proxy.runs.spec import RunSpec
 
+from gpu_proxy.errors import GpuProxyError
+
+log = logging.getLogger(__name__)
+
+
+class ServerUnreachable(GpuProxyError):
+    """The cluster's run server runs, but home cannot connect to its port (a firewall, say)."""
+
+
 # Runs executing now, per cluster object. Kept outside the objects: clusters travel in pickles
 # (inside a Trainer's strategy) and a lock cannot.
 _ACTIVE_RUNS: dict[int, list["RunControl"]] = {}
 _ACTIVE_LOCK = threading.Lock()
+_SERVER_TUNNELS: dict[tuple[int, str, int], Any] = {}  # (cluster object, host, port) -> SSHTunnel
 
 
 @dataclass(frozen=True)
@@ -148,9 +159,28 @@ class JobsCluster(Cluster):
         return JobsAPIPlane(spec.name, self.endpoint())
 
     def execute(self, spec: "RunSpec", control: "RunControl") -> list[dict[str, Any]]:
+        """On the cluster's run server (started on first use), whose workers stay warm between runs;
+        as a Ray Job of its own when home cannot reach the server's port."""
+        from gpu_proxy.runs.server_client import ServerClient
+
+        client = ServerClient(self)
+        try:
+            return client.run(spec, control)
+        except ServerUnreachable as exc:
+            log.warning("%s; this run goes as a Ray Job of its own (no warm workers)", exc)
         from gpu_proxy.runs.job import JobRun  # the Jobs SDK is only needed here
 
         return JobRun.submit(self.endpoint(), spec).follow(control)
+
+    def server_host(self) -> str:
+        """The address the run server listens on: the one home reaches the dashboard at."""
+        from urllib.parse import urlparse
+
+        return urlparse(self.endpoint().dashboard_url).hostname or "127.0.0.1"
+
+    def server_address(self, host: str, port: int) -> tuple[str, int]:
+        """Where home connects to reach the run server listening at ``host:port`` on the head."""
+        return host, port
 
     def submit_detached(self, spec: "RunSpec") -> str:
         from gpu_proxy.runs.job import JobRun
@@ -167,6 +197,19 @@ class SSHReachedCluster(JobsCluster):
     @abc.abstractmethod
     def ssh_head(self) -> "SSHTarget":
         """How to reach the head node (the one Ray Job drivers run on) over SSH."""
+
+    def server_host(self) -> str:
+        return "127.0.0.1"  # the head's loopback; home comes in through an SSH tunnel
+
+    def server_address(self, host: str, port: int) -> tuple[str, int]:
+        from gpu_proxy.ssh import SSHTunnel
+
+        key = (id(self), host, port)  # kept outside the object, which travels in pickles
+        tunnel = _SERVER_TUNNELS.get(key)
+        if tunnel is None or not tunnel.is_open:
+            tunnel = _SERVER_TUNNELS[key] = SSHTunnel(self.ssh_head(), port, remote_host=host).open()
+        local_host, _, local_port = tunnel.local_address.rpartition(":")
+        return local_host, int(local_port)
 
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gpu_proxy.runs.control import RunControl
     from gpu_proxy.runs.spec import RunSpec
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _default: "LocalCluster | None" = None
@@ -39,6 +40,7 @@ class LocalCluster(Cluster):
         self.num_gpus = num_gpus
         self.include_dashboard = include_dashboard
         self._started_here = False
+        self._background: threading.Thread | None = None
 
     def start(self) -> None:
         with _lock:
@@ -71,6 +73,27 @@ class LocalCluster(Cluster):
                     os.environ[_LOOPBACK_ONLY_ENV] = saved
             self.owns_nodes = self._started_here = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_background": None}  # a thread cannot travel (clusters ride in strategies)
+
+    def start_in_background(self) -> None:
+        """Start the cluster on a thread of its own now, so it is up by the first run (which waits for it).
+
+        Ray's start (4-8 s on a small machine) then overlaps the user's script building its model
+        and data. A failure here is not lost: the first run's ``start()`` tries again and raises it.
+        """
+        with _lock:
+            if ray.is_initialized() or self._background is not None:
+                return
+            self._background = threading.Thread(target=self._start_quietly, name="gpu-proxy-ray-start", daemon=True)
+            self._background.start()
+
+    def _start_quietly(self) -> None:
+        try:
+            self.start()
+        except Exception:  # noqa: BLE001 - start() from the run raises it where the user sees it
+            log.debug("the embedded cluster did not start in the background", exc_info=True)
+
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         from gpu_proxy.dataplane.local import LocalFolderPlane
 
@@ -92,7 +115,11 @@ class LocalCluster(Cluster):
         return f"http://{url}" if url else None
 
     def stop(self) -> None:
+        background = self._background
+        if background is not None:
+            background.join()  # a start under way ends before the stop
         with _lock:
+            self._background = None
             if self._started_here and ray.is_initialized():
                 ray.shutdown()
             self._started_here = False

@@ -103,3 +103,15 @@ def check_cluster_spec(spec: ClusterSpec) -> None:
         return
     raise ConfigurationError(f"{where}cluster={spec!r} is not a provider, a configured cluster or a saved one. "
                              f"{providers.known_names()}")
+
+
+def start_early(spec: ClusterSpec) -> None:
+    """Start the embedded cluster in the background if ``spec`` means it (a strategy or RemoteFit was
+    just made; its first run comes soon). Other clusters start on the first run, where errors show."""
+    from gpu_proxy.clusters import providers
+    from gpu_proxy.clusters.local import LocalCluster, default_local_cluster
+
+    if spec is None and providers.from_environment() is None:
+        default_local_cluster().start_in_background()
+    elif isinstance(spec, LocalCluster):
+        spec.start_in_background()

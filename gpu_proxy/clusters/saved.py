@@ -71,6 +71,10 @@ def load_saved_cluster(name: str) -> Cluster:
         from gpu_proxy.clusters.ray_cluster import RayCluster
 
         return RayCluster(**definition)
+    if kind == "local":  # `gpu-proxy up local`: a kept ray start on this machine's loopback
+        from gpu_proxy.clusters.ray_cluster import RayCluster
+
+        return RayCluster(definition["address"], token=Path(definition["token_file"]).read_text().strip())
     if kind == "ssh":
         from gpu_proxy.clusters.tunneled import TunneledRayCluster
 

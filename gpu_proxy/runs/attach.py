@@ -13,7 +13,7 @@ from gpu_proxy.clusters.dashboard import DashboardClient
 from gpu_proxy.clusters.resolve import ClusterSpec, resolve_cluster
 from gpu_proxy.dataplane.base import DataPlane
 from gpu_proxy.dataplane.staging import StagingPlane
-from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.errors import ConfigurationError, GpuProxyError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import log_codec
 from gpu_proxy.runs.home import fetch, values
@@ -44,15 +44,28 @@ def _connected(cluster: ClusterSpec) -> Iterator[JobsCluster]:
 
 
 def list_runs(cluster: ClusterSpec) -> list[RunInfo]:
+    """Detached runs (Ray Jobs) and the recent runs of the cluster's run server, oldest first."""
     with _connected(cluster) as resolved:
         endpoint = resolved.endpoint()
         jobs = DashboardClient(endpoint).jobs().list_jobs()
-    runs = []
+        served = _served_runs(resolved)
+    runs = served
     for job in jobs:
         if (job.metadata or {}).get("gpu_proxy_run"):
             runs.append(RunInfo(job.submission_id, _status(job), job.entrypoint, (job.start_time or 0) / 1000 or None,
                                 (job.end_time or 0) / 1000 or None))
     return sorted(runs, key=lambda r: r.start_time or 0)
+
+
+def _served_runs(cluster: JobsCluster) -> list[RunInfo]:
+    from gpu_proxy.runs.server_client import ServerClient
+
+    try:
+        records = ServerClient(cluster).request("status").get("runs", [])
+    except (OSError, GpuProxyError):
+        return []  # no server reachable: only detached runs to show
+    return [RunInfo(r["run_id"], r["status"], "gpu-proxy run server", r.get("start_time"), r.get("end_time"))
+            for r in records]
 
 
 def _status(job: Any) -> str:

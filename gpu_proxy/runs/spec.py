@@ -25,10 +25,12 @@ class RunSpec:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     name: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}")
     env: dict[str, str] = field(default_factory=dict)
-    #: Runs of different pools never share a worker process: Ray reuses task processes, and a process
-    #: that imported TensorFlow crashes (SIGSEGV in LLVM) when it later runs torch. One pool per framework.
+    #: Runs of different pools never share a worker process (gpu_proxy.runs.pool): a process that
+    #: imported TensorFlow crashes (SIGSEGV in LLVM) when it later runs torch. One pool per framework.
     worker_pool: str = "default"
     placement_timeout_s: float = 120.0
+    #: How long the run's worker processes stay warm for the next run of their kind (0: they end with the run).
+    keep_warm_s: float = 600.0
     #: On a Ray Job: stop the run when home's heartbeat has been silent this long (None: never, detached).
     home_grace_s: float | None = 300.0
     #: Where a cluster given by address stages bulky data (fsspec URL), and its fsspec options.

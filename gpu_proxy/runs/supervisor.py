@@ -1,7 +1,7 @@
 """The supervisor of a run: place workers, start them, relay their events, collect their outcomes.
 
-This one function runs either in the user's process (embedded cluster) or as a Ray Job's driver
-on a remote cluster (DESIGN decision 2). It talks to Ray only; it never unpickles the payload,
+This one function runs in the user's process (embedded cluster), in a cluster's run server
+(:mod:`gpu_proxy.runs.server`) or as a detached run's Ray Job driver (DESIGN decision 2). It talks to Ray only; it never unpickles the payload,
 so it needs no framework installed beside it.
 """
 from __future__ import annotations
@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group_table
 
 from gpu_proxy import events
 from gpu_proxy.dataplane.base import ClusterTransport, result_name
 from gpu_proxy.dataplane.package import StoredFile, read_file, write_file
-from gpu_proxy.errors import ClusterResourceError
 from gpu_proxy.events import Event
 from gpu_proxy.runs.channel import forget_shared_channel, shared_channel
 from gpu_proxy.runs.resources import check_fits
 from gpu_proxy.runs.spec import RunSpec
-from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_worker
+from gpu_proxy.runs.pool import WorkerPool, current_pool
+from gpu_proxy.runs.worker import RunFiles, WorkerPlacement
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
@@ -62,55 +61,38 @@ def _placements(spec: RunSpec, pg: Any) -> list[WorkerPlacement]:
     return placements  # type: ignore[return-value]
 
 
-def _task_options(spec: RunSpec, pg: Any, bundle: int) -> dict[str, Any]:
-    resources = dict(spec.resources_per_worker)
-    options: dict[str, Any] = {
-        "num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-    }
-    if resources:
-        options["resources"] = resources
-    # A distinct runtime env is a distinct pool of worker processes in Ray.
-    options["runtime_env"] = {"env_vars": {**spec.env, "GPU_PROXY_WORKER_POOL": spec.worker_pool}}
-    return options
+def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | None = None,
+              pool: WorkerPool | None = None) -> list[dict[str, Any]]:
+    """Run ``spec`` on the connected Ray cluster; return each rank's outcome, in rank order.
 
-
-def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | None = None) -> list[dict[str, Any]]:
-    """Run ``spec`` on the connected Ray cluster; return each rank's outcome, in rank order."""
+    The workers come from ``pool`` (this process's, by default): warm ones of the run's kind when
+    there are, and they go back to it after a clean run (:mod:`gpu_proxy.runs.pool`).
+    """
     stop = stop or StopSignal()
+    pool = pool or current_pool()
     check_fits(spec.num_workers, spec.resources_per_worker)
-    bundles = [{k: v for k, v in spec.resources_per_worker.items() if v} for _ in range(spec.num_workers)]
-    pg = placement_group(bundles, strategy="PACK", name=f"gpu-proxy-{spec.name}")
+    group = pool.acquire(spec)
     channel = None
-    refs: list[Any] = []
+    reusable = False
     transport = spec.transport
     try:
-        try:
-            ray.get(pg.ready(), timeout=spec.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise ClusterResourceError(
-                f"The cluster could not place {spec.num_workers} workers of {spec.resources_per_worker} "
-                f"within {spec.placement_timeout_s:g} s: the resources exist but are busy with other "
-                "work. Wait for it to finish, or lower num_workers."
-            ) from None
-        placements = _placements(spec, pg)
-        files = _run_files(spec, pg)
+        placements = _placements(spec, group.pg)
+        files = _run_files(spec, group.pg)
         channel = _open_channel(spec.name)
         secrets_ref = ray.put(spec.secrets)  # in the object store for the run only; never in a file
-        refs = [run_worker.options(**_task_options(spec, pg, bundle)).remote(files, placement, channel, secrets_ref)
-                for bundle, placement in enumerate(placements)]
-        rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
-        channel.put.remote(spec.name, [Event(events.RUN_STARTED, {
+        ray.get(channel.put.remote(spec.name, [Event(events.RUN_STARTED, {  # first: warm workers are quick
             "run_name": spec.name, "num_workers": spec.num_workers,
-            "num_nodes": placements[0].num_nodes}).to_dict()])
-        outcomes = _follow(spec.name, refs, rank_of, channel, sink, stop)
+            "num_nodes": placements[0].num_nodes, "warm_runs": group.runs}).to_dict()]))
+        refs = [actor.run.remote(files, placement, channel, secrets_ref)
+                for actor, placement in zip(group.actors, placements)]
+        rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
+        outcomes = _follow(spec.name, refs, rank_of, channel, sink, stop, group.kill)
+        reusable = stop.requests == 0 and all("value" in outcome for outcome in outcomes)
         return [_delivered(outcome, files, transport) for outcome in outcomes]
     finally:
-        for ref in refs:
-            ray.cancel(ref, force=True)  # a no-op for finished tasks; kills stragglers
         if channel is not None:
             channel.close.remote(spec.name)
-        remove_placement_group(pg)
+        pool.release(group, reusable, spec.keep_warm_s)
         if transport is not None:
             transport.close()
 
@@ -165,7 +147,7 @@ def _relay(run: str, channel: Any, sink: Callable[[Event], None], wait_s: float)
 
 
 def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
-            sink: Callable[[Event], None], stop: StopSignal) -> list[dict[str, Any]]:
+            sink: Callable[[Event], None], stop: StopSignal, kill: Callable[[], None]) -> list[dict[str, Any]]:
     outcomes: dict[int, dict[str, Any]] = {}
     pending = list(refs)
     stop_sent = 0
@@ -188,8 +170,7 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
                 ray.get(channel.request_stop.remote(run))
         if pending and (failed or stop_sent > 1):
             # One rank failed: the others would wait forever in a collective. End them now.
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            kill()
             deadline = time.monotonic() + 10
             while pending and time.monotonic() < deadline:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)

@@ -1,8 +1,7 @@
-"""The worker side of a run: one Ray task per rank calls the run's payload with a WorkerContext.
+"""The worker side of a run: each rank's pooled worker process calls the run's payload with a WorkerContext.
 
-Workers run as Ray *tasks* in a placement group rather than as actors: task processes are
-pooled by Ray and reused, so the second run on a warm cluster does not pay for importing torch
-again (see docs/decisions.md).
+The processes belong to :mod:`gpu_proxy.runs.pool` and outlive a run; :func:`run_rank` is one
+run's part in one of them.
 """
 from __future__ import annotations
 
@@ -145,8 +144,7 @@ def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
     return tuple(ray.get(channel.rendezvous.remote(placement.run_name)))  # type: ignore[return-value]
 
 
-@ray.remote(max_retries=0)
-def run_worker(files: RunFiles, placement: WorkerPlacement, channel: Any,
+def run_rank(files: RunFiles, placement: WorkerPlacement, channel: Any,
                secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Call the payload as ``placement.rank``; return ``{"rank", "value"}`` or ``{"rank", "error"}``."""
     emitter = EventEmitter(channel, placement.run_name, placement.rank)

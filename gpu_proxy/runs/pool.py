@@ -1,0 +1,308 @@
+"""Warm workers: groups of worker processes that outlive a run and serve the next run of their kind.
+
+A run's fixed cost is its worker processes: starting them and importing torch or TensorFlow
+takes seconds, the run itself often less. The supervising process (home on the embedded cluster,
+the cluster's run server elsewhere: :mod:`gpu_proxy.runs.server`) keeps its workers in a pool.
+
+Invariants, and where the code keeps them:
+
+1. A group is ``num_workers`` :class:`PoolWorker` actors, one per bundle of one placement group,
+   made for one kind of run (:class:`GroupKey`: framework pool, workers, resources per worker,
+   the workers' environment). Processes of two kinds are never shared (:meth:`WorkerPool.acquire`).
+2. A group serves one run at a time: a busy group is never in the idle list (``acquire``/``release``).
+3. A group goes back to the idle list only after a run in which every rank returned a value and
+   nobody asked to stop; otherwise its processes are killed, so a failed, killed or interrupted
+   run (a broken CUDA context, a half-torn process group) never meets the next run (``release``).
+4. Between runs a process puts back what the run changed: environment, working directory,
+   ``sys.path``, project modules imported by name, and what frameworks register
+   (:mod:`gpu_proxy.runs.process_state`).
+5. An idle group lives ``keep_warm_s`` (the last run's setting) and is then killed; ``0`` kills it
+   at release (:meth:`WorkerPool._reap`).
+6. A run whose resources idle groups hold takes them: idle groups are killed, least recently used
+   first, until its placement group is placed (:meth:`WorkerPool._place`). Idle groups of other
+   supervising processes on the cluster (another home's run server, a detached run's driver) give
+   way too: a placement that still waits posts a request in the cluster's key-value store, and
+   every pool with idle groups watches it (:meth:`WorkerPool._reap`).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gpu_proxy.errors import ClusterResourceError
+from gpu_proxy.runs.process_state import ProcessState
+from gpu_proxy.runs.spec import RunSpec
+from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_rank
+
+EVICT_POLL_S = 0.2  # how long a placement waits before an idle group gives way
+YIELD_POLL_S = 0.5  # how often a pool with idle groups looks for another process's request
+YIELD_KEY = b"gpu-proxy/pool/yield-request"
+PING_TIMEOUT_S = 10.0
+
+
+def _yield_request() -> bytes | None:
+    from ray.experimental import internal_kv
+
+    try:
+        return internal_kv._internal_kv_get(YIELD_KEY)
+    except Exception:  # noqa: BLE001 - a cluster going away: nobody to yield to
+        return None
+
+
+def _post_yield_request() -> bytes:
+    from ray.experimental import internal_kv
+
+    request = f"{os.getpid()}-{time.time()}".encode()
+    internal_kv._internal_kv_put(YIELD_KEY, request, overwrite=True)
+    return request
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class PoolWorker:
+    """One worker process of a group: runs one rank of each run its group serves."""
+
+    def __init__(self) -> None:
+        self._state = ProcessState.snapshot()
+
+    def ping(self) -> bool:
+        return True
+
+    def run(self, files: RunFiles, placement: WorkerPlacement, channel: Any,
+            secrets: dict[str, str] | None = None) -> dict[str, Any]:
+        try:
+            return run_rank(files, placement, channel, secrets)
+        finally:
+            self._state.restore()
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What makes two runs able to share worker processes."""
+
+    worker_pool: str
+    num_workers: int
+    resources: tuple[tuple[str, float], ...]
+    env: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> "GroupKey":
+        return cls(spec.worker_pool, spec.num_workers,
+                   tuple(sorted((k, float(v)) for k, v in spec.resources_per_worker.items() if v)),
+                   tuple(sorted(spec.env.items())))
+
+
+@dataclass(eq=False)
+class WorkerGroup:
+    key: GroupKey
+    pg: Any
+    actors: list[Any]
+    runs: int = 0
+    idle_since: float = 0.0
+    keep_warm_s: float = 0.0
+    _killed: bool = field(default=False, repr=False)
+
+    def alive(self) -> bool:
+        try:
+            ray.get([actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
+            return True
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def kill(self) -> None:
+        """End the group's processes and give its resources back (idempotent, never raises)."""
+        if self._killed:
+            return
+        self._killed = True
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone, or the cluster is
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {"kind": self.key.worker_pool, "workers": self.key.num_workers,
+                "resources": dict(self.key.resources), "runs": self.runs,
+                "state": "idle" if self.idle_since else "busy",
+                "idle_s": round(now - self.idle_since, 1) if self.idle_since else 0.0,
+                "keep_warm_s": self.keep_warm_s}
+
+
+class WorkerPool:
+    """The warm groups of one supervising process on one Ray cluster."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[WorkerGroup] = []  # least recently used first
+        self._busy: list[WorkerGroup] = []
+        self._wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._yield_seen = _yield_request()
+        self.closed = False
+
+    def acquire(self, spec: RunSpec) -> WorkerGroup:
+        """A group for ``spec``: an idle one of its kind, else a new one (idle groups giving way)."""
+        key = GroupKey.of(spec)
+        while True:
+            with self._lock:
+                group = next((g for g in reversed(self._idle) if g.key == key), None)
+                if group is None:
+                    break
+                self._idle.remove(group)
+                group.idle_since = 0.0
+                self._busy.append(group)
+            if group.alive():
+                return group
+            self._forget(group)  # a process died while idle (node lost, OOM): try the next, or make one
+        pg = self._place(spec)
+        group = WorkerGroup(key, pg, [self._start_worker(spec, pg, bundle) for bundle in range(spec.num_workers)])
+        with self._lock:
+            self._busy.append(group)
+        return group
+
+    def release(self, group: WorkerGroup, reusable: bool, keep_warm_s: float) -> None:
+        """Back to the idle list after a clean run (invariant 3), else killed."""
+        group.runs += 1
+        with self._lock:
+            if group in self._busy:
+                self._busy.remove(group)
+            keep = reusable and keep_warm_s > 0 and not self.closed
+            if keep:
+                group.idle_since, group.keep_warm_s = time.monotonic(), keep_warm_s
+                self._idle.append(group)
+        if not keep:
+            group.kill()
+            return
+        self._start_reaper()
+        self._wake.set()
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [g.describe(now) for g in self._busy + self._idle]
+
+    def clear(self) -> int:
+        """Kill every idle group now; return how many there were (busy ones finish their runs first)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for group in idle:
+            group.kill()
+        return len(idle)
+
+    def close(self) -> None:
+        """Kill every group, busy ones too (the supervising process is going away)."""
+        with self._lock:
+            self.closed = True
+            groups, self._idle, self._busy = self._idle + self._busy, [], []
+        for group in groups:
+            group.kill()
+        self._wake.set()
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._idle and not self._busy
+
+    def _forget(self, group: WorkerGroup) -> None:
+        with self._lock:
+            if group in self._busy:
+                self._busy.remove(group)
+        group.kill()
+
+    def _place(self, spec: RunSpec) -> Any:
+        bundles = [{k: v for k, v in spec.resources_per_worker.items() if v} for _ in range(spec.num_workers)]
+        pg = placement_group(bundles, strategy="PACK", name=f"gpu-proxy-{spec.worker_pool}-{spec.name}")
+        deadline = time.monotonic() + spec.placement_timeout_s
+        asked_others = False
+        while True:
+            with self._lock:
+                victim = self._idle.pop(0) if self._idle else None
+            if victim is None and not asked_others:
+                asked_others = True
+                wait_s = EVICT_POLL_S
+            else:
+                wait_s = EVICT_POLL_S if victim is not None else max(deadline - time.monotonic(), 0.0)
+            try:
+                ray.get(pg.ready(), timeout=wait_s)
+                if victim is not None:  # placed without it: it stays warm
+                    with self._lock:
+                        self._idle.insert(0, victim)
+                return pg
+            except ray.exceptions.GetTimeoutError:
+                if victim is not None:
+                    victim.kill()  # invariant 6: it gives way, and the placement waits again
+                    continue
+                if wait_s == EVICT_POLL_S and time.monotonic() < deadline:
+                    # Nothing of ours left to give: ask the other pools (not this one's reaper).
+                    self._yield_seen = _post_yield_request()
+                    continue
+                remove_placement_group(pg)
+                raise ClusterResourceError(
+                    f"The cluster could not place {spec.num_workers} workers of {spec.resources_per_worker} "
+                    f"within {spec.placement_timeout_s:g} s: the resources exist but are busy with other "
+                    "work. Wait for it to finish, or lower num_workers.") from None
+
+    @staticmethod
+    def _start_worker(spec: RunSpec, pg: Any, bundle: int) -> Any:
+        resources = dict(spec.resources_per_worker)
+        options: dict[str, Any] = {
+            "num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+        }
+        if resources:
+            options["resources"] = resources
+        if spec.env:
+            options["runtime_env"] = {"env_vars": dict(spec.env)}
+        return PoolWorker.options(**options).remote()
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is not None and self._reaper.is_alive():
+                return
+            self._reaper = threading.Thread(target=self._reap, name="gpu-proxy-pool-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        while not self.closed:
+            now = time.monotonic()
+            with self._lock:
+                expired = [g for g in self._idle if now - g.idle_since >= g.keep_warm_s]
+                self._idle = [g for g in self._idle if g not in expired]
+                waits = [g.idle_since + g.keep_warm_s - now for g in self._idle]
+                if not expired and not waits:
+                    self._reaper = None
+                    return
+            for group in expired:
+                group.kill()
+            request = _yield_request()
+            if request != self._yield_seen:  # another process's run waits for resources
+                self._yield_seen = request
+                self.clear()
+            self._wake.wait(min(min(waits, default=0.0), YIELD_POLL_S) if not expired else 0.0)
+            self._wake.clear()
+
+
+_pool: tuple[tuple[str, str], WorkerPool] | None = None
+_pool_lock = threading.Lock()
+
+
+def current_pool() -> WorkerPool:
+    """This process's pool on the connected Ray cluster (a new one after ``ray.shutdown()`` + ``ray.init()``)."""
+    global _pool
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id())
+    with _pool_lock:
+        if _pool is None or _pool[0] != key:
+            if _pool is not None:
+                _pool[1].closed = True  # its cluster is gone; its reaper ends
+            _pool = (key, WorkerPool())
+        return _pool[1]

@@ -1,0 +1,84 @@
+"""What a pooled worker process puts back between two runs, so that nothing of one reaches the next.
+
+The core restores what every run can change through Python itself: environment variables, the
+working directory, ``sys.path``, the ``random`` module's state, and modules the run imported by
+name from outside any installed package (the user's project: they are imported again, edited or
+not, by the next run). Frameworks register what only they know (:func:`register_reset`):
+``gpu_proxy_lightning`` resets torch's seeds, default dtype and process group.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+_resets: list[Callable[[], None]] = []
+_OURS = {"gpu_proxy", "gpu_proxy_lightning", "gpu_proxy_keras"}  # this library: the same code for every run
+
+
+def register_reset(reset: Callable[[], None]) -> None:
+    """Call ``reset`` in a pooled worker after every run (once per function, however often registered)."""
+    if reset not in _resets:
+        _resets.append(reset)
+
+
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[name]) + os.sep for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+@dataclass
+class ProcessState:
+    environ: dict[str, str]
+    cwd: str
+    path: list[str]
+    modules: frozenset[str]
+
+    @classmethod
+    def snapshot(cls) -> "ProcessState":
+        return cls(dict(os.environ), os.getcwd(), list(sys.path), frozenset(sys.modules))
+
+    def restore(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.environ)
+        try:
+            os.chdir(self.cwd)
+        except OSError:
+            pass
+        sys.path[:] = self.path
+        random.seed()  # as a fresh process: from the OS's entropy
+        self._forget_project_modules()
+        for reset in list(_resets):
+            try:
+                reset()
+            except Exception:  # noqa: BLE001 - a reset that fails must not take the worker down
+                log.warning("a worker reset failed", exc_info=True)
+        self.modules = frozenset(sys.modules)  # what a reset imported is part of the warm process now
+        _give_memory_back()
+
+    def _forget_project_modules(self) -> None:
+        installed = _installed_roots()
+        for name in set(sys.modules) - self.modules:
+            if name.partition(".")[0] in _OURS:
+                continue
+            file = getattr(sys.modules.get(name), "__file__", None)
+            if file and not os.path.realpath(file).startswith(installed):
+                sys.modules.pop(name, None)
+
+
+def _give_memory_back() -> None:
+    """Free the run's objects now and hand freed heap pages back to the OS: an idle warm worker that
+    held a 1 GB model must not keep 1 GB of this machine's memory while it waits."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its own counsel
+        pass
