@@ -50,3 +50,62 @@ def test_a_2_worker_fsdp_fit_matches_ddp_of_the_same_seed():
     assert fsdp_weights.keys() == ddp_weights.keys()
     for key, value in ddp_weights.items():
         assert torch.allclose(fsdp_weights[key], value, atol=1e-4), key
+
+
+def test_a_sharded_checkpoint_on_s3_commits_as_one_and_resumes_after_a_worker_is_killed(s3_bucket, tmp_path):
+    url, options = f"s3://{s3_bucket.name}/runs", s3_bucket.endpoint.storage_options
+    starts = tmp_path / "starts"
+    strategy = RemoteStrategy(sharding="fsdp", state_dict_type="sharded", checkpoint_dir=url, storage_options=options,
+                              run_name="sharded", max_failures=1)
+    # 64 samples / 2 ranks / 8 = 4 steps an epoch; rank 1 dies in the third epoch, after two commits
+    trainer = trainer_for(strategy, max_epochs=4, checkpoint=ModelCheckpoint(save_top_k=-1, save_last=True),
+                          callbacks=[KillAt(rank=1, at_step=10, marker=str(tmp_path / "killed")),
+                                     RecordStarts(str(starts))])
+    trainer.fit(SmallNet(), train_dataloaders=loader())
+    assert (tmp_path / "killed").exists()
+    assert starts.read_text().split() == ["0", "8"], "the second attempt resumed from the epoch-2 checkpoint"
+    assert trainer.state.finished and trainer.current_epoch == 4 and trainer.global_step == 16
+
+    checkpoints = f"{url}/sharded/checkpoints"
+    committed = {c.rsplit("/", 1)[1] for c in list_committed(checkpoints, options)}
+    assert committed == {f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(4)} | {"last.ckpt"}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    folders = {p.rsplit("/", 1)[1] for p in fs.ls(f"{checkpoints.removeprefix('s3://')}/{SHARDS_DIR}")}
+    assert {f.rsplit(".", 1)[0] for f in folders} == committed and len(folders) == len(committed), \
+        "one shard folder per committed checkpoint: older versions of last.ckpt were removed"
+    last = read_full_checkpoint(f"{checkpoints}/last.ckpt", options)
+    assert last["global_step"] == 16 and set(last["state_dict"]) == set(SmallNet().state_dict())
+    assert last["optimizer_states"][0]["state"], "Adam's state was saved"
+
+
+def test_a_model_built_in_configure_model_comes_home_equal_to_its_consolidated_checkpoint(tmp_path):
+    model = BuiltOnWorkers()
+    assert list(model.parameters()) == []  # home never built it
+    strategy = RemoteStrategy(sharding="fsdp", state_dict_type="sharded", checkpoint_dir=f"file://{tmp_path}",
+                              run_name="built", return_weights=True)
+    trainer = trainer_for(strategy, max_epochs=1, checkpoint=ModelCheckpoint(save_last=True))
+    trainer.fit(model, train_dataloaders=loader())
+
+    full_url = consolidate_checkpoint(trainer.checkpoint_callback.last_model_path)
+    assert full_url.endswith("last.full.ckpt")
+    consolidated = BuiltOnWorkers.load_from_checkpoint(full_url)  # a plain Lightning checkpoint
+    home = model.state_dict()
+    assert home.keys() == consolidated.state_dict().keys() and len(home) == 6
+    for key, value in consolidated.state_dict().items():
+        assert home[key].device.type == "cpu" and torch.equal(home[key], value), key
+
+
+def test_weights_stay_on_the_cluster_when_asked_and_the_checkpoint_names_them(tmp_path):
+    strategy = RemoteStrategy(sharding="fsdp", checkpoint_dir=f"file://{tmp_path}", run_name="stays",
+                              return_weights=False)
+    trainer = trainer_for(strategy, max_epochs=1, checkpoint=ModelCheckpoint(save_last=True))
+    with trainer.init_module(empty_init=True):
+        model = SmallNet()
+    assert all(p.is_meta for p in model.parameters())  # home holds no weights: the model ships as its recipe
+    trainer.fit(model, train_dataloaders=loader())
+    assert all(p.is_meta for p in model.parameters()), "nothing came home"
+    assert strategy.weights_url == trainer.checkpoint_callback.last_model_path
+    state = read_full_checkpoint(strategy.weights_url)["state_dict"]  # state_dict_type="full": one plain file
+    assert set(state) == {k for k, _ in model.named_parameters()} and not any(t.is_meta for t in state.values())

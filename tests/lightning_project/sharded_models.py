@@ -54,8 +54,8 @@ class BuiltOnWorkers(SmallNet):
     """Its layers exist only once ``configure_model`` runs: on the workers, never at home."""
 
     def __init__(self, lr: float = 0.1) -> None:
-        L.LightningModule.__init__(self)
-        self.save_hyperparameters()
+        L.LightningModule.__init__(self)  # not SmallNet's: that would build the layers here
+        self.save_hyperparameters({"lr": lr})
         self.net: nn.Module | None = None
 
     def configure_model(self) -> None:
