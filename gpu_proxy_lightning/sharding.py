@@ -35,7 +35,7 @@ def build(sharding: Any, process_group_backend: str | None, kwargs: dict[str, An
         return _construct(sharding, WorkerFSDPStrategy, process_group_backend, kwargs)
     if sharding == "model_parallel":
         return _construct(sharding, WorkerModelParallelStrategy, process_group_backend, kwargs)
-    from lightning.pytorch.utilities.imports import _DEEPSPEED_AVAILABLE  # noqa: PLC0415
+    from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE
 
     if not _DEEPSPEED_AVAILABLE:
         raise ConfigurationError('RemoteStrategy(sharding="deepspeed") needs the deepspeed package here and on '
@@ -64,6 +64,12 @@ def _check_fsdp_kwargs(kwargs: dict[str, Any]) -> None:
                                  "Lightning's FSDPStrategy nor of torch's FullyShardedDataParallel. Check the "
                                  "spelling (e.g. auto_wrap_policy, mixed_precision, activation_checkpointing_policy, "
                                  "state_dict_type, cpu_offload).")
+    from torch.distributed.fsdp import ShardingStrategy
+
+    strategy = kwargs.get("sharding_strategy")
+    if isinstance(strategy, str) and strategy.upper() not in ShardingStrategy.__members__:
+        raise ConfigurationError(f"RemoteStrategy(sharding_strategy={strategy!r}): give one of "
+                                 f"{', '.join(repr(m) for m in ShardingStrategy.__members__)}.")
     state_dict_type = kwargs.get("state_dict_type", "full")
     if state_dict_type not in ("full", "sharded"):
         raise ConfigurationError(f"RemoteStrategy(state_dict_type={state_dict_type!r}): give \"sharded\" (each rank "

@@ -16,7 +16,8 @@ from gpu_proxy import ConfigurationError
 from gpu_proxy.storage import list_committed
 from gpu_proxy_lightning import RemoteStrategy, consolidate_checkpoint, read_full_checkpoint
 from gpu_proxy_lightning.sharded_checkpoints import SHARDS_DIR
-from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, LossHistory, RecordStarts, ShardedByHand,
+from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, KillWhileCommitting, LossHistory, RecordStarts,
+                                                    ShardedByHand,
                                                     SmallNet, loader)
 from tests.support.moto_s3 import s3_bucket, s3_server  # noqa: F401
 
@@ -109,3 +110,45 @@ def test_weights_stay_on_the_cluster_when_asked_and_the_checkpoint_names_them(tm
     assert strategy.weights_url == trainer.checkpoint_callback.last_model_path
     state = read_full_checkpoint(strategy.weights_url)["state_dict"]  # state_dict_type="full": one plain file
     assert set(state) == {k for k, _ in model.named_parameters()} and not any(t.is_meta for t in state.values())
+
+
+def test_a_worker_killed_between_writing_shards_and_committing_leaves_the_last_good_checkpoint(tmp_path):
+    starts = tmp_path / "starts"
+    strategy = RemoteStrategy(sharding="fsdp", state_dict_type="sharded", checkpoint_dir=f"file://{tmp_path}/runs",
+                              run_name="crash", max_failures=1)
+    trainer = trainer_for(strategy, max_epochs=3, checkpoint=ModelCheckpoint(save_top_k=-1),
+                          callbacks=[KillWhileCommitting(str(tmp_path / "killed")), RecordStarts(str(starts))])
+    trainer.fit(SmallNet(), train_dataloaders=loader())
+    assert (tmp_path / "killed").exists()
+    # The epoch-1 save died after its shards were written: epoch 0's checkpoint stayed the newest, and resumed.
+    assert starts.read_text().split() == ["0", "4"]
+    assert trainer.global_step == 12
+    checkpoints = f"{tmp_path}/runs/crash/checkpoints"
+    names = [f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(3)]
+    assert [c.rsplit("/", 1)[1] for c in list_committed(checkpoints)] == names
+    assert read_full_checkpoint(f"{checkpoints}/{names[1]}")["global_step"] == 8  # saved again, after the restart
+    shard_folders = list((tmp_path / "runs" / "crash" / "checkpoints" / SHARDS_DIR).iterdir())
+    assert len(shard_folders) == 3, "the dead save's shards were removed when its name was saved again"
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (dict(sharding="fsdb"), "sharding='fsdb'"),
+    (dict(sharding="fsdp", auto_wrap_polcy={torch.nn.Linear}), "auto_wrap_polcy"),
+    (dict(sharding="fsdp", state_dict_type="shards"), "state_dict_type='shards'"),
+    (dict(sharding="fsdp", sharding_strategy="FULLY"), "sharding_strategy='FULLY'"),
+    (dict(sharding="model_parallel", tensor_parallel_size="two", no_such=1), "no_such"),
+    (dict(return_weights="yes"), "return_weights='yes'"),
+])
+def test_bad_sharding_arguments_fail_in_the_constructor_naming_the_value(arguments, named):
+    with pytest.raises(ConfigurationError) as info:
+        RemoteStrategy(**arguments)
+    assert named in str(info.value)
+
+
+def test_deepspeed_without_the_package_says_how_to_install_it():
+    from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE
+
+    if _DEEPSPEED_AVAILABLE:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(ConfigurationError, match=r'gpu-proxy\[deepspeed\]'):
+        RemoteStrategy(sharding="deepspeed", stage=3)

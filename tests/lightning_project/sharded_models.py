@@ -110,3 +110,26 @@ class KillAt(Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.at_step and not os.path.exists(self.marker):
             Path(self.marker).write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillWhileCommitting(Callback):
+    """SIGKILLs rank 0 as it is about to commit its second checkpoint: the shards are written, the manifest
+    not yet (a marker file remembers, so the restarted run goes on)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        io, marker = trainer.strategy.checkpoint_io, self.marker
+        save, seen = io.save_checkpoint, []
+
+        def save_or_die(checkpoint, path, storage_options=None):
+            seen.append(path)
+            if len(seen) == 2 and not os.path.exists(marker):
+                import signal
+
+                Path(marker).write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(checkpoint, path, storage_options)
+
+        io.save_checkpoint = save_or_die
