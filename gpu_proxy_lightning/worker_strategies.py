@@ -202,6 +202,9 @@ class WorkerFSDPStrategy(_RunRanks, FSDPStrategy):
 class WorkerModelParallelStrategy(_RunRanks, ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (``fully_shard``/tensor parallel in ``configure_model``) on a worker."""
 
+    # Its samplers follow the device mesh's data-parallel dimension (tensor-parallel peers read the same batch).
+    distributed_sampler_kwargs = ModelParallelStrategy.distributed_sampler_kwargs
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         url = self.broadcast(str(filepath))

@@ -36,21 +36,34 @@ def losses(trainer: L.Trainer) -> list[float]:
     return next(c for c in trainer.callbacks if isinstance(c, LossHistory)).losses
 
 
-def test_a_2_worker_fsdp_fit_matches_ddp_of_the_same_seed():
-    results = {}
-    for name, strategy in [("ddp", RemoteStrategy()), ("fsdp", RemoteStrategy(sharding="fsdp", return_weights=True))]:
-        L.seed_everything(7)
-        model = SmallNet()
-        trainer = trainer_for(strategy, max_epochs=2)
-        trainer.fit(model, train_dataloaders=loader())
-        results[name] = (losses(trainer), model.state_dict(), trainer.global_step)
-    (ddp_losses, ddp_weights, ddp_steps), (fsdp_losses, fsdp_weights, fsdp_steps) = results["ddp"], results["fsdp"]
-    assert fsdp_steps == ddp_steps == 8 and len(fsdp_losses) == 8
-    assert fsdp_losses[-1] < fsdp_losses[0]  # it trained
-    assert torch.allclose(torch.tensor(fsdp_losses), torch.tensor(ddp_losses), atol=1e-4)
-    assert fsdp_weights.keys() == ddp_weights.keys()
+def fit_seeded(strategy, model_class=SmallNet, checkpoint=None) -> tuple[L.Trainer, L.LightningModule]:
+    L.seed_everything(7)
+    model = model_class()
+    trainer = trainer_for(strategy, max_epochs=2, checkpoint=checkpoint)
+    trainer.fit(model, train_dataloaders=loader())
+    return trainer, model
+
+
+@pytest.fixture(scope="module")
+def ddp_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A 2-worker DDP fit of the seed every sharded fit here uses: its losses and final weights."""
+    trainer, model = fit_seeded(RemoteStrategy())
+    assert trainer.global_step == 8 and losses(trainer)[-1] < losses(trainer)[0]  # it trained
+    return losses(trainer), model.state_dict()
+
+
+def assert_matches_ddp(trainer: L.Trainer, weights: dict[str, torch.Tensor], ddp_reference) -> None:
+    ddp_losses, ddp_weights = ddp_reference
+    assert trainer.global_step == 8
+    assert torch.allclose(torch.tensor(losses(trainer)), torch.tensor(ddp_losses), atol=1e-4)
+    assert weights.keys() == ddp_weights.keys()
     for key, value in ddp_weights.items():
-        assert torch.allclose(fsdp_weights[key], value, atol=1e-4), key
+        assert torch.allclose(weights[key], value, atol=1e-4), key
+
+
+def test_a_2_worker_fsdp_fit_matches_ddp_of_the_same_seed(ddp_reference):
+    trainer, model = fit_seeded(RemoteStrategy(sharding="fsdp", return_weights=True))
+    assert_matches_ddp(trainer, model.state_dict(), ddp_reference)
 
 
 def test_a_sharded_checkpoint_on_s3_commits_as_one_and_resumes_after_a_worker_is_killed(s3_bucket, tmp_path):
@@ -152,3 +165,15 @@ def test_deepspeed_without_the_package_says_how_to_install_it():
         pytest.skip("deepspeed is installed here")
     with pytest.raises(ConfigurationError, match=r'gpu-proxy\[deepspeed\]'):
         RemoteStrategy(sharding="deepspeed", stage=3)
+
+
+def test_model_parallel_with_fully_shard_in_configure_model_matches_ddp_and_checkpoints_sharded(tmp_path,
+                                                                                               ddp_reference):
+    strategy = RemoteStrategy(sharding="model_parallel", data_parallel_size=2, tensor_parallel_size=1,
+                              checkpoint_dir=f"file://{tmp_path}", run_name="mp", return_weights=True)
+    trainer, model = fit_seeded(strategy, ShardedByHand, ModelCheckpoint())
+    assert_matches_ddp(trainer, model.state_dict(), ddp_reference)
+    consolidated = read_full_checkpoint(trainer.checkpoint_callback.best_model_path)  # sharded, by default
+    assert consolidated["global_step"] == 8 and consolidated["optimizer_states"][0]["state"]
+    for key, value in consolidated["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
