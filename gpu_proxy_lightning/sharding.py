@@ -39,7 +39,7 @@ def build(sharding: Any, process_group_backend: str | None, kwargs: dict[str, An
 
     if not _DEEPSPEED_AVAILABLE:
         raise ConfigurationError('RemoteStrategy(sharding="deepspeed") needs the deepspeed package here and on '
-                                 'the cluster: pip install "gpu-proxy[deepspeed]" (Linux with CUDA).')
+                                 'the cluster: pip install deepspeed (Linux with CUDA).')
     return _construct(sharding, deepspeed_worker_class(), process_group_backend, kwargs)
 
 

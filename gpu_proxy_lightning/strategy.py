@@ -186,6 +186,9 @@ class RemoteStrategy(DDPStrategy):
             raise ConfigurationError(
                 f"Trainer(accelerator=...) chose GPUs ({name}) but RemoteStrategy has {setting}: the workers "
                 "would get no GPU. Use accelerator=\"cpu\", or drop that setting.")
+        if self.sharding == "deepspeed" and not self.wants_gpu():
+            raise ConfigurationError('RemoteStrategy(sharding="deepspeed") trains on CUDA GPUs only (Lightning\'s '
+                                     'DeepSpeedStrategy): pass Trainer(accelerator="gpu"), or use sharding="fsdp".')
         if on_gpu is False and (self.use_gpu or (asked or 0) > 0):
             setting = "use_gpu=True" if self.use_gpu else f'resources_per_worker={{"GPU": {asked}}}'
             raise ConfigurationError(
