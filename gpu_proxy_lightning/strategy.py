@@ -138,7 +138,7 @@ class RemoteStrategy(DDPStrategy):
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``trainer.init_module(empty_init=True)`` at home, for a sharded run: the model is built on the meta
         device, so home holds no weights and the model ships as its recipe; the workers materialize it."""
-        if self.sharded is None or not empty_init:
+        if self.sharding not in ("fsdp", "model_parallel") or not empty_init:  # DeepSpeed has its own (zero.Init)
             with super().tensor_init_context(empty_init):
                 yield
             return

@@ -16,9 +16,8 @@ from gpu_proxy import ConfigurationError
 from gpu_proxy.storage import list_committed
 from gpu_proxy_lightning import RemoteStrategy, consolidate_checkpoint, read_full_checkpoint
 from gpu_proxy_lightning.sharded_checkpoints import SHARDS_DIR
-from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, KillWhileCommitting, LossHistory, RecordStarts,
-                                                    ShardedByHand,
-                                                    SmallNet, loader)
+from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, KillWhileCommitting, LossHistory,
+                                                    RecordPrecision, RecordStarts, ShardedByHand, SmallNet, loader)
 from tests.support.moto_s3 import s3_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("local_cluster")
@@ -64,6 +63,8 @@ def assert_matches_ddp(trainer: L.Trainer, weights: dict[str, torch.Tensor], ddp
 def test_a_2_worker_fsdp_fit_matches_ddp_of_the_same_seed(ddp_reference):
     trainer, model = fit_seeded(RemoteStrategy(sharding="fsdp", return_weights=True))
     assert_matches_ddp(trainer, model.state_dict(), ddp_reference)
+    (validated,) = trainer.validate(model, dataloaders=loader())  # the weights that came home, sharded again
+    assert validated["val_loss"] < losses(trainer)[0]
 
 
 def test_a_sharded_checkpoint_on_s3_commits_as_one_and_resumes_after_a_worker_is_killed(s3_bucket, tmp_path):
@@ -121,8 +122,9 @@ def test_weights_stay_on_the_cluster_when_asked_and_the_checkpoint_names_them(tm
     trainer.fit(model, train_dataloaders=loader())
     assert all(p.is_meta for p in model.parameters()), "nothing came home"
     assert strategy.weights_url == trainer.checkpoint_callback.last_model_path
-    state = read_full_checkpoint(strategy.weights_url)["state_dict"]  # state_dict_type="full": one plain file
-    assert set(state) == {k for k, _ in model.named_parameters()} and not any(t.is_meta for t in state.values())
+    restored = SmallNet.load_from_checkpoint(strategy.weights_url)  # state_dict_type="full": one plain file
+    assert set(restored.state_dict()) == {k for k, _ in model.named_parameters()}
+    assert not any(t.is_meta for t in restored.state_dict().values())
 
 
 def test_a_worker_killed_between_writing_shards_and_committing_leaves_the_last_good_checkpoint(tmp_path):
@@ -192,3 +194,13 @@ def test_the_large_models_example_in_the_docs_runs_as_written(tmp_path):
     assert namespace["best"].startswith(str(tmp_path)) and len(restored.state_dict()) == 8
     for key, value in restored.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key  # "auto": they fit, so they came home
+
+
+def test_the_trainers_precision_reaches_fsdp_on_the_workers():
+    """bf16-mixed becomes FSDP's MixedPrecision there (the plugin Lightning picks for FSDP), not home's DDP one."""
+    record = RecordPrecision()
+    trainer = L.Trainer(strategy=RemoteStrategy(sharding="fsdp"), accelerator="cpu", devices=2, max_epochs=1,
+                        precision="bf16-mixed", logger=False, enable_checkpointing=False, callbacks=[record],
+                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
+    trainer.fit(SmallNet(), train_dataloaders=loader())
+    assert record.seen == "FSDPPrecision/torch.bfloat16"

@@ -133,3 +133,14 @@ class KillWhileCommitting(Callback):
             return save(checkpoint, path, storage_options)
 
         io.save_checkpoint = save_or_die
+
+
+class RecordPrecision(Callback):
+    """What precision the workers trained in (a plain str, so it comes home)."""
+
+    def __init__(self) -> None:
+        self.seen: str | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        config = trainer.strategy.mixed_precision_config
+        self.seen = f"{type(trainer.precision_plugin).__name__}/{config.param_dtype if config else None}"
