@@ -20,12 +20,19 @@ from gpu_proxy_lightning.worker_strategies import (WorkerFSDPStrategy, WorkerMod
 
 SHARDINGS = ("fsdp", "model_parallel", "deepspeed")
 RETURN_WEIGHTS = (True, False, "auto")
+_SHARDED_ONLY = {"auto_wrap_policy", "mixed_precision", "activation_checkpointing", "activation_checkpointing_policy",
+                 "state_dict_type", "cpu_offload", "sharding_strategy", "device_mesh", "data_parallel_size",
+                 "tensor_parallel_size", "save_distributed_checkpoint"}
 HOME_MEMORY_SHARE = 0.8  # "auto" brings weights home when they take at most this share of free memory
 
 
 def build(sharding: Any, process_group_backend: str | None, kwargs: dict[str, Any]) -> Strategy | None:
     """The workers' strategy for ``sharding`` (``None``: plain DDP, built by RemoteStrategy itself)."""
     if sharding is None:
+        sharded_only = sorted(set(kwargs) & _SHARDED_ONLY)
+        if sharded_only:  # they would reach DistributedDataParallel on the workers, and fail there
+            raise ConfigurationError(f"RemoteStrategy({sharded_only[0]}=...) is an argument of sharded runs: add "
+                                     "sharding=\"fsdp\" (or \"model_parallel\"), or drop it for DDP.")
         return None
     if sharding not in SHARDINGS:
         raise ConfigurationError(f"RemoteStrategy(sharding={sharding!r}): give one of "

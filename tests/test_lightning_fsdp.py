@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import gpu_proxy_lightning  # noqa: F401
 from gpu_proxy import ConfigurationError
 from gpu_proxy.storage import list_committed
-from gpu_proxy_lightning import RemoteStrategy, consolidate_checkpoint, read_full_checkpoint
+from gpu_proxy_lightning import RemoteStrategy, consolidate_checkpoint, read_full_checkpoint, sharding
 from gpu_proxy_lightning.sharded_checkpoints import SHARDS_DIR
 from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, KillWhileCommitting, LossHistory,
                                                     RecordPrecision, RecordStarts, ShardedByHand, SmallNet, loader)
@@ -112,9 +112,12 @@ def test_a_model_built_in_configure_model_comes_home_equal_to_its_consolidated_c
         assert home[key].device.type == "cpu" and torch.equal(home[key], value), key
 
 
-def test_weights_stay_on_the_cluster_when_asked_and_the_checkpoint_names_them(tmp_path):
+@pytest.mark.parametrize("return_weights", [False, "auto"])
+def test_weights_stay_on_the_cluster_when_asked_and_the_checkpoint_names_them(tmp_path, monkeypatch, return_weights):
+    if return_weights == "auto":  # "auto" with home's free memory (measured) counting as a few bytes
+        monkeypatch.setattr(sharding, "HOME_MEMORY_SHARE", 1e-9)
     strategy = RemoteStrategy(sharding="fsdp", checkpoint_dir=f"file://{tmp_path}", run_name="stays",
-                              return_weights=False)
+                              return_weights=return_weights)
     trainer = trainer_for(strategy, max_epochs=1, checkpoint=ModelCheckpoint(save_last=True))
     with trainer.init_module(empty_init=True):
         model = SmallNet()
@@ -153,6 +156,7 @@ def test_a_worker_killed_between_writing_shards_and_committing_leaves_the_last_g
     (dict(sharding="fsdp", sharding_strategy="FULLY"), "sharding_strategy='FULLY'"),
     (dict(sharding="model_parallel", tensor_parallel_size="two", no_such=1), "no_such"),
     (dict(return_weights="yes"), "return_weights='yes'"),
+    (dict(state_dict_type="sharded"), 'add sharding="fsdp"'),
 ])
 def test_bad_sharding_arguments_fail_in_the_constructor_naming_the_value(arguments, named):
     with pytest.raises(ConfigurationError) as info:
