@@ -76,10 +76,17 @@ def test_a_sharded_checkpoint_on_s3_commits_as_one_and_resumes_after_a_worker_is
     trainer = trainer_for(strategy, max_epochs=4, checkpoint=ModelCheckpoint(save_top_k=-1, save_last=True),
                           callbacks=[KillAt(rank=1, at_step=10, marker=str(tmp_path / "killed")),
                                      RecordStarts(str(starts))])
-    trainer.fit(SmallNet(), train_dataloaders=loader())
+    L.seed_everything(7)
+    model = SmallNet()
+    trainer.fit(model, train_dataloaders=loader())
     assert (tmp_path / "killed").exists()
     assert starts.read_text().split() == ["0", "8"], "the second attempt resumed from the epoch-2 checkpoint"
     assert trainer.state.finished and trainer.current_epoch == 4 and trainer.global_step == 16
+    L.seed_everything(7)
+    uninterrupted = SmallNet()
+    trainer_for(RemoteStrategy(sharding="fsdp"), max_epochs=4).fit(uninterrupted, train_dataloaders=loader())
+    for key, value in uninterrupted.state_dict().items():  # the weights' and Adam's shards were restored
+        assert torch.allclose(model.state_dict()[key], value, atol=1e-5), key
 
     checkpoints = f"{url}/sharded/checkpoints"
     committed = {c.rsplit("/", 1)[1] for c in list_committed(checkpoints, options)}
