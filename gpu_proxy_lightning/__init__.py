@@ -5,6 +5,7 @@ It is registered with ``lightning.pytorch`` and, when installed, ``pytorch_light
 from lightning.pytorch.strategies import StrategyRegistry
 
 from gpu_proxy_lightning import pl_mirror, remote_accelerator, tensor_buffers  # noqa: F401  (tensors out of band)
+from gpu_proxy_lightning.cluster_consolidation import consolidate_on_cluster
 from gpu_proxy_lightning.sharded_checkpoints import consolidate_checkpoint, read_full_checkpoint
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 
@@ -12,4 +13,4 @@ register(StrategyRegistry)
 remote_accelerator.install()
 pl_mirror.register_in_pytorch_lightning()
 
-__all__ = ["RemoteStrategy", "consolidate_checkpoint", "read_full_checkpoint"]
+__all__ = ["RemoteStrategy", "consolidate_checkpoint", "consolidate_on_cluster", "read_full_checkpoint"]

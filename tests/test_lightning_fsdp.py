@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import gpu_proxy_lightning  # noqa: F401
 from gpu_proxy import ConfigurationError
 from gpu_proxy.storage import list_committed
-from gpu_proxy_lightning import RemoteStrategy, consolidate_checkpoint, read_full_checkpoint, sharding
+from gpu_proxy_lightning import (RemoteStrategy, consolidate_checkpoint, consolidate_on_cluster, read_full_checkpoint,
+                                 sharding)
 from gpu_proxy_lightning.sharded_checkpoints import SHARDS_DIR
 from tests.lightning_project.sharded_models import (BuiltOnWorkers, KillAt, KillWhileCommitting, LossHistory,
                                                     RecordPrecision, RecordStarts, ShardedByHand, SmallNet, loader)
@@ -117,6 +118,12 @@ def test_a_model_built_in_configure_model_comes_home_equal_to_its_consolidated_c
     assert home.keys() == consolidated.state_dict().keys() and len(home) == 6
     for key, value in consolidated.state_dict().items():
         assert home[key].device.type == "cpu" and torch.equal(home[key], value), key
+
+    on_cluster = consolidate_on_cluster(trainer.checkpoint_callback.last_model_path,
+                                        output_url=f"file://{tmp_path}/consolidated.ckpt")
+    assert on_cluster == f"file://{tmp_path}/consolidated.ckpt"
+    for key, value in torch.load(tmp_path / "consolidated.ckpt", weights_only=False)["state_dict"].items():
+        assert torch.equal(home[key], value), key
 
 
 @pytest.mark.parametrize("return_weights", [False, "auto"])
