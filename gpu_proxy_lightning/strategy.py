@@ -142,7 +142,7 @@ class RemoteStrategy(DDPStrategy):
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"):
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():  # e.g. bf16-true's dtype
             yield
 
     def resolved_cluster(self) -> Cluster:
@@ -344,9 +344,15 @@ def _checked_loggers(home_loggers: Any) -> list[Any]:
     return list(home_loggers)
 
 
+# Names for Trainer(strategy=...), with the RemoteStrategy arguments each stands for.
+STRATEGY_NAMES: dict[str, dict[str, Any]] = {RemoteStrategy.strategy_name: {}, "remote_fsdp": {"sharding": "fsdp"}}
+
+
 def register(registry: Any) -> None:
-    if RemoteStrategy.strategy_name not in registry:
-        registry.register(RemoteStrategy.strategy_name, RemoteStrategy,
-                          description="DDP on a Ray cluster: local embedded, existing, or launched by gpu-proxy")
+    for name, arguments in STRATEGY_NAMES.items():
+        if name not in registry:
+            what = "FSDP" if arguments else "DDP"
+            registry.register(name, RemoteStrategy, **arguments,
+                              description=f"{what} on a Ray cluster: local embedded, existing, or launched by gpu-proxy")
 
 

@@ -222,3 +222,9 @@ def test_the_trainers_precision_reaches_fsdp_on_the_workers():
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
     trainer.fit(SmallNet(), train_dataloaders=loader())
     assert record.seen == "FSDPPrecision/torch.bfloat16"
+
+
+def test_the_remote_fsdp_strategy_name_is_remote_strategy_with_fsdp():
+    trainer = L.Trainer(strategy="remote_fsdp", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, RemoteStrategy) and trainer.strategy.sharding == "fsdp"
+    assert trainer.world_size == 2
