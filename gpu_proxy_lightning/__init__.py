@@ -6,7 +6,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from gpu_proxy_lightning import pl_mirror, remote_accelerator, tensor_buffers  # noqa: F401  (tensors out of band)
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
-from gpu_proxy_lightning.cluster_consolidation import consolidate_on_cluster  # noqa: E402  (sharded runs' helpers)
+from gpu_proxy_lightning.cluster_consolidation import consolidate_on_cluster  # the helpers of sharded runs
 from gpu_proxy_lightning.sharded_checkpoints import consolidate_checkpoint, read_full_checkpoint
 
 register(StrategyRegistry)
