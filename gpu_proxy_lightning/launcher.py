@@ -24,7 +24,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
 from gpu_proxy.errors import RunInterrupted, RunStoppedError
 from gpu_proxy.runs.home import submit_detached
-from gpu_proxy_lightning import checkpointing, predictions, worker_output
+from gpu_proxy_lightning import checkpointing, predictions, sharding, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 from gpu_proxy_lightning.home_events import HomeEventHandler
 from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
@@ -52,6 +52,8 @@ class WorkerJob:
         trainer = self.trainer
         strategy = trainer.strategy
         strategy.enter_worker(ctx)
+        if strategy.sharded is not None:
+            sharding.install(trainer, strategy, ctx)  # trainer.strategy is now FSDP/ModelParallel/DeepSpeed
         added = [WorkerEventCallback(ctx)]
         recorder = predictions.PredictionRecorder() if trainer.state.fn == TrainerFn.PREDICTING else None
         if recorder:
@@ -109,6 +111,8 @@ class RemoteLauncher(_Launcher):
         storage = self._prepare_storage(trainer, function)  # fails here, before any worker starts
         if storage is not None:
             args = storage.resolve_ckpt_path(function, args, continue_run)
+        if strategy.sharded is not None:
+            strategy.home_memory_bytes = sharding.home_memory_bytes()  # for return_weights="auto", now
         spec = self._spec(trainer, function, args, kwargs)
         if strategy.detach:
             strategy.run_id = submit_detached(strategy.resolved_cluster(), spec)
@@ -137,6 +141,7 @@ class RemoteLauncher(_Launcher):
                 raise interrupted
             return outputs[0]
         worker_output.restore(trainer, outputs[0])
+        self._name_weights_left_on_cluster(trainer, outputs[0], storage)
         if interrupted is not None:
             raise interrupted  # a KeyboardInterrupt: Lightning's Ctrl-C handling goes on from here
         if stopped is not None:
@@ -150,6 +155,21 @@ class RemoteLauncher(_Launcher):
             return predictions.merge(outputs) if outputs[0].returns_predictions else None
         return outputs[0].trainer_results
 
+    def _name_weights_left_on_cluster(self, trainer: Any, output: Any, storage: Any) -> None:
+        """A fit whose weights stayed on the cluster (return_weights): say where they are."""
+        strategy = self._strategy
+        strategy.weights_url = None
+        if output.weights is not None or trainer.state.fn != TrainerFn.FITTING or strategy.return_weights is True:
+            return
+        callback = trainer.checkpoint_callback
+        strategy.weights_url = ((getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", ""))
+                                or (storage.latest() if storage is not None else None))
+        where = (f"they are in {strategy.weights_url} (gpu_proxy_lightning.consolidate_checkpoint makes one file "
+                 "of a sharded checkpoint)" if strategy.weights_url else "no checkpoint holds them; give the Trainer "
+                 "a ModelCheckpoint and RemoteStrategy(checkpoint_dir=...) to keep them")
+        print(f"gpu-proxy: the trained weights stayed on the cluster (return_weights={strategy.return_weights!r}); "
+              f"{where}. strategy.weights_url names them.")
+
     def _spec(self, trainer: Any, function: Callable, args: tuple, kwargs: dict) -> RunSpec:
         strategy = self._strategy
         secrets: dict[str, str] = {}
@@ -158,7 +178,8 @@ class RemoteLauncher(_Launcher):
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
                        home_grace_s=None if strategy.detach else strategy.home_grace_s, worker_pool="lightning",
                        staging_dir=strategy.staging_url(), staging_options=strategy.storage_options,
-                       result_bytes_hint=_state_bytes(args[0] if args else None))
+                       result_bytes_hint=(0 if strategy.return_weights is False
+                                          else _state_bytes(args[0] if args else None)))
 
     def _prepare_storage(self, trainer: Any, function: Callable) -> checkpointing.RunStorage | None:
         strategy = self._strategy

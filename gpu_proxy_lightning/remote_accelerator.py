@@ -64,9 +64,9 @@ class RemoteCUDAAccelerator(Accelerator):
 
 
 def _is_remote_strategy(flag: Any) -> bool:
-    from gpu_proxy_lightning.strategy import RemoteStrategy
+    from gpu_proxy_lightning.strategy import STRATEGY_NAMES, RemoteStrategy
 
-    return isinstance(flag, RemoteStrategy) or flag == RemoteStrategy.strategy_name
+    return isinstance(flag, RemoteStrategy) or (isinstance(flag, str) and flag in STRATEGY_NAMES)
 
 
 def _wrap(connector_cls: type) -> None:

@@ -1,9 +1,10 @@
-"""``RemoteStrategy``: Lightning's DDP, with the processes on a Ray cluster instead of this machine."""
+"""``RemoteStrategy``: Lightning's DDP (or FSDP, ModelParallel, DeepSpeed), on a Ray cluster instead of this machine."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Generator, Literal
 
 from typing_extensions import override
 
@@ -20,6 +21,7 @@ from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy.secrets import conceal
+from gpu_proxy_lightning import sharding as sharding_
 from gpu_proxy_lightning.checkpointing import check_run_name
 from gpu_proxy_lightning.environment import RemoteWorkerEnvironment
 from gpu_proxy_lightning.remote_accelerator import RemoteCUDAAccelerator
@@ -50,7 +52,16 @@ class RemoteStrategy(DDPStrategy):
         staging_dir: an fsspec URL where a cluster given only by address stages the run's payload and
             results (the model, its data, the trained weights); default ``<checkpoint_dir>/_staging``.
             Clusters reached over SSH and the embedded cluster need none.
-        **ddp_kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
+        sharding: ``None`` for DDP; ``"fsdp"`` (Lightning's ``FSDPStrategy``), ``"model_parallel"``
+            (``ModelParallelStrategy``: ``fully_shard``/tensor parallel in ``configure_model``) or
+            ``"deepspeed"`` (``DeepSpeedStrategy``) for models that do not fit one GPU. See docs/lightning.md,
+            "Large models".
+        return_weights: for sharded runs, whether the trained full weights come into the local model:
+            ``True``, ``False`` (they stay in the run's checkpoints), or ``"auto"``: only when they fit this
+            machine's free memory. DDP runs always bring them home unless this is ``False``.
+        **strategy_kwargs: with ``sharding``, passed to that Lightning strategy (``auto_wrap_policy``,
+            ``mixed_precision``, ``activation_checkpointing_policy``, ``state_dict_type``, ``cpu_offload``...);
+            without, passed to :class:`~torch.nn.parallel.DistributedDataParallel`, as with ``DDPStrategy``.
     """
 
     strategy_name = "remote_gpu"
@@ -70,7 +81,9 @@ class RemoteStrategy(DDPStrategy):
         max_failures: int = 0,
         staging_dir: str | None = None,
         process_group_backend: str | None = None,
-        **ddp_kwargs: Any,
+        sharding: Literal["fsdp", "model_parallel", "deepspeed"] | None = None,
+        return_weights: bool | Literal["auto"] = "auto",
+        **strategy_kwargs: Any,
     ) -> None:
         # Every argument is checked here, before the Trainer exists and long before any worker starts.
         _check_arguments(cluster=cluster, num_workers=num_workers, use_gpu=use_gpu,
@@ -79,7 +92,14 @@ class RemoteStrategy(DDPStrategy):
                          max_failures=max_failures, process_group_backend=process_group_backend)
         home_loggers = _checked_loggers(home_loggers)
         check_cluster_spec(cluster)  # an unknown name fails now, not at the first fit
-        super().__init__(process_group_backend=process_group_backend, **ddp_kwargs)
+        sharding_.check_return_weights(return_weights)
+        # The workers' own strategy, built here so that its arguments are checked now (None for DDP).
+        self.sharded = sharding_.build(sharding, process_group_backend, strategy_kwargs)
+        super().__init__(process_group_backend=process_group_backend, **({} if sharding else strategy_kwargs))
+        self.sharding = sharding
+        self.return_weights = return_weights
+        self.home_memory_bytes: int | None = None  # measured at each launch, for return_weights="auto"
+        self.weights_url: str | None = None  # where the weights are when they stayed on the cluster
         self.cluster: ClusterSpec = cluster
         self.num_workers = num_workers
         self.use_gpu = use_gpu
@@ -112,6 +132,18 @@ class RemoteStrategy(DDPStrategy):
         self._check_gpu_settings()
         self._reconcile_world_size()
         self._launcher = RemoteLauncher(self)
+
+    @contextlib.contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` at home, for a sharded run: the model is built on the meta
+        device, so home holds no weights and the model ships as its recipe; the workers materialize it."""
+        if self.sharding not in ("fsdp", "model_parallel") or not empty_init:  # DeepSpeed has its own (zero.Init)
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():  # e.g. bf16-true's dtype
+            yield
 
     def resolved_cluster(self) -> Cluster:
         if self._resolved_cluster is None:
@@ -154,6 +186,9 @@ class RemoteStrategy(DDPStrategy):
             raise ConfigurationError(
                 f"Trainer(accelerator=...) chose GPUs ({name}) but RemoteStrategy has {setting}: the workers "
                 "would get no GPU. Use accelerator=\"cpu\", or drop that setting.")
+        if self.sharding == "deepspeed" and not self.wants_gpu():
+            raise ConfigurationError('RemoteStrategy(sharding="deepspeed") trains on CUDA GPUs only (Lightning\'s '
+                                     'DeepSpeedStrategy): pass Trainer(accelerator="gpu"), or use sharding="fsdp".')
         if on_gpu is False and (self.use_gpu or (asked or 0) > 0):
             setting = "use_gpu=True" if self.use_gpu else f'resources_per_worker={{"GPU": {asked}}}'
             raise ConfigurationError(
@@ -309,9 +344,15 @@ def _checked_loggers(home_loggers: Any) -> list[Any]:
     return list(home_loggers)
 
 
+# Names for Trainer(strategy=...), with the RemoteStrategy arguments each stands for.
+STRATEGY_NAMES: dict[str, dict[str, Any]] = {RemoteStrategy.strategy_name: {}, "remote_fsdp": {"sharding": "fsdp"}}
+
+
 def register(registry: Any) -> None:
-    if RemoteStrategy.strategy_name not in registry:
-        registry.register(RemoteStrategy.strategy_name, RemoteStrategy,
-                          description="DDP on a Ray cluster: local embedded, existing, or launched by gpu-proxy")
+    for name, arguments in STRATEGY_NAMES.items():
+        if name not in registry:
+            what = "FSDP" if arguments else "DDP"
+            registry.register(name, RemoteStrategy, **arguments,
+                              description=f"{what} on a Ray cluster: local embedded, existing, or launched by gpu-proxy")
 
 

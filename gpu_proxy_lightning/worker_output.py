@@ -58,8 +58,7 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
         output.predictions, output.batch_indices = predictions
         output.returns_predictions = results is not None
         results = None  # the predictions travel once, with their indices
-    # Every rank must compute the state dict: torchmetrics Metrics sync inside state_dict().
-    state_dict = trainer.lightning_module.state_dict() if trainer.state.fn == TrainerFn.FITTING else None
+    state_dict = _weights_for_home(trainer)
     if rank != 0:
         return output
     output.trainer_state = trainer.state
@@ -80,6 +79,29 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
     return output
 
 
+def _weights_for_home(trainer: Any) -> dict[str, Any] | None:
+    """Rank 0's full state dict after fit, or None. A collective: every rank calls it."""
+    if trainer.state.fn != TrainerFn.FITTING or getattr(trainer.strategy, "return_weights", True) is False:
+        return None
+    sharded = getattr(trainer.strategy, "weights_for_home", None)  # sharded runs gather their shards
+    if sharded is not None:
+        return sharded()
+    # Every rank must compute the state dict: torchmetrics Metrics sync inside state_dict().
+    return trainer.lightning_module.state_dict()
+
+
+def _build_layers_made_on_workers(module: torch.nn.Module, weights: dict[str, Any]) -> bool:
+    """A model whose layers ``configure_model`` made on the workers never had them here: make them, on the
+    meta device (no memory), so the arriving weights become them. True if it did."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if set(weights) <= set(module.state_dict()) or not is_overridden("configure_model", module):
+        return False
+    with torch.device("meta"):
+        module.configure_model()
+    return True
+
+
 def _has_tied_parameters(module: torch.nn.Module) -> bool:
     tensors = [t for _, t in (*module.named_parameters(remove_duplicate=False),
                               *module.named_buffers(remove_duplicate=False))]
@@ -90,10 +112,12 @@ def restore(trainer: Any, output: WorkerOutput) -> None:
     """Make the home Trainer look as rank 0's did at the end of the run."""
     if output.weights is not None:
         module = trainer.lightning_module
+        built_on_meta = _build_layers_made_on_workers(module, output.weights)
         # strict=False, as Lightning's own spawn launcher: a module may add layers in setup hooks.
         # assign=True takes the arrived tensors (mapped from the result file) as the parameters, so
         # home holds no second copy; tied parameters are copied into instead, to stay one Parameter.
-        module.load_state_dict(output.weights, strict=False, assign=not _has_tied_parameters(module))
+        module.load_state_dict(output.weights, strict=False,
+                               assign=built_on_meta or not _has_tied_parameters(module))
     if output.trainer_state is not None:
         trainer.state = output.trainer_state
     connector = trainer._logger_connector
