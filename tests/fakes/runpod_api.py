@@ -30,7 +30,7 @@ What it models:
   cluster member's key may also delete its own cluster (an ASSUMPTION: RunPod documents pod-scoped
   keys for pods only; see docs/runpod.md); ``cluster_deleted_by`` records who deleted each cluster.
 
-Test seams that RunPod itself never sets (documented in cluster_image/entrypoint.py):
+Test seams that RunPod itself never sets (documented in gpu_proxy/clouds/runpod/node/__init__.py):
 ``RUNPOD_REST_URL`` (the fake's address, so a pod's idle watcher reaches the fake) and, for pods
 with global networking or in an Instant Cluster, ``GPU_PROXY_TEST_INTERNAL_IP``
 (``<podId>.runpod.internal`` and the cluster's overlay addresses stand for this machine's own
