@@ -76,6 +76,17 @@ def parse_duration(value: "str | float | int | None", what: str = "idle_timeout"
     return seconds
 
 
+def _requirement_list(value: "Sequence[str] | str") -> tuple[str, ...]:
+    """Requirements as given, or read from a requirements.txt path (comments and blank lines dropped)."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"requirements={value!r}: give a list of requirements (['einops==0.8.1']) or "
+                                     f"the path of a requirements.txt.")
+        value = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return tuple(item.strip() for item in value if item and item.strip())
+
+
 def _print_progress(message: str) -> None:
     print(f"gpu-proxy runpod: {message}", file=sys.stderr, flush=True)
 
@@ -113,7 +124,11 @@ class RunPodCluster(SSHReachedCluster):
             pods are terminated before the metered spend passes it (home meters it, so it holds
             while a home process holds the cluster; ``idle_timeout`` covers the rest).
         keep: leave the pods running when this Python process ends without ``stop()``.
-        image: the node image built from ``cluster_image/Dockerfile``; default ``$GPU_PROXY_RUNPOD_IMAGE``.
+        image: the node image built from ``cluster_image/Dockerfile`` (the fast start); default
+            ``$GPU_PROXY_RUNPOD_IMAGE``; neither: RunPod's stock PyTorch image for home's torch, and each
+            pod gets home's gpu-proxy, Ray and framework versions installed over SSH (:mod:`.node_install`).
+        requirements: more pip requirements for the stock image's pods (``["einops==0.8.1"]``, or the
+            path of a requirements.txt read here); pip_options: extra ``pip install`` arguments.
         cloud: ``"SECURE"`` (RunPod's data centres) or ``"COMMUNITY"``.
         data_centers: preferred data centre ids; empty lets RunPod choose.
         disk_gb: container disk per pod.
@@ -141,7 +156,8 @@ class RunPodCluster(SSHReachedCluster):
                  worker_ray_ports: RayPorts | None = None, launch_timeout_s: float = 900.0,
                  ssh_timeout_s: float = 300.0, ray_timeout_s: float = 300.0, meter_interval_s: float = 30.0,
                  budget_grace_s: float = 180.0, checkpoint_margin_s: float = 60.0, state_dir: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, requirements: "Sequence[str] | str" = (),
+                 pip_options: Sequence[str] = ()) -> None:
         import os
 
         if isinstance(gpu, (list, tuple)) and gpu and all(isinstance(g, str) and g.strip() for g in gpu):
@@ -166,11 +182,17 @@ class RunPodCluster(SSHReachedCluster):
             raise ConfigurationError(f"cloud={cloud!r}: use 'SECURE' or 'COMMUNITY'.")
         if isinstance(data_centers, str):
             raise ConfigurationError(f"data_centers={data_centers!r}: pass a list, e.g. ['US-TX-3'].")
-        image = image or os.environ.get(IMAGE_ENV)
-        if not image:
+        image = image or os.environ.get(IMAGE_ENV) or None
+        if image is None and instant_cluster:
             raise ConfigurationError(
-                f"No node image: build cluster_image/Dockerfile, push it to a registry RunPod can pull from, and "
-                f"pass image='registry/name:tag' or set {IMAGE_ENV} (see docs/runpod.md).")
+                f"instant_cluster=True needs a node image for now: pass image='registry/name:tag' (built from "
+                f"cluster_image/Dockerfile) or set {IMAGE_ENV}; or leave instant_cluster unset for pods with "
+                f"global networking, which start from RunPod's stock image (see docs/runpod.md).")
+        self.requirements = _requirement_list(requirements)
+        self.pip_options = tuple(pip_options)
+        if (self.requirements or self.pip_options) and image is not None:
+            raise ConfigurationError("requirements=/pip_options= are installed on pods started from RunPod's stock "
+                                     "image; with image= put them in the image instead (or drop image=).")
         self.gpu_choices = choices
         self.gpu = choices[0]  # the chosen type's id once check() ran
         self.gpus_per_node = gpus_per_node
@@ -179,7 +201,9 @@ class RunPodCluster(SSHReachedCluster):
         self.idle_timeout_s = parse_duration(idle_timeout)
         self.budget_usd = budget_usd
         self.keep = keep
-        self.image = image
+        self.image = image  # None: RunPod's stock PyTorch image, bootstrapped over SSH (chosen by check())
+        self.node_image: str | None = image
+        self._install = None  # what the stock image's pods get installed (node_install.InstallPlan)
         self.cloud = cloud
         self.data_centers = tuple(data_centers)
         self.disk_gb = disk_gb
@@ -210,6 +234,9 @@ class RunPodCluster(SSHReachedCluster):
         self._finalizer: weakref.finalize | None = None
         self._meter: CostMeter | None = None
         self._heartbeat = None
+        self._bootstrapped: list = []  # the stock image's node bootstraps (node_install.NodeBootstrap)
+        self._node_log = ""
+        self.bootstrap_s: float | None = None  # how long installing home's versions on the pods took
 
     def __repr__(self) -> str:  # no key, no token
         cluster = f", instant_cluster={self.cluster_id!r}" if self.instant_cluster else ""
@@ -318,8 +345,20 @@ class RunPodCluster(SSHReachedCluster):
                 raise ConfigurationError(
                     f"The expected cost, {estimate}, is above budget_usd={self.budget_usd:g}: raise the budget, "
                     f"shorten the run or use fewer/cheaper GPUs.")
+        if self.image is None:
+            self._check_stock_image()
         self.estimate = estimate
         return estimate
+
+    def _check_stock_image(self) -> None:
+        """Choose the stock image from RunPod's catalog and build what the pods get installed: before any pod."""
+        from gpu_proxy.clouds.runpod.node_install import install_plan
+        from gpu_proxy.clouds.runpod.stock_images import choose_stock_image
+
+        self._install = install_plan(self.requirements, self.pip_options)
+        self.node_image = choose_stock_image(self._install.home.get("torch"), self.client.templates())
+        self._progress(f"no image given: pods start from RunPod's {self.node_image} and get home's versions "
+                       f"installed over SSH (pass image= for a faster start)")
 
     def start(self) -> None:
         if self.started:
@@ -338,7 +377,7 @@ class RunPodCluster(SSHReachedCluster):
             raise
 
     def _plan(self, gpu_id: str) -> NodePlan:
-        return NodePlan(name=self.name, image=self.image, gpu_id=gpu_id, gpus_per_node=self.gpus_per_node,
+        return NodePlan(name=self.name, image=self.node_image, gpu_id=gpu_id, gpus_per_node=self.gpus_per_node,
                         nodes=self.nodes, cloud=self.cloud, data_centers=self.data_centers, disk_gb=self.disk_gb,
                         public_key=Path(self._key_file).with_suffix(".pub").read_text().strip(),
                         token_file=self._token_file,
@@ -362,6 +401,7 @@ class RunPodCluster(SSHReachedCluster):
         self._key_file = str(key)
         suffix = self.name.rsplit("-", 1)[-1]
         self._token_file = f"/tmp/gp-{suffix}/token"  # on the pod; short: Ray's socket paths are length-limited
+        self._node_log = f"/tmp/gp-{suffix}/node.log"  # a stock image's node: its output (the image's: pod logs)
         mode = InstantClusterLaunch if self.instant_cluster else PodsLaunch
         self._launch = launch = mode(self.client, self._plan(estimate.gpu), self._progress)
         if not self.keep:  # pods must not outlive this process by accident
@@ -370,7 +410,27 @@ class RunPodCluster(SSHReachedCluster):
         self._pods = launch.wait(self.launch_timeout_s)
         if self.nodes > 1 and self._pods[0].data_center_id:
             self._progress(f"{self.nodes} pods in {self._pods[0].data_center_id}")
+        if self.image is None:
+            self._bootstrap_stock_pods()
         self._bring_up_ray()
+
+    def _bootstrap_stock_pods(self) -> None:
+        """Install home's versions on every pod and start the node there (the node image's entrypoint does
+        this itself). The node's environment is what the pod was created with (RunPod echoes it), with
+        sshd left to the stock image."""
+        from gpu_proxy.clouds.runpod.node_install import bootstrap_nodes
+
+        targets, envs = [], []
+        for pod in self._pods:
+            target = self._ssh_target(pod)
+            self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
+            wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure)
+            targets.append(target)
+            env = {k: v for k, v in dict(pod.raw.get("env") or {}).items() if k != "PUBLIC_KEY"}
+            envs.append({**env, "SSHD": "off"})
+        started = time.monotonic()
+        self._bootstrapped = bootstrap_nodes(targets, envs, self._install, self._progress, self._node_log)
+        self.bootstrap_s = time.monotonic() - started
 
     def _bring_up_ray(self) -> None:
         """Token to every pod over SSH, the dashboard tunnel, then every node and GPU joined."""
@@ -403,7 +463,8 @@ class RunPodCluster(SSHReachedCluster):
     def _pod_failure(self) -> str | None:
         for pod_id, pod in self._query().items():
             if pod is None or pod.status != "RUNNING":
-                return f"RunPod pod {pod_id} is {pod.status if pod else 'gone'}: its container stopped."
+                member = f" of Instant Cluster {self.cluster_id}" if self.cluster_id else ""
+                return f"RunPod pod {pod_id}{member} is {pod.status if pod else 'gone'}: its container stopped."
         return None
 
     # -- while up: cost meter, budget, home heartbeat ---------------------------------------------------------

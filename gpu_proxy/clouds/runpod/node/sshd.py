@@ -25,6 +25,9 @@ class SshdConfig:
     public_keys: list[str] = field(repr=False)
     strict_modes: bool
     binary: str
+    # SetEnv for every session: only the tests' stand-in for a stock image uses it (to say where its
+    # pod's environment file is, as several stand-in pods share one machine).
+    session_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 
@@ -89,6 +92,7 @@ def start_sshd(config: SshdConfig) -> subprocess.Popen:
         f"StrictModes {'yes' if config.strict_modes else 'no'}",
         "UsePAM no",
         "Subsystem sftp internal-sftp",
+        *[f"SetEnv {name}={value}" for name, value in config.session_env.items()],
         "",
     ]))
     if os.geteuid() == 0:
