@@ -156,3 +156,28 @@ def test_a_warm_pod_skips_the_install_and_a_skewed_one_is_refused(fake, tmp_path
         assert f"ray {plan.home['ray']}" in str(skew.value) and "ray 2.59.0" in str(skew.value)
     finally:
         client.terminate_pod(pod.id)
+
+
+@pytest.mark.timeout(300)
+def test_up_runpod_with_only_the_api_key_reaches_ray_and_down_ends_it(fake, tmp_path):
+    """`gpu-proxy up runpod --gpu ...` with RUNPOD_API_KEY and no image: a running Ray cluster, then `down`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GPU_PROXY_RUNPOD_IMAGE"}
+    env.update(GPU_PROXY_CONFIG_DIR=str(tmp_path / "config"), RUNPOD_API_KEY=fake.api_key, RUNPOD_REST_URL=fake.url)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpu_proxy.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=240, stdin=subprocess.DEVNULL)
+
+    up = cli("up", "runpod", "--gpu", "RTX A4000", "--free-ports", "--yes", "--name", "stock")
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "node 1/1: installing gpu-proxy" in up.stderr and "cluster 'stock' is up: 1 pod(s)" in up.stdout
+    (pod_id,) = json.loads((tmp_path / "config" / "clusters.json").read_text())["stock"]["pod_ids"]
+    assert fake.pods[pod_id].image == STOCK
+    down = cli("down", "stock")
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert pod_id in fake.terminated
