@@ -122,6 +122,21 @@ def test_a_failed_install_shows_pips_error_and_terminates_the_pods(fake, monkeyp
 
 
 @pytest.mark.timeout(240)
+def test_a_node_that_exits_after_the_install_is_reported_with_its_log(fake, runtime, monkeypatch):
+    """A stock pod outlives the node started in it (the image's sshd keeps it up): the launch asks the
+    node, and fails with the node's own words instead of a bare timeout; the pod is terminated."""
+    monkeypatch.delenv("GPU_PROXY_RUNPOD_IMAGE", raising=False)
+    monkeypatch.setattr(runtime.stock, "extra_env", {"NUM_GPUS": "two"})
+    lines: list[str] = []
+    cluster = _cluster(fake, lines, ray_timeout_s=15)
+    with pytest.raises(LaunchError) as failed:
+        cluster.start()
+    text = str(failed.value)
+    assert "node 1/1 exited" in text and "NUM_GPUS='two' must be a whole number" in text
+    assert cluster.pod_ids == [] and not [p for p in fake.live_pods() if p.name.startswith(cluster.name)]
+
+
+@pytest.mark.timeout(240)
 def test_a_warm_pod_skips_the_install_and_a_skewed_one_is_refused(fake, tmp_path):
     """The same pod bootstrapped twice: the second finds home's versions (the install's record in the pod's
     Python prefix) and installs nothing. Cold and warm times are printed (the figures in the report)."""

@@ -52,7 +52,7 @@ class StockImageRuntime:
         self.folder = Path(tempfile.mkdtemp(prefix="gpst-", dir="/tmp"))
         self._sshd: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
-        self.venvs: dict[str, Path] = {}
+        self.extra_env: dict[str, str] = {}  # added to each pod's environment file (a broken setting, in tests)
 
     def venv_of(self, pod_id: str) -> Path:
         return self.folder / pod_id / "venv"
@@ -82,6 +82,7 @@ class StockImageRuntime:
                        "RAY_USAGE_STATS_ENABLED": "0"}
         if pod.global_networking or pod.cluster_id is not None:
             environment["GPU_PROXY_TEST_INTERNAL_IP"] = machine_address() or "127.0.0.1"
+        environment.update(self.extra_env)
         rp_file = folder / "rp_environment"
         rp_file.write_text("".join(f"export {name}='{value}'\n" for name, value in environment.items()))
         rp_file.chmod(0o600)

@@ -465,7 +465,8 @@ class RunPodCluster(SSHReachedCluster):
             if pod is None or pod.status != "RUNNING":
                 member = f" of Instant Cluster {self.cluster_id}" if self.cluster_id else ""
                 return f"RunPod pod {pod_id}{member} is {pod.status if pod else 'gone'}: its container stopped."
-        return None
+        # A stock image's pod outlives the node started in it (its sshd keeps it up): ask the node too.
+        return next((why for node in self._bootstrapped if (why := node.failure())), None)
 
     # -- while up: cost meter, budget, home heartbeat ---------------------------------------------------------
 

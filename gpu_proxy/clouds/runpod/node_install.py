@@ -117,6 +117,8 @@ class NodeBootstrap:
         self.progress = progress
         self.install_timeout_s = install_timeout_s
         self.installed = False  # True after this bootstrap installed something (a cold node)
+        self.pid: int | None = None  # the node's process on the pod, once started
+        self.log_file = ""
 
     def say(self, message: str) -> None:
         self.progress(f"{self.label}: {message}")
@@ -191,14 +193,25 @@ class NodeBootstrap:
         # the ssh session's output open, and the session would never end.
         script = (f'mkdir -p "$(dirname {log})" || exit 1\n'
                   f'setsid env {removals} {assignments} "$py" -m gpu_proxy.clouds.runpod.node '
-                  f'> {log} 2>&1 < /dev/null &\necho started')
+                  f'> {log} 2>&1 < /dev/null &\necho $!')
         try:
-            self._run(script)
-        except SSHError as error:
+            self.pid = int(self._run(script).stdout.strip().splitlines()[-1])
+        except (SSHError, ValueError, IndexError) as error:
             raise LaunchError(f"Could not start the gpu-proxy node on RunPod {self.label}: {error}") from None
+        self.log_file = log_file
 
-    def log_tail(self, log_file: str) -> str:
-        return self._run(f"tail -n 25 {shlex.quote(log_file)} 2>/dev/null", check=False).stdout.strip()
+    def failure(self) -> str | None:
+        """Why the node started here is gone, with its log's tail; None while it runs (or SSH does not answer)."""
+        if self.pid is None:
+            return None
+        log = shlex.quote(self.log_file)
+        try:
+            result = self._run(f"kill -0 {self.pid} 2>/dev/null && echo alive || tail -n 25 {log}", check=False)
+        except SSHError:
+            return None
+        if result.stdout.startswith("alive"):
+            return None
+        return f"The gpu-proxy node on RunPod {self.label} exited:\n{result.stdout.strip()}"
 
 
 def bootstrap_nodes(targets: Sequence[SSHTarget], envs: Sequence[Mapping[str, str]], plan: InstallPlan,
