@@ -125,25 +125,32 @@ class StockImageRuntime:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _end_container(sshd: subprocess.Popen, rp_file: str, grace_s: float = 30.0) -> None:
-    """What a container's end does: every process in it ends. Those started over SSH left sshd's tree
-    (setsid): they are found by the pod's environment file, which every session's process inherits."""
+def _end_container(sshd: subprocess.Popen, rp_file: str, grace_s: float = 20.0) -> None:
+    """What a container's end does: SIGTERM to its main process, then SIGKILL to every process left.
+    Those started over SSH left sshd's tree (setsid): they are found by the pod's environment file,
+    which every session's process inherits. The main process here is the node (it stops Ray itself)."""
     import psutil
 
-    members = []
-    for process in psutil.process_iter():
+    def members() -> list:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(RP_ENVIRONMENT_ENV) == rp_file:
+                    found.append(process)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    nodes = []
+    for process in members():
         try:
-            if process.environ().get(RP_ENVIRONMENT_ENV) == rp_file:
-                members.append(process)
-        except (psutil.Error, OSError):
-            continue
-    for process in members:
-        try:
-            process.send_signal(signal.SIGTERM)
+            if "gpu_proxy.clouds.runpod.node" in " ".join(process.cmdline()):
+                process.send_signal(signal.SIGTERM)
+                nodes.append(process)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(members, timeout=grace_s)
-    for process in alive:
+    psutil.wait_procs(nodes, timeout=grace_s)
+    for process in members():
         try:
             process.kill()
         except psutil.Error:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -219,8 +220,10 @@ def bootstrap_nodes(targets: Sequence[SSHTarget], envs: Sequence[Mapping[str, st
     """Install and check every node (all before any starts: a skew fails before Ray runs), then start them."""
     nodes = [NodeBootstrap(target, plan, f"node {index + 1}/{len(targets)}", progress)
              for index, target in enumerate(targets)]
-    for node in nodes:
-        node.check(node.install())
+    # In parallel: each pod's pip is its own (on RunPod a cold install of Ray takes about a minute per pod).
+    with ThreadPoolExecutor(max_workers=min(8, len(nodes)), thread_name_prefix="gpu-proxy-bootstrap") as pool:
+        for future in [pool.submit(lambda node=node: node.check(node.install())) for node in nodes]:
+            future.result()  # the first failure is raised (after every node's install ended)
     for node, env in zip(nodes, envs):
         node.say(f"starting the Ray {env.get('ROLE', 'node')}")
         node.start_node(env, log_file)
