@@ -108,6 +108,25 @@ def test_two_pods_with_no_image_are_bootstrapped_into_one_ray_cluster(fake, runt
     assert all(processes_mentioning(folder) == [] for folder in folders)
 
 
+@pytest.mark.timeout(300)
+def test_an_instant_cluster_with_no_image_is_bootstrapped_and_deleted_as_a_whole(fake, monkeypatch):
+    """Rank and addresses, which a stock image's ssh sessions do not get from the container, come from
+    RunPod's API (the members' rank and cluster IP); rank 0 becomes the head."""
+    from tests.fakes.runpod_api import machine_address
+
+    if machine_address() is None:
+        pytest.skip("this machine has no non-loopback address for the cluster's private network")
+    monkeypatch.delenv("GPU_PROXY_RUNPOD_IMAGE", raising=False)
+    lines: list[str] = []
+    cluster = _cluster(fake, lines, nodes=2, instant_cluster=True)
+    with cluster:
+        assert cluster.resources()["GPU"] == 2.0
+        assert {fake.pods[pod_id].image for pod_id in cluster.pod_ids} == {STOCK}
+        cluster_id = cluster.cluster_id
+        assert "node 2/2: starting the Ray worker" in "\n".join(lines)
+    assert cluster_id in fake.deleted_clusters
+
+
 @pytest.mark.timeout(240)
 def test_a_failed_install_shows_pips_error_and_terminates_the_pods(fake, monkeypatch):
     monkeypatch.delenv("GPU_PROXY_RUNPOD_IMAGE", raising=False)

@@ -183,11 +183,6 @@ class RunPodCluster(SSHReachedCluster):
         if isinstance(data_centers, str):
             raise ConfigurationError(f"data_centers={data_centers!r}: pass a list, e.g. ['US-TX-3'].")
         image = image or os.environ.get(IMAGE_ENV) or None
-        if image is None and instant_cluster:
-            raise ConfigurationError(
-                f"instant_cluster=True needs a node image for now: pass image='registry/name:tag' (built from "
-                f"cluster_image/Dockerfile) or set {IMAGE_ENV}; or leave instant_cluster unset for pods with "
-                f"global networking, which start from RunPod's stock image (see docs/runpod.md).")
         self.requirements = _requirement_list(requirements)
         self.pip_options = tuple(pip_options)
         if (self.requirements or self.pip_options) and image is not None:
@@ -427,6 +422,11 @@ class RunPodCluster(SSHReachedCluster):
             wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure)
             targets.append(target)
             env = {k: v for k, v in dict(pod.raw.get("env") or {}).items() if k != "PUBLIC_KEY"}
+            if self.instant_cluster:
+                # RunPod sets these in the container only (a stock image's ssh sessions get RUNPOD_* alone);
+                # its API reports them, and the node's Instant Cluster rules read them (node/runpod_env.py).
+                env.update(NODE_RANK=str(pod.cluster_rank), NODE_ADDR=pod.cluster_ip or "",
+                           MASTER_ADDR=self._pods[0].cluster_ip or "", NUM_NODES=str(self.nodes))
             envs.append({**env, "SSHD": "off"})
         started = time.monotonic()
         self._bootstrapped = bootstrap_nodes(targets, envs, self._install, self._progress, self._node_log)

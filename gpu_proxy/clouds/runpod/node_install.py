@@ -225,6 +225,7 @@ def bootstrap_nodes(targets: Sequence[SSHTarget], envs: Sequence[Mapping[str, st
         for future in [pool.submit(lambda node=node: node.check(node.install())) for node in nodes]:
             future.result()  # the first failure is raised (after every node's install ended)
     for node, env in zip(nodes, envs):
-        node.say(f"starting the Ray {env.get('ROLE', 'node')}")
+        rank = env.get("NODE_RANK")  # an Instant Cluster's node: its rank decides (rank 0 is the head)
+        node.say(f"starting the Ray {env.get('ROLE') or ('head' if rank == '0' else 'worker' if rank else 'node')}")
         node.start_node(env, log_file)
     return nodes
