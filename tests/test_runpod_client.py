@@ -168,6 +168,27 @@ def test_a_create_that_timed_out_is_not_made_twice(fake):
     client.terminate_pod(pod.id)
 
 
+def test_a_create_answered_503_is_looked_up_by_name_then_posted_again_once(client, fake):
+    """The shared transport's rule for POSTs that create: after a 5xx RunPod may or may not have made the pod,
+    so the client looks for it by name (none: the 503 came before anything was made) and posts again; a
+    plain POST (a stop action) that got a 5xx is not repeated blindly by urllib3."""
+    fake.fail_next(503, times=1, path_prefix="/v2/pods")
+    before = len(fake.requests)
+    pod = client.create_pod(CreatePodRequest("gp-test-503", "img:1", "NVIDIA RTX A4000", 1))
+    calls = [(method, path.split("?")[0], status) for method, path, status in fake.requests[before:]]
+    assert calls == [("POST", "/v2/pods", 503), ("GET", "/v2/pods", 200), ("POST", "/v2/pods", 201)]
+    assert [p.name for p in fake.live_pods()] == ["gp-test-503"] and pod.name == "gp-test-503"
+    assert len(client.sleeps) == 1  # one backoff, before the look-up
+    fake.fail_next(429, times=1, retry_after=2, path_prefix="/v2/pods")
+    before = len(fake.requests)
+    second = client.create_pod(CreatePodRequest("gp-test-429", "img:1", "NVIDIA RTX A4000", 1))
+    calls = [(method, status) for method, _, status in fake.requests[before:]]
+    assert calls == [("POST", 429), ("POST", 201)]  # a 429 was not acted on: posted again, no look-up
+    assert client.sleeps[-1] == 2.0
+    client.terminate_pod(pod.id)
+    client.terminate_pod(second.id)
+
+
 def test_the_key_is_never_logged_shown_or_pickled(fake, caplog):
     caplog.set_level(logging.DEBUG)  # urllib3 and requests included
     client = RunPodClient(fake.api_key, base_url=fake.url, sleep=lambda s: None)

@@ -65,7 +65,7 @@ def test_bad_input_is_refused_before_any_pod_is_created(fake, options, words):
     (dict(nodes=2, instant_cluster=True, cloud="COMMUNITY"), ["secure cloud only"]),
     (dict(idle_timeout="soon"), ["positive duration", "10m"]),
     (dict(idle_timeout=0), ["positive duration"]),
-    (dict(image=None), ["No node image", "GPU_PROXY_RUNPOD_IMAGE"]),
+    (dict(requirements=["einops"]), ["stock image", "put them in the image"]),
     (dict(budget_usd=-5), ["positive"]),
     (dict(data_centers="US-TX-3"), ["pass a list"]),
 ])

@@ -30,7 +30,7 @@ What it models:
   cluster member's key may also delete its own cluster (an ASSUMPTION: RunPod documents pod-scoped
   keys for pods only; see docs/runpod.md); ``cluster_deleted_by`` records who deleted each cluster.
 
-Test seams that RunPod itself never sets (documented in cluster_image/entrypoint.py):
+Test seams that RunPod itself never sets (documented in gpu_proxy/clouds/runpod/node/__init__.py):
 ``RUNPOD_REST_URL`` (the fake's address, so a pod's idle watcher reaches the fake) and, for pods
 with global networking or in an Instant Cluster, ``GPU_PROXY_TEST_INTERNAL_IP``
 (``<podId>.runpod.internal`` and the cluster's overlay addresses stand for this machine's own
@@ -83,6 +83,19 @@ def _now() -> str:
 
 
 # ---- catalog ----------------------------------------------------------------------------------------------
+
+def default_templates() -> list[dict[str, Any]]:
+    """RunPod's official pod templates with stock PyTorch images (shaped as the OpenAPI example), and a
+    serverless one that a pod must not be started from."""
+    def template(template_id: str, name: str, image: str, serverless: bool = False) -> dict[str, Any]:
+        return {"id": template_id, "name": name, "image": image, "args": "", "disk": 50, "mounts": {},
+                "ports": ["8888/http", "22/tcp"], "env": {}, "registry": None, "serverless": serverless,
+                "public": True, "category": "NVIDIA", "startSsh": True, "startJupyter": not serverless,
+                "allowedCudaVersions": []}
+    return [template("30zmvf89kd", "PyTorch 2.8", "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"),
+            template("runpod-torch-v21", "PyTorch 2.1", "runpod/pytorch:2.1.0-py3.10-cuda11.8.0-devel-ubuntu22.04"),
+            template("rp-worker-vllm", "vLLM worker", "runpod/worker-v1-vllm:v2.7.0", serverless=True)]
+
 
 @dataclass
 class FakeGpu:
@@ -444,6 +457,7 @@ class FakeRunPod:
         self.provisioning_s = provisioning_s
         self.starting_s = starting_s
         self.gpus, self.data_centers = default_catalog()
+        self.templates = default_templates()
         self.pods: dict[str, FakePod] = {}
         self.terminated: list[str] = []  # ids, in order
         self.terminated_by: dict[str, str] = {}  # pod id -> "account key" or "pod key"
@@ -595,6 +609,8 @@ class FakeRunPod:
                 return self._billing(query, "clusterId")
             if key == ("GET", "/v2/catalog/gpus"):
                 return 200, {"gpus": self._catalog(query)}
+            if key == ("GET", "/v2/catalog/templates"):
+                return 200, {"templates": self.templates}
             if key == ("GET", "/v2/catalog/datacenters"):
                 return 200, {"dataCenters": self._centres(query)}
         return _problem(501, f"the fake does not implement {operation.method} {operation.template}")

@@ -20,6 +20,10 @@
    ``idle_timeout``, beats a home heartbeat into the head's GCS so the pods' idle watcher knows
    home is here.
 
+The pieces: :mod:`.launch` creates, waits for, queries and tears down the pods (one object per
+mode), :mod:`.ray_bootstrap` brings Ray up over SSH, :mod:`.meter` meters the cost; this module
+validates the arguments, sequences the steps and is the :class:`Cluster` users hold.
+
 ``stop()`` terminates every pod this object created (an Instant Cluster is deleted as a whole,
 which terminates its pods). A launch that fails at any step terminates what it created before the
 error reaches the caller; so does the end of this Python process unless ``keep=True``.
@@ -40,22 +44,21 @@ from typing import Callable, Sequence
 
 from gpu_proxy.clouds.runpod.catalog import (CLOUDS, CostEstimate, check_count, check_money, choose_gpu, estimate_cost,
                                              expand_choices, resolve_gpu)
-from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
-                                            RunPodError, RunPodUnavailableError)
+from gpu_proxy.clouds.runpod.client import RunPodClient
+from gpu_proxy.clouds.runpod.launch import InstantClusterLaunch, Launch, NodePlan, PodsLaunch
 from gpu_proxy.clouds.runpod.meter import CostMeter
-from gpu_proxy.clouds.runpod.provision import (LaunchError, delete_clusters, query_cluster, query_instances,
-                                               run_cluster, run_instances, terminate_instances, wait_cluster,
-                                               wait_instances)
+from gpu_proxy.clouds.runpod.models import Pod
+from gpu_proxy.clouds.runpod.provision import LaunchError
+from gpu_proxy.clouds.runpod.ray_bootstrap import (deliver_token, open_dashboard_tunnel, wait_for_nodes_and_gpus,
+                                                   wait_for_ssh)
 from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
-from gpu_proxy.clusters.ray_node import (DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, RayNodeError, RayPorts, generate_token,
-                                         wait_for_nodes)
+from gpu_proxy.clusters.ray_node import DEFAULT_DASHBOARD_PORT, RayPorts, generate_token
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
-from gpu_proxy.ssh import SSHError, SSHTarget, SSHTunnel, put_file, run_remote
+from gpu_proxy.ssh import SSHTarget, SSHTunnel
 
 log = logging.getLogger(__name__)
 
 IMAGE_ENV = "GPU_PROXY_RUNPOD_IMAGE"
-INTERNAL_DNS = "{pod_id}.runpod.internal"  # RunPod's private name of a pod with global networking
 
 
 def parse_duration(value: "str | float | int | None", what: str = "idle_timeout") -> float | None:
@@ -73,29 +76,29 @@ def parse_duration(value: "str | float | int | None", what: str = "idle_timeout"
     return seconds
 
 
+def _requirement_list(value: "Sequence[str] | str") -> tuple[str, ...]:
+    """Requirements as given, or read from a requirements.txt path (comments and blank lines dropped)."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"requirements={value!r}: give a list of requirements (['einops==0.8.1']) or "
+                                     f"the path of a requirements.txt.")
+        value = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return tuple(item.strip() for item in value if item and item.strip())
+
+
 def _print_progress(message: str) -> None:
     print(f"gpu-proxy runpod: {message}", file=sys.stderr, flush=True)
 
 
-def _teardown(client: RunPodClient, pod_ids: list[str], tunnel_box: list, folder: str | None,
-              cluster_ids: list[str] | None = None) -> list[str]:
-    """Close the tunnel, delete the Instant Cluster (its pods with it) or terminate the pods, delete the
-    key folder. Never references the cluster object (it also runs as a finalizer at interpreter exit)."""
+def _teardown(launch: Launch | None, tunnel_box: list, folder: str | None, quiet: bool = False) -> list[str]:
+    """Close the tunnel, end what the launch made, delete the key folder once nothing is left. Never
+    references the cluster object (it also runs as a finalizer at interpreter exit)."""
     for tunnel in tunnel_box:
         tunnel.close()
     tunnel_box.clear()
-    failures = []
-    if cluster_ids:
-        failures = delete_clusters(client, list(cluster_ids))
-        failed = {failure.split(":")[0] for failure in failures}
-        cluster_ids[:] = [cluster_id for cluster_id in cluster_ids if cluster_id in failed]
-        if not cluster_ids:
-            pod_ids.clear()  # RunPod terminated them with their cluster (its pods cannot be deleted one by one)
-    else:
-        failures = terminate_instances(client, list(pod_ids))
-        failed = {failure.split(":")[0] for failure in failures}
-        pod_ids[:] = [pod_id for pod_id in pod_ids if pod_id in failed]
-    if folder and not pod_ids and not cluster_ids:
+    failures = launch.teardown(quiet=quiet) if launch is not None else []
+    if folder and (launch is None or (not launch.pod_ids and not launch.cluster_ids)):
         shutil.rmtree(folder, ignore_errors=True)
     return failures
 
@@ -121,7 +124,11 @@ class RunPodCluster(SSHReachedCluster):
             pods are terminated before the metered spend passes it (home meters it, so it holds
             while a home process holds the cluster; ``idle_timeout`` covers the rest).
         keep: leave the pods running when this Python process ends without ``stop()``.
-        image: the node image built from ``cluster_image/Dockerfile``; default ``$GPU_PROXY_RUNPOD_IMAGE``.
+        image: the node image built from ``cluster_image/Dockerfile`` (the fast start); default
+            ``$GPU_PROXY_RUNPOD_IMAGE``; neither: RunPod's stock PyTorch image for home's torch, and each
+            pod gets home's gpu-proxy, Ray and framework versions installed over SSH (:mod:`.node_install`).
+        requirements: more pip requirements for the stock image's pods (``["einops==0.8.1"]``, or the
+            path of a requirements.txt read here); pip_options: extra ``pip install`` arguments.
         cloud: ``"SECURE"`` (RunPod's data centres) or ``"COMMUNITY"``.
         data_centers: preferred data centre ids; empty lets RunPod choose.
         disk_gb: container disk per pod.
@@ -149,7 +156,8 @@ class RunPodCluster(SSHReachedCluster):
                  worker_ray_ports: RayPorts | None = None, launch_timeout_s: float = 900.0,
                  ssh_timeout_s: float = 300.0, ray_timeout_s: float = 300.0, meter_interval_s: float = 30.0,
                  budget_grace_s: float = 180.0, checkpoint_margin_s: float = 60.0, state_dir: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, requirements: "Sequence[str] | str" = (),
+                 pip_options: Sequence[str] = ()) -> None:
         import os
 
         if isinstance(gpu, (list, tuple)) and gpu and all(isinstance(g, str) and g.strip() for g in gpu):
@@ -174,11 +182,12 @@ class RunPodCluster(SSHReachedCluster):
             raise ConfigurationError(f"cloud={cloud!r}: use 'SECURE' or 'COMMUNITY'.")
         if isinstance(data_centers, str):
             raise ConfigurationError(f"data_centers={data_centers!r}: pass a list, e.g. ['US-TX-3'].")
-        image = image or os.environ.get(IMAGE_ENV)
-        if not image:
-            raise ConfigurationError(
-                f"No node image: build cluster_image/Dockerfile, push it to a registry RunPod can pull from, and "
-                f"pass image='registry/name:tag' or set {IMAGE_ENV} (see docs/runpod.md).")
+        image = image or os.environ.get(IMAGE_ENV) or None
+        self.requirements = _requirement_list(requirements)
+        self.pip_options = tuple(pip_options)
+        if (self.requirements or self.pip_options) and image is not None:
+            raise ConfigurationError("requirements=/pip_options= are installed on pods started from RunPod's stock "
+                                     "image; with image= put them in the image instead (or drop image=).")
         self.gpu_choices = choices
         self.gpu = choices[0]  # the chosen type's id once check() ran
         self.gpus_per_node = gpus_per_node
@@ -187,7 +196,9 @@ class RunPodCluster(SSHReachedCluster):
         self.idle_timeout_s = parse_duration(idle_timeout)
         self.budget_usd = budget_usd
         self.keep = keep
-        self.image = image
+        self.image = image  # None: RunPod's stock PyTorch image, bootstrapped over SSH (chosen by check())
+        self.node_image: str | None = image
+        self._install = None  # what the stock image's pods get installed (node_install.InstallPlan)
         self.cloud = cloud
         self.data_centers = tuple(data_centers)
         self.disk_gb = disk_gb
@@ -208,18 +219,19 @@ class RunPodCluster(SSHReachedCluster):
         self.name = f"gpu-proxy-{secrets.token_hex(4)}"
         self.estimate: CostEstimate | None = None
         self.budget_exceeded = False
-        self._cluster_ids: list[str] = []  # the Instant Cluster's id, once created (a list: the finalizer shares it)
-        self._pod_ids: list[str] = []
+        self._launch: Launch | None = None  # the pods' launch (one object per mode: .launch), once started
         self._pods: list[Pod] = []
         self._tunnel_box: list[SSHTunnel] = []
         self._token: str | None = None
         self._folder: str | None = None
         self._key_file: str | None = None
         self._token_file = ""
-        self._launched_at: float | None = None  # wall clock, so a saved cluster can go on metering
         self._finalizer: weakref.finalize | None = None
         self._meter: CostMeter | None = None
         self._heartbeat = None
+        self._bootstrapped: list = []  # the stock image's node bootstraps (node_install.NodeBootstrap)
+        self._node_log = ""
+        self.bootstrap_s: float | None = None  # how long installing home's versions on the pods took
 
     def __repr__(self) -> str:  # no key, no token
         cluster = f", instant_cluster={self.cluster_id!r}" if self.instant_cluster else ""
@@ -237,6 +249,19 @@ class RunPodCluster(SSHReachedCluster):
         if self._client is None:
             self._client = RunPodClient(self._api_key, base_url=self._base_url)
         return self._client
+
+    @property
+    def _pod_ids(self) -> list[str]:
+        return self._launch.pod_ids if self._launch is not None else []
+
+    @property
+    def _cluster_ids(self) -> list[str]:
+        return self._launch.cluster_ids if self._launch is not None else []
+
+    @property
+    def _launched_at(self) -> float | None:
+        """Wall clock of the first pod's creation, so a saved cluster can go on metering."""
+        return self._launch.launched_at if self._launch is not None else None
 
     @property
     def pod_ids(self) -> list[str]:
@@ -284,10 +309,7 @@ class RunPodCluster(SSHReachedCluster):
     def _query(self) -> dict[str, Pod | None]:
         """Every pod of this cluster as RunPod reports it now (None: gone). An Instant Cluster's pods are
         read through the cluster (``/v2/clusters/{id}/pods``)."""
-        if self.cluster_id is None:
-            return query_instances(self.client, self._pod_ids)
-        members = query_cluster(self.client, self.cluster_id) or {}
-        return {pod_id: members.get(pod_id) for pod_id in self._pod_ids} | members
+        return self._launch.query() if self._launch is not None else {}
 
     def _pods_rate(self) -> float:
         """USD per hour of the pods now, from RunPod (a pod gone or stopped costs nothing); every member of
@@ -318,8 +340,20 @@ class RunPodCluster(SSHReachedCluster):
                 raise ConfigurationError(
                     f"The expected cost, {estimate}, is above budget_usd={self.budget_usd:g}: raise the budget, "
                     f"shorten the run or use fewer/cheaper GPUs.")
+        if self.image is None:
+            self._check_stock_image()
         self.estimate = estimate
         return estimate
+
+    def _check_stock_image(self) -> None:
+        """Choose the stock image from RunPod's catalog and build what the pods get installed: before any pod."""
+        from gpu_proxy.clouds.runpod.node_install import install_plan
+        from gpu_proxy.clouds.runpod.stock_images import choose_stock_image
+
+        self._install = install_plan(self.requirements, self.pip_options)
+        self.node_image = choose_stock_image(self._install.home.get("torch"), self.client.templates())
+        self._progress(f"no image given: pods start from RunPod's {self.node_image} and get home's versions "
+                       f"installed over SSH (pass image= for a faster start)")
 
     def start(self) -> None:
         if self.started:
@@ -337,29 +371,18 @@ class RunPodCluster(SSHReachedCluster):
                                + "; ".join(failures))
             raise
 
-    def _node_env(self, role: str, ports: RayPorts, index: int) -> dict[str, str]:
-        suffix = self.name.rsplit("-", 1)[-1]
-        env = {"PUBLIC_KEY": Path(self._key_file).with_suffix(".pub").read_text().strip(), "SSHD": "on",
-               "RAY_TOKEN_FILE": self._token_file,
-               # One folder per node: on RunPod each pod has its own disk; in the tests they share one machine.
-               "RAY_TEMP_DIR": f"/tmp/gp-{suffix}/r{index}",
-               "RAY_TOKEN_WAIT_S": str(int(self.launch_timeout_s + self.ssh_timeout_s + 60))}
-        if not self.instant_cluster:
-            env["ROLE"] = role  # in an Instant Cluster the node's rank decides (NODE_RANK, set by RunPod)
-        if self.nodes > 1:
-            env["PRIVATE_IP"] = "auto"  # the node learns its private address itself (entrypoint.py)
-        if self.idle_timeout_s is not None:
-            env["IDLE_TIMEOUT_S"] = str(int(self.idle_timeout_s))
-        for field_name, variable in RayPorts.environment_names().items():
-            value = getattr(ports, field_name)
-            if value is not None and not (role == "worker" and field_name in ("dashboard", "client_server")):
-                env[variable] = str(value)
-        return env
+    def _plan(self, gpu_id: str) -> NodePlan:
+        return NodePlan(name=self.name, image=self.node_image, gpu_id=gpu_id, gpus_per_node=self.gpus_per_node,
+                        nodes=self.nodes, cloud=self.cloud, data_centers=self.data_centers, disk_gb=self.disk_gb,
+                        public_key=Path(self._key_file).with_suffix(".pub").read_text().strip(),
+                        token_file=self._token_file,
+                        token_wait_s=int(self.launch_timeout_s + self.ssh_timeout_s + 60),
+                        idle_timeout_s=self.idle_timeout_s, ray_ports=self.ray_ports,
+                        worker_ray_ports=self.worker_ray_ports, instant_cluster=self.instant_cluster)
 
     def _start(self) -> None:
         estimate = self.check()
         self._progress(f"estimated cost: {estimate}")
-        gpu_id = estimate.gpu
         if self.state_dir:
             Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._folder = self.state_dir
@@ -373,106 +396,63 @@ class RunPodCluster(SSHReachedCluster):
         self._key_file = str(key)
         suffix = self.name.rsplit("-", 1)[-1]
         self._token_file = f"/tmp/gp-{suffix}/token"  # on the pod; short: Ray's socket paths are length-limited
-        client = self.client
+        self._node_log = f"/tmp/gp-{suffix}/node.log"  # a stock image's node: its output (the image's: pod logs)
+        mode = InstantClusterLaunch if self.instant_cluster else PodsLaunch
+        self._launch = launch = mode(self.client, self._plan(estimate.gpu), self._progress)
         if not self.keep:  # pods must not outlive this process by accident
-            self._finalizer = weakref.finalize(self, _teardown, client, self._pod_ids, self._tunnel_box, self._folder,
-                                               self._cluster_ids)
-        if self.instant_cluster:
-            self._create_instant_cluster(gpu_id)
-            self._pods = wait_cluster(client, self.cluster_id, self.nodes, self.launch_timeout_s, self._progress)
-            self._pod_ids[:] = [pod.id for pod in self._pods]  # rank order: the head (rank 0) first
-        else:
-            self._create_pods(gpu_id)
-            self._pods = wait_instances(client, self._pod_ids, self.launch_timeout_s, self._progress)
+            self._finalizer = weakref.finalize(self, _teardown, launch, self._tunnel_box, self._folder, True)
+        launch.create()
+        self._pods = launch.wait(self.launch_timeout_s)
         if self.nodes > 1 and self._pods[0].data_center_id:
             self._progress(f"{self.nodes} pods in {self._pods[0].data_center_id}")
+        if self.image is None:
+            self._bootstrap_stock_pods()
+        self._bring_up_ray()
+
+    def _bootstrap_stock_pods(self) -> None:
+        """Install home's versions on every pod and start the node there (the node image's entrypoint does
+        this itself). The node's environment is what the pod was created with (RunPod echoes it), with
+        sshd left to the stock image."""
+        from gpu_proxy.clouds.runpod.node_install import bootstrap_nodes
+
+        targets, envs = [], []
+        for pod in self._pods:
+            target = self._ssh_target(pod)
+            self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
+            wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure)
+            targets.append(target)
+            env = {k: v for k, v in dict(pod.raw.get("env") or {}).items() if k != "PUBLIC_KEY"}
+            if self.instant_cluster:
+                # RunPod sets these in the container only (a stock image's ssh sessions get RUNPOD_* alone);
+                # its API reports them, and the node's Instant Cluster rules read them (node/runpod_env.py).
+                env.update(NODE_RANK=str(pod.cluster_rank), NODE_ADDR=pod.cluster_ip or "",
+                           MASTER_ADDR=self._pods[0].cluster_ip or "", NUM_NODES=str(self.nodes))
+            envs.append({**env, "SSHD": "off"})
+        started = time.monotonic()
+        self._bootstrapped = bootstrap_nodes(targets, envs, self._install, self._progress, self._node_log)
+        self.bootstrap_s = time.monotonic() - started
+
+    def _bring_up_ray(self) -> None:
+        """Token to every pod over SSH, the dashboard tunnel, then every node and GPU joined."""
         self._token = generate_token()
         for pod in self._pods:
             target = self._ssh_target(pod)
             self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
-            self._wait_for_ssh(target)
-            put_file(target, self._token_file, self._token)
+            wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure,
+                         hint="Is the image built from cluster_image/Dockerfile (it starts sshd from PUBLIC_KEY)?")
+            deliver_token([target], self._token_file, self._token)
         self._progress("Ray token delivered over SSH; waiting for the Ray head")
-        tunnel = SSHTunnel(self._ssh_target(self._pods[0]), self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
-                           ready_timeout_s=self.ray_timeout_s)
-        self._tunnel_box.append(tunnel)
-        try:
-            tunnel.open()  # returns once the dashboard answers on the pod
-        except SSHError as error:
-            raise LaunchError(f"The Ray head did not come up on the pod: {self._pod_failure() or error}") from None
-        self._wait_for_ray()
+        tunnel = open_dashboard_tunnel(self._ssh_target(self._pods[0]),
+                                       self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT, self.ray_timeout_s,
+                                       self._pod_failure, self._tunnel_box.append)
+        wanted = float(self.gpus_per_node * self.nodes)
+        wait_for_nodes_and_gpus(f"http://{tunnel.local_address}", self._token, self.nodes, wanted,
+                                self.ray_timeout_s, self._pod_failure,
+                                gpus_seen=lambda: self.resources().get("GPU", 0.0))
+        self._progress(f"all {self.nodes} node(s) and {wanted:g} GPU(s) joined")
         self._watch()
         self._progress(f"Ray is up on {self.nodes} pod(s); dashboard tunnelled to http://{tunnel.local_address} "
                        f"(${self.cost_per_hour():.2f}/hour while up)")
-
-    def _create_pods(self, gpu_id: str) -> None:
-        several = self.nodes > 1
-        common = dict(image=self.image, gpu_id=gpu_id, gpu_count=self.gpus_per_node, ports=("22/tcp",),
-                      disk_gb=self.disk_gb, cloud=self.cloud, global_networking=several)
-        head = CreatePodRequest(name=f"{self.name}-head", env=self._node_env("head", self.ray_ports, 0),
-                                data_center_ids=self.data_centers, **common)
-        where = " with global networking" if several else ""
-        self._progress(f"creating pod {head.name}: {self.gpus_per_node} x {gpu_id} ({self.cloud.lower()} cloud{where})")
-        (head_pod,) = run_instances(self.client, [head], self._created)
-        if not several:
-            return
-        # Workers go to the head's data centre (global networking spans data centres, but slower) and join
-        # the head by its private name, which exists as soon as the head pod does.
-        gcs = self.ray_ports.gcs or DEFAULT_GCS_PORT
-        workers = []
-        for index in range(1, self.nodes):
-            env = self._node_env("worker", self.worker_ray_ports, index)
-            env["HEAD_ADDRESS"] = f"{INTERNAL_DNS.format(pod_id=head_pod.id)}:{gcs}"
-            workers.append(CreatePodRequest(
-                name=f"{self.name}-worker{index}", env=env,
-                data_center_ids=(head_pod.data_center_id,) if head_pod.data_center_id else self.data_centers,
-                **common))
-        self._progress(f"creating {len(workers)} worker pod(s) joining {env['HEAD_ADDRESS']}")
-        run_instances(self.client, workers, self._created)
-
-    def _cluster_env(self) -> dict[str, str]:
-        """One environment for every node of an Instant Cluster (RunPod applies one container config to all
-        its pods): no ROLE and no HEAD_ADDRESS, as RunPod's NODE_RANK and MASTER_ADDR decide (entrypoint.py).
-        Nodes sharing a machine (the tests) need their own ports: ``WORKER_<NAME>_PORT`` for ranks above 0."""
-        env = self._node_env("head", self.ray_ports, 0)
-        suffix = self.name.rsplit("-", 1)[-1]
-        env["RAY_TEMP_DIR"] = f"/tmp/gp-{suffix}"  # the entrypoint adds /r<NODE_RANK>
-        if self.worker_ray_ports != RayPorts():
-            for field_name, variable in RayPorts.environment_names().items():
-                value = getattr(self.worker_ray_ports, field_name)
-                if value is not None and field_name not in ("gcs", "dashboard", "client_server"):
-                    env["WORKER_" + variable] = str(value)
-        return env
-
-    def _create_instant_cluster(self, gpu_id: str) -> None:
-        request = CreateClusterRequest(name=self.name, image=self.image, gpu_id=gpu_id, gpus_per_pod=self.gpus_per_node,
-                                       pod_count=self.nodes, env=self._cluster_env(), ports=("22/tcp",),
-                                       disk_gb=self.disk_gb, data_center_ids=self.data_centers)
-        self._progress(f"creating Instant Cluster {self.name}: {self.nodes} pods x {self.gpus_per_node} x {gpu_id}")
-        try:
-            run_cluster(self.client, request, self._cluster_created)
-        except RunPodUnavailableError:
-            # Every retry failed, yet one of them may have reached RunPod: find it so the teardown deletes it.
-            try:
-                found = self.client.find_cluster(self.name)
-            except RunPodError:
-                found = None
-            if found is not None and found.id not in self._cluster_ids:
-                self._cluster_ids.append(found.id)
-            raise
-
-    def _cluster_created(self, cluster: InstantCluster) -> None:
-        self._cluster_ids.append(cluster.id)
-        if self._launched_at is None:
-            self._launched_at = time.time()
-        self._progress(f"Instant Cluster {cluster.id} created ({cluster.pods_total} pod(s)"
-                       + (f" in {cluster.data_center_id}" if cluster.data_center_id else "") + ")")
-
-    def _created(self, pod: Pod) -> None:
-        self._pod_ids.append(pod.id)
-        if self._launched_at is None:
-            self._launched_at = time.time()
-        self._progress(f"pod {pod.id} created ({pod.status}, ${pod.cost_per_hour:.2f}/hour)")
 
     def _ssh_target(self, pod: Pod) -> SSHTarget:
         direct = pod.ssh_direct
@@ -483,41 +463,10 @@ class RunPodCluster(SSHReachedCluster):
     def _pod_failure(self) -> str | None:
         for pod_id, pod in self._query().items():
             if pod is None or pod.status != "RUNNING":
-                return f"RunPod pod {pod_id} is {pod.status if pod else 'gone'}: its container stopped."
-        return None
-
-    def _wait_for_ssh(self, target: SSHTarget) -> None:
-        deadline = time.monotonic() + self.ssh_timeout_s
-        while True:
-            try:
-                run_remote(target, "true", timeout_s=30)
-                return
-            except SSHError as error:
-                last = str(error)
-            failure = self._pod_failure()
-            if failure:
-                raise LaunchError(failure)
-            if time.monotonic() > deadline:
-                raise LaunchError(f"The pod's sshd did not answer within {self.ssh_timeout_s:.0f} s: {last}\n"
-                                  f"Is the image built from cluster_image/Dockerfile (it starts sshd from PUBLIC_KEY)?")
-            time.sleep(1.0)
-
-    def _wait_for_ray(self) -> None:
-        url = f"http://{self._tunnel_box[0].local_address}"
-        checks = iter(range(10**9))
-        failure = lambda: self._pod_failure() if next(checks) % 10 == 9 else None  # noqa: E731
-        try:
-            wait_for_nodes(url, self._token, self.nodes, timeout_s=self.ray_timeout_s, failure=failure)
-        except RayNodeError as error:
-            raise LaunchError(f"Ray did not come up on the pods: {error}") from None
-        wanted = float(self.gpus_per_node * self.nodes)
-        deadline = time.monotonic() + self.ray_timeout_s
-        while (found := self.resources().get("GPU", 0.0)) < wanted:
-            if time.monotonic() > deadline:
-                raise LaunchError(f"Ray sees {found:g} of the {wanted:g} GPUs rented after {self.ray_timeout_s:.0f} s: "
-                                  f"the image's CUDA may not match the host's driver.")
-            time.sleep(1.0)
-        self._progress(f"all {self.nodes} node(s) and {wanted:g} GPU(s) joined")
+                member = f" of Instant Cluster {self.cluster_id}" if self.cluster_id else ""
+                return f"RunPod pod {pod_id}{member} is {pod.status if pod else 'gone'}: its container stopped."
+        # A stock image's pod outlives the node started in it (its sshd keeps it up): ask the node too.
+        return next((why for node in self._bootstrapped if (why := node.failure())), None)
 
     # -- while up: cost meter, budget, home heartbeat ---------------------------------------------------------
 
@@ -594,8 +543,7 @@ class RunPodCluster(SSHReachedCluster):
         for tunnel in self._tunnel_box:
             tunnel.close()
         self._tunnel_box.clear()
-        self._pod_ids = []
-        self._cluster_ids = []
+        self._launch = None
         self._pods = []
         self._token = None
 
@@ -606,14 +554,7 @@ class RunPodCluster(SSHReachedCluster):
             self._finalizer = None
         failures = []
         if self._pod_ids or self._tunnel_box or self._cluster_ids:
-            ids, clusters = list(self._pod_ids), list(self._cluster_ids)
-            failures = _teardown(self.client, self._pod_ids, self._tunnel_box, self._folder, self._cluster_ids)
-            for cluster_id in clusters:
-                if cluster_id not in self._cluster_ids:
-                    self._progress(f"deleted Instant Cluster {cluster_id} (RunPod terminates its pods"
-                                   + (f": {', '.join(ids)}" if ids else "") + ")")
-            if ids and not clusters:
-                self._progress(f"terminated pod(s) {', '.join(i for i in ids if i not in self._pod_ids)}")
+            failures = _teardown(self._launch, self._tunnel_box, self._folder)
         elif self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)
         self._token = None

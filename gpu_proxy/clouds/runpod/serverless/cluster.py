@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from gpu_proxy.clouds.runpod.serverless import wire
-from gpu_proxy.clouds.runpod.client import APIKey
+from gpu_proxy.clouds.runpod.auth import APIKey
 from gpu_proxy.clouds.runpod.serverless.endpoint_api import EndpointAPI
 from gpu_proxy.clouds.runpod.serverless.run import ServerlessRun
 from gpu_proxy.clusters.base import Cluster, Endpoint

@@ -5,9 +5,10 @@ a key per object without keeping it in a plain attribute, and raises bare ``Runt
 one is small, uses the same key loading and errors as :class:`~gpu_proxy.clouds.runpod.RunPodClient`,
 and never puts the key in a repr, a message or a pickle.
 
-Retries: reads (status, stream, health) are retried on 429, 5xx and network errors. ``/run`` is
-retried only on 429 (RunPod did not queue the job): after a timeout or a 5xx the job may exist,
-and running it twice would train twice.
+Retries (the shared :mod:`gpu_proxy.clouds.runpod.transport`): reads (status, stream, health) and
+cancel are retried on 429, 5xx and network errors. ``/run`` is retried only when RunPod certainly did
+not queue the job (429, a refused connection): after a timeout or a 5xx the job may exist, and running
+it twice would train twice.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ import os
 import time
 from typing import Any, Callable, Mapping
 
-import requests
-
-from gpu_proxy.clouds.runpod.client import (APIKey, RunPodAuthError, RunPodError, RunPodNotFoundError,
-                                            RunPodRateLimitError, RunPodUnavailableError, load_api_key)
+from gpu_proxy.clouds.runpod.auth import APIKey, load_api_key
+from gpu_proxy.clouds.runpod.errors import RunPodAuthError, RunPodError, RunPodNotFoundError, RunPodUnavailableError
+from gpu_proxy.clouds.runpod.transport import HTTPTransport
 from gpu_proxy.errors import ConfigurationError
 
 DEFAULT_ENDPOINT_BASE_URL = "https://api.runpod.ai/v2"
@@ -46,12 +46,14 @@ class EndpointAPI:
                                      "console shows it (Serverless > your endpoint), e.g. 'abc123xyz'.")
         self.endpoint_id = endpoint_id
         self.base_url = endpoint_base_url(base_url)
-        self.__key = APIKey(load_api_key(api_key))
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._sleep = sleep
-        self._session = requests.Session()
+        # As before the shared transport: no jitter, Retry-After not read (RunPod's job API sends none).
+        self._http = HTTPTransport(f"{self.base_url}/{endpoint_id}", APIKey(load_api_key(api_key)),
+                                   error_for=self._error, timeout_s=timeout_s, max_retries=max_retries,
+                                   backoff_s=backoff_s, max_backoff_s=30.0, jitter=False, respect_retry_after=False,
+                                   sleep=sleep)
 
     def __repr__(self) -> str:
         return f"EndpointAPI({self.endpoint_id!r}, base_url={self.base_url!r})"
@@ -82,39 +84,19 @@ class EndpointAPI:
     def purge_queue(self) -> dict[str, Any]:
         return self._request("POST", "purge-queue", what="purge the endpoint's queue")
 
-    # ---- HTTP ------------------------------------------------------------------------------------
+    # ---- HTTP (the shared transport: gpu_proxy/clouds/runpod/transport.py) ------------------------
     def _request(self, method: str, operation: str, *, body: Mapping[str, Any] | None = None, what: str,
                  retry_unsent_only: bool = False) -> Any:
-        url = f"{self.base_url}/{self.endpoint_id}/{operation}"
-        headers = {"Authorization": f"Bearer {self.__key.value}", "Accept": "application/json"}
-        attempt = 0
-        while True:
-            status: int | None = None
-            try:
-                response = self._session.request(method, url, json=body, headers=headers, timeout=self.timeout_s)
-            except (requests.Timeout, requests.ConnectionError) as error:
-                problem = f"could not reach {self.base_url} ({type(error).__name__})"
-                if retry_unsent_only:
-                    raise RunPodUnavailableError(
-                        f"RunPod: {what} on endpoint {self.endpoint_id}: {problem}. The job may or may not have "
-                        "been queued: look at the endpoint's Requests tab before submitting again.") from None
-            else:
-                status = response.status_code
-                if status < 400:
-                    return response.json() if response.content else {}
-                detail = response.text[:300].strip()
-                if status == 429:
-                    problem = f"rate limited ({detail})"
-                elif status >= 500 and not retry_unsent_only:
-                    problem = f"RunPod answered {status} ({detail})"
-                else:
-                    raise self._error(status, detail, what)
-            if attempt >= self.max_retries:
-                kind = RunPodRateLimitError if status == 429 else RunPodUnavailableError
-                raise kind(f"RunPod: {what} on endpoint {self.endpoint_id} failed after {attempt + 1} attempts: "
-                           f"{problem}. Try again later; https://status.runpod.io shows outages.", status)
-            self._sleep(min(30.0, self.backoff_s * 2 ** attempt))
-            attempt += 1
+        try:
+            answer = self._http.request(method, f"/{operation}", body=body, what=f"{what} on endpoint {self.endpoint_id}",
+                                        retry="unsent" if retry_unsent_only else "all")
+        except RunPodUnavailableError as error:
+            if retry_unsent_only and error.status is None:
+                raise RunPodUnavailableError(
+                    f"RunPod: {what} on endpoint {self.endpoint_id}: could not reach {self.base_url}. The job may or "
+                    "may not have been queued: look at the endpoint's Requests tab before submitting again.") from None
+            raise
+        return {} if answer is None else answer
 
     def _error(self, status: int, detail: str, what: str) -> RunPodError:
         if status in (401, 403):

@@ -16,10 +16,7 @@ Idle means, on the head, all of these for ``IDLE_TIMEOUT_S`` seconds:
 
 A worker has no Jobs API; it ends itself when its Ray node exits because the head is gone.
 
-Ending a pod = ``DELETE /v2/pods/{RUNPOD_POD_ID}`` (REST v2) with the pod-scoped key; if RunPod
-refuses a terminate to that key, ``POST /v2/pods/{id}/action {"action": "stop"}`` (GPU billing
-ends either way). ``RUNPOD_REST_URL`` overrides RunPod's address (the tests' fake sets it; RunPod
-does not).
+Ending the pod is :mod:`.pod_self`'s (the caller's ``on_idle``).
 """
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ import urllib.request
 from typing import Callable
 
 HEARTBEAT_PREFIX = b"gcs://_gpu_proxy_heartbeat_"
-DEFAULT_REST_URL = "https://api.runpod.io"
 
 
 def parse_seconds(text: str) -> float | None:
@@ -45,57 +41,6 @@ def parse_seconds(text: str) -> float | None:
     if value <= 0:
         raise ValueError(f"{text!r} must be a positive duration")
     return value
-
-
-class PodSelf:
-    """This pod, acting on itself through REST v2 with the pod-scoped key."""
-
-    def __init__(self, pod_id: str, api_key: str, base_url: str = DEFAULT_REST_URL) -> None:
-        self.pod_id = pod_id
-        self._key = api_key  # in memory only: the entrypoint removes it from the environment Ray inherits
-        self.base_url = base_url.rstrip("/")
-
-    def __repr__(self) -> str:
-        return f"PodSelf({self.pod_id!r})"
-
-    def _call(self, method: str, path: str, body: dict | None = None) -> int:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self._key}", "Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                return answer.status
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    def end(self, say: Callable[[str], None], attempts: int = 5) -> bool:
-        """Terminate this pod (stop it if the key may not terminate). True once RunPod accepted."""
-        for attempt in range(attempts):
-            try:
-                status = self._call("DELETE", f"/v2/pods/{self.pod_id}")
-                if status in (200, 204, 404):
-                    say(f"pod {self.pod_id} terminated itself ({status})")
-                    return True
-                if status in (401, 403):
-                    status = self._call("POST", f"/v2/pods/{self.pod_id}/action", {"action": "stop"})
-                    if status in (200, 204):
-                        say(f"pod {self.pod_id} stopped itself (the pod's key may not terminate it)")
-                        return True
-                say(f"RunPod answered {status} when pod {self.pod_id} tried to end itself")
-            except (urllib.error.URLError, OSError) as error:
-                say(f"could not reach RunPod to end pod {self.pod_id}: {error}")
-            time.sleep(min(30, 2 ** attempt))
-        return False
-
-
-def pod_self_from_env(env: dict) -> PodSelf | None:
-    """This pod's handle, or None when RunPod gave it no pod-scoped key (not on RunPod)."""
-    pod_id, key = env.get("RUNPOD_POD_ID", "").strip(), env.get("RUNPOD_API_KEY", "").strip()
-    if not pod_id or not key:
-        return None
-    return PodSelf(pod_id, key, env.get("RUNPOD_REST_URL", "").strip() or DEFAULT_REST_URL)
 
 
 class Activity:
