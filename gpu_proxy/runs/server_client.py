@@ -45,11 +45,13 @@ _servers: dict[tuple[str, str], tuple[str, int]] = {}  # (dashboard, server key)
 
 
 def _source_digest() -> str:
-    """Home's gpu_proxy code, so a server started by other (edited) code is never reused."""
+    """Home's gpu-proxy code (all three packages), so a server whose workers imported other (edited)
+    code is never reused: pooled workers keep this library's modules between runs."""
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    site = Path(__file__).resolve().parents[2]
+    for package in ("gpu_proxy", "gpu_proxy_lightning", "gpu_proxy_keras"):
+        for path in sorted((site / package).rglob("*.py")):
+            digest.update(path.relative_to(site).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
