@@ -177,6 +177,7 @@ class RemoteLauncher(_Launcher):
         return RunSpec(payload=payload, secrets=secrets,
                        num_workers=strategy.worker_count(), resources_per_worker=strategy.worker_resources(),
                        home_grace_s=None if strategy.detach else strategy.home_grace_s, worker_pool="lightning",
+                       keep_warm_s=strategy.keep_warm,
                        staging_dir=strategy.staging_url(), staging_options=strategy.storage_options,
                        result_bytes_hint=(0 if strategy.return_weights is False
                                           else _state_bytes(args[0] if args else None)))

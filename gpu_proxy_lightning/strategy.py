@@ -16,10 +16,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from gpu_proxy.clusters.base import Cluster
-from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
+from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster, start_early
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
+from gpu_proxy.runs.pool import check_keep_warm
 from gpu_proxy.secrets import conceal
 from gpu_proxy_lightning import sharding as sharding_
 from gpu_proxy_lightning.checkpointing import check_run_name
@@ -40,6 +41,8 @@ class RemoteStrategy(DDPStrategy):
             and ``log_metrics`` call of rank 0's loggers live, while the run goes on.
         detach: submit the run and return at once (Ray Job clusters only); ``strategy.run_id`` names
             it for ``gpu-proxy attach RUN_ID`` / :func:`gpu_proxy.attach`.
+        keep_warm: seconds the run's worker processes stay warm for the next run of their kind (default
+            600; ``0``: they end with the run); idle ones give way to any run that needs their resources.
         home_grace_s: on a Ray Job cluster, a run whose home stops following it (laptop closed, process
             killed) stops after this many seconds, so no GPU time burns unwatched; ``None``: never.
             Detached runs always keep going.
@@ -83,6 +86,7 @@ class RemoteStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         sharding: Literal["fsdp", "model_parallel", "deepspeed"] | None = None,
         return_weights: bool | Literal["auto"] = "auto",
+        keep_warm: float = 600.0,
         **strategy_kwargs: Any,
     ) -> None:
         # Every argument is checked here, before the Trainer exists and long before any worker starts.
@@ -118,9 +122,11 @@ class RemoteStrategy(DDPStrategy):
         self.home_loggers = home_loggers
         self.detach = detach
         self.home_grace_s = home_grace_s
+        self.keep_warm = check_keep_warm(keep_warm, "RemoteStrategy")
         self.run_id: str | None = None
         self._worker_ctx: WorkerContext | None = None
         self._resolved_cluster: Cluster | None = None
+        start_early(cluster)  # the embedded cluster starts while the script builds its model and data
 
     # ----- home side --------------------------------------------------------------------------
     @override

@@ -26,6 +26,7 @@ Invariants, and where the code keeps them:
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gpu_proxy.errors import ClusterResourceError
+from gpu_proxy.errors import ClusterResourceError, ConfigurationError
 from gpu_proxy.runs.process_state import ProcessState
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_rank
@@ -289,6 +290,14 @@ class WorkerPool:
                 self.clear()
             self._wake.wait(min(min(waits, default=0.0), YIELD_POLL_S) if not expired else 0.0)
             self._wake.clear()
+
+
+def check_keep_warm(value: object, owner: str) -> float:
+    """``keep_warm`` as seconds, or :class:`ConfigurationError` naming it and the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigurationError(f"{owner}(keep_warm={value!r}): give seconds >= 0 that the run's worker "
+                                 "processes stay warm for the next run (default 600; 0: they end with the run).")
+    return float(value)
 
 
 _pool: tuple[tuple[str, str], WorkerPool] | None = None
