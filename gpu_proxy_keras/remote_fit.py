@@ -19,8 +19,8 @@ from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
-from gpu_proxy.secrets import conceal
-from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, trained_state
+from gpu_proxy.secrets import Concealed, conceal
+from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, rendezvous, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
 from gpu_proxy_keras.worker_job import KerasJob
@@ -217,7 +217,8 @@ class RemoteFit:
         model_archive = np.frombuffer(archive or _archive(self.model), dtype=np.uint8)
         job = KerasJob(method=method, backend=self.backend, model_archive=model_archive,
                        user_objects=user_objects, checkpoint=checkpoint, storage_options=self.storage_options,
-                       batch_events=handler.wants_batches, sharded=sharded)
+                       batch_events=handler.wants_batches, sharded=sharded,
+                       rendezvous_key=Concealed(rendezvous.new_key()))
         secrets: dict[str, str] = {}  # gpu_proxy.secrets: storage credentials travel beside the payload
         spec = RunSpec(payload=shipping.pack(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}",
