@@ -58,9 +58,11 @@ class SigintAfterFirstEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 0:
-            def press():
+            main = threading.main_thread().ident
+
+            def press():  # as a terminal's Ctrl-C: to the main thread, which it wakes from a blocking wait
                 self.sent_at = time.monotonic()
-                signal.raise_signal(signal.SIGINT)
+                signal.pthread_kill(main, signal.SIGINT)
 
             threading.Thread(target=press, daemon=True).start()
 
@@ -89,6 +91,25 @@ def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
     stopped_in = time.monotonic() - press.sent_at
     print(f"{kind}: Ctrl-C to fit() raising: {stopped_in:.2f} s")
     assert stopped_in < 10  # the next epoch end (0.3 s away), then rank 0's state home
+    _check_trained_so_far(model, record)
+
+
+@pytest.mark.xfail(strict=True, reason="gpu_proxy/runs/job.py: Ray's JobSupervisor SIGKILLs the driver "
+                   "RAY_JOB_STOP_WAIT_TIME_S (3 s) after the first SIGTERM, so a graceful stop longer than "
+                   "that loses the run's result")
+def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_head):
+    from gpu_proxy import RayCluster
+
+    x, y = blobs(n=32)
+    model, record, press = mlp(), RecordCalls(), SigintAfterFirstEpoch()
+    remote = RemoteFit(model, cluster=RayCluster(ray_head.dashboard_url, token=ray_head.token),
+                       home_callbacks=[press])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # today: GpuProxyError "ended (STOPPED) without a result"
+            remote.fit(x, y, callbacks=[SlowEpochs(4.0), record], **FIT)  # the next epoch end: 4 s away
+    finally:
+        signal.signal(signal.SIGINT, previous)
     _check_trained_so_far(model, record)
 
 
