@@ -76,7 +76,14 @@ def _cluster(kind, request):
     return RayCluster(head.dashboard_url, token=head.token)  # the Job path
 
 
-@pytest.mark.parametrize("kind", ["embedded", "job"])
+# On the Job path JobRun._follow hands the log's events to home's handler outside RunControl.items()'
+# KeyboardInterrupt guard: a Ctrl-C that lands while home replays an event (here, always) escapes
+# follow() bare, asks the cluster for no stop and brings no outcomes (gpu_proxy/runs/job.py, issue 20).
+JOB_CTRL_C_ESCAPES = pytest.mark.xfail(strict=True, reason="runs/job.py: a Ctrl-C during an event handler "
+                                       "escapes follow() without a stop request or outcomes")
+
+
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("job", marks=JOB_CTRL_C_ESCAPES)])
 def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
     cluster = _cluster(kind, request)
     x, y = blobs(n=32)
@@ -94,7 +101,8 @@ def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
     _check_trained_so_far(model, record)
 
 
-@pytest.mark.xfail(strict=True, reason="gpu_proxy/runs/job.py: Ray's JobSupervisor SIGKILLs the driver "
+@JOB_CTRL_C_ESCAPES
+@pytest.mark.xfail(strict=True, reason="runs/job.py: Ray's JobSupervisor SIGKILLs the driver "
                    "RAY_JOB_STOP_WAIT_TIME_S (3 s) after the first SIGTERM, so a graceful stop longer than "
                    "that loses the run's result")
 def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_head):
@@ -106,7 +114,7 @@ def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_
                        home_callbacks=[press])
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(KeyboardInterrupt):  # today: GpuProxyError "ended (STOPPED) without a result"
+        with pytest.raises(KeyboardInterrupt):  # once the press is caught: GpuProxyError "without a result"
             remote.fit(x, y, callbacks=[SlowEpochs(4.0), record], **FIT)  # the next epoch end: 4 s away
     finally:
         signal.signal(signal.SIGINT, previous)
