@@ -46,17 +46,23 @@ def test_every_listener_of_the_embedded_cluster_is_on_loopback(local_cluster):
 
 
 def _exposed_listeners_while(run, home: psutil.Process) -> tuple[list, int]:
-    """Run ``run()`` while sampling the listeners of home and every process under it (the embedded
-    cluster's daemons and workers, and their children); return those seen beyond loopback, and how
-    many listeners were seen in all."""
+    """Run ``run()`` while sampling the listeners of home and of the embedded cluster's processes (its
+    daemons, and everything under them: agents, workers and their children; not the suite's other
+    clusters); return those seen beyond loopback, and how many listeners were seen in all."""
     import threading
 
     seen: set = set()
     done = threading.Event()
+    session = ray._private.worker._global_node.get_session_dir_path()
 
     def sample():
         while not done.is_set():
-            pids = {home.pid} | {p.pid for p in home.children(recursive=True)}
+            pids = {home.pid}
+            for daemon in [p for p in home.children(recursive=True) if session in _command(p)]:
+                try:  # a process may end while we look: skip it, keep sampling
+                    pids |= {daemon.pid} | {p.pid for p in daemon.children(recursive=True)}
+                except psutil.Error:
+                    pass
             for c in psutil.net_connections("inet"):
                 if c.status == psutil.CONN_LISTEN and c.pid in pids:
                     seen.add((c.pid, c.laddr.ip, c.laddr.port))
