@@ -1,4 +1,5 @@
-"""Home SIGKILLed while ``RemoteFit.fit`` runs: nothing goes on training for nobody.
+"""Home SIGKILLed while ``RemoteFit.fit`` runs: nothing goes on training for nobody; and a stop reaches
+the two workers of a multi-worker fit at different moments, yet they stop at the same epoch end.
 
 On a cluster given by address (a Ray Job) the run stops once home's heartbeat has been silent for
 ``home_grace_s`` and ``gpu-proxy runs`` says why; on the embedded cluster the run goes with home.
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import psutil
 import pytest
 
@@ -88,3 +90,40 @@ def test_on_the_embedded_cluster_the_run_goes_with_home(tmp_path):
     begun = len(_epochs_begun(tmp_path))
     time.sleep(1)
     assert len(_epochs_begun(tmp_path)) == begun
+
+
+class SlowRankOneEpochEnds(keras.callbacks.Callback):
+    """Runs on the workers: rank 1 reaches each epoch's stop check 1 s after rank 0, so a stop request
+    that arrives in between is seen by rank 1 one epoch before rank 0."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if os.environ["RANK"] == "1":
+            time.sleep(1.0)
+
+
+@pytest.mark.timeout(200)
+def test_two_workers_stop_at_the_same_epoch_end_whenever_the_stop_arrives(local_cluster):
+    import threading
+
+    from gpu_proxy_keras import RemoteFit
+    from tests.keras_project.models import blobs, mlp
+
+    class PressAfterFirstEpoch(keras.callbacks.Callback):  # at home: Ctrl-C as epoch 0's end arrives
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                threading.Thread(target=lambda: signal.pthread_kill(main, signal.SIGINT), daemon=True).start()
+
+    main = threading.main_thread().ident
+    x, y = blobs(n=64)
+    model = mlp()
+    remote = RemoteFit(model, cluster=local_cluster, num_workers=2, home_callbacks=[PressAfterFirstEpoch()])
+    previous = signal.getsignal(signal.SIGINT)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            remote.fit(x, y, batch_size=32, epochs=50, shuffle=False, verbose=0, callbacks=[SlowRankOneEpochEnds()])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    epochs = len(model.history.epoch)
+    print(f"2 workers: stopped after {epochs} epochs, {time.monotonic() - started:.1f} s")
+    assert 1 <= epochs < 50 and int(model.optimizer.iterations.numpy()) == 2 * epochs
