@@ -127,3 +127,13 @@ def test_two_workers_stop_at_the_same_epoch_end_whenever_the_stop_arrives(local_
     epochs = len(model.history.epoch)
     print(f"2 workers: stopped after {epochs} epochs, {time.monotonic() - started:.1f} s")
     assert 1 <= epochs < 50 and int(model.optimizer.iterations.numpy()) == 2 * epochs
+
+
+@pytest.mark.parametrize("value", ["5m", float("nan"), True, 1])
+def test_a_bad_home_grace_is_refused_naming_it(value):
+    from gpu_proxy.errors import ConfigurationError
+    from gpu_proxy_keras import RemoteFit
+    from tests.keras_project.models import mlp
+
+    with pytest.raises(ConfigurationError, match=r"home_grace_s=.*give seconds as a number >= 6"):
+        RemoteFit(mlp(), home_grace_s=value)
