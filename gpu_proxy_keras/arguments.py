@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import keras
 import numpy as np
 
 from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy_keras import data_sources, jax_distribution
 
 MULTI_WORKER_BACKENDS = ("tensorflow", "jax")
@@ -103,6 +105,15 @@ def check_checkpoints(checkpoint_dir: Any, max_failures: Any, run_name: Any) -> 
                                      "checkpoint_dir=... too.")
         if not isinstance(run_name, str) or not run_name or "/" in run_name or run_name in (".", ".."):
             raise ConfigurationError(f"run_name={run_name!r}: pass a non-empty name without '/'.")
+
+
+def check_home_grace(home_grace_s: Any) -> None:
+    if home_grace_s is None:
+        return
+    if not isinstance(home_grace_s, (int, float)) or isinstance(home_grace_s, bool) or math.isnan(home_grace_s) \
+            or home_grace_s < MIN_GRACE_S:
+        raise ConfigurationError(f"home_grace_s={home_grace_s!r}: give seconds as a number >= {MIN_GRACE_S:g} "
+                                 "(home beats every few seconds), e.g. 300, or None to never stop.")
 
 
 def check_jax_fit(data: dict[str, Any], kwargs: dict[str, Any], num_workers: int,

@@ -19,8 +19,8 @@ from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
 from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
-from gpu_proxy.secrets import conceal
-from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, trained_state
+from gpu_proxy.secrets import Concealed, conceal
+from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, rendezvous, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
 from gpu_proxy_keras.home_events import HomeEventHandler
 from gpu_proxy_keras.worker_job import KerasJob
@@ -34,18 +34,26 @@ class RemoteFit:
     across the workers (see ``data_sources.py`` and ``shard_metrics.py``) and return what one
     worker evaluating all of them returns: metrics combined from every shard, predictions in input
     order. ``storage_options`` serve both ``checkpoint_dir`` and data given as file URLs.
+
+    On a cluster given by address (a Ray Job), a run whose home stops following it (the process
+    killed, the laptop closed) stops at its next epoch end once home's heartbeat has been silent for
+    ``home_grace_s`` seconds (None: never); ``gpu-proxy runs`` then shows it STOPPED with the reason.
+    On the embedded cluster the run goes with home's process.
     """
 
     def __init__(self, model: keras.Model, cluster: ClusterSpec = None, num_workers: int = 1,
                  use_gpu: bool | None = None, resources_per_worker: dict[str, float] | None = None,
                  home_callbacks: list[keras.callbacks.Callback] | None = None,
                  checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                 max_failures: int = 0, run_name: str | None = None, staging_dir: str | None = None) -> None:
+                 max_failures: int = 0, run_name: str | None = None, staging_dir: str | None = None,
+                 home_grace_s: float | None = 300.0) -> None:
         arguments.check_model(model)
         self.backend = keras.backend.backend()
         arguments.check_workers(num_workers, self.backend)
         arguments.check_checkpoints(checkpoint_dir, max_failures, run_name)
+        arguments.check_home_grace(home_grace_s)
         check_cluster_spec(cluster)  # an unknown name fails now, not at the first fit
+        self.home_grace_s = home_grace_s
         self.model = model
         self.checkpoint_dir = checkpoint_dir
         self.max_failures = max_failures
@@ -217,11 +225,13 @@ class RemoteFit:
         model_archive = np.frombuffer(archive or _archive(self.model), dtype=np.uint8)
         job = KerasJob(method=method, backend=self.backend, model_archive=model_archive,
                        user_objects=user_objects, checkpoint=checkpoint, storage_options=self.storage_options,
-                       batch_events=handler.wants_batches, sharded=sharded)
+                       batch_events=handler.wants_batches, sharded=sharded,
+                       rendezvous_key=Concealed(rendezvous.new_key()))
         secrets: dict[str, str] = {}  # gpu_proxy.secrets: storage credentials travel beside the payload
         spec = RunSpec(payload=shipping.pack(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}",
                        staging_dir=self.staging_dir, staging_options=self.storage_options,
+                       home_grace_s=self.home_grace_s,
                        result_bytes_hint=model_archive.nbytes if method == "fit" else 0)
         return values(execute(self._cluster(), spec, handler.handle))
 

@@ -29,22 +29,23 @@ class MergeShardMetrics(keras.callbacks.Callback):
     combined ones. ``evaluate`` returns its
     own copy of the shard's logs, so rank 0's caller takes :meth:`result` instead."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, key: str) -> None:
         super().__init__()
         self.rank, self.world_size = rank, world_size
-        self.master_addr, self.master_port = master_addr, master_port
+        self.master_addr, self.master_port = master_addr, master_port  # see rendezvous.listen_address
+        self._key = key  # the run's rendezvous key: never logged, never pickled (a gpu_proxy.secrets value)
         self._collector: rendezvous.Collector | None = None
         self.merged: dict[str, Any] | None = None
 
     def on_test_begin(self, logs: Any = None) -> None:
         if self.rank == 0:  # listen from the start: a rank with a quick shard may finish first
-            self._collector = rendezvous.Collector(self.master_port, self.master_addr)
+            self._collector = rendezvous.Collector(self.master_port, self.master_addr, self._key)
 
     def on_test_end(self, logs: Any = None) -> None:
         states = [[_encode(np.asarray(v)) for v in metric.variables] for metric in self.model.metrics]
         if self.rank != 0:
             # Rank 0 listens from its on_test_begin: only its start-up (model load) can keep us waiting.
-            rendezvous.send_to_rank0(self.rank, states, self.master_addr, self.master_port,
+            rendezvous.send_to_rank0(self.rank, states, self.master_addr, self.master_port, self._key,
                                      connect_timeout=CONNECT_TIMEOUT_S)
             return
         try:

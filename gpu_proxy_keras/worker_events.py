@@ -3,7 +3,8 @@
 Rank 0 forwards every callback hook home as ``{"hook", "args", "logs"}`` so that home can replay it
 on a real ``CallbackList`` (History, progress bar, home callbacks); the logs of a multi-worker run
 are already averaged across workers, so rank 0's are the run's. Every rank checks home's stop
-request at epoch ends.
+request at epoch ends; the ranks of a multi-worker TensorFlow fit agree on it there (see
+:func:`agreed_stop`).
 """
 from __future__ import annotations
 
@@ -48,8 +49,27 @@ class WorkerEventCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._send("on_epoch_end", epoch, logs=logs)
-        if self._ctx.should_stop():
+        if agreed_stop(self.model, self._ctx.should_stop()):
             self.model.stop_training = True
+
+
+def agreed_stop(model: Any, stop: bool) -> bool:
+    """Whether to stop, the same on every rank: any rank's stop stops all of them.
+
+    Each rank learns of home's stop request on its own, so at one epoch end a rank may have it and
+    its peer not yet; one that stopped alone would leave the other waiting in the next epoch's
+    all-reduce (or fail it). Under MultiWorkerMirroredStrategy every rank runs this at every epoch
+    end, so a sum across the replicas is one more small collective per epoch, never a wait.
+    """
+    strategy = getattr(model, "_distribute_strategy", None)  # set by Keras' TensorFlow trainer only
+    if strategy is None:
+        return stop
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return stop
+    votes = strategy.run(lambda: tf.constant(1.0 if stop else 0.0))
+    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
 
 
 def _forwarder(hook: str) -> Any:

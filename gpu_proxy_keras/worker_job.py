@@ -30,6 +30,9 @@ class KerasJob:
     storage_options: dict[str, Any] | None = None
     batch_events: bool = True  # forward every batch's end home (progress bar, home batch hooks)
     sharded: bool = False  # evaluate/predict: each rank takes its shard of the data (data_sources.py)
+    #: Signs the ranks' rendezvous messages (rendezvous.py). A gpu_proxy.secrets value, new per run: a
+    #: field of the job itself, so that it travels beside the pickle, never in it.
+    rendezvous_key: str = ""
 
     @property
     def trains_together(self) -> bool:
@@ -47,7 +50,8 @@ class KerasJob:
 
                 own = f"{ray.util.get_node_ip_address()}:{rendezvous.free_port()}"
                 addresses = rendezvous.all_gather_addresses(
-                    ctx.rank, ctx.world_size, own, ctx.master_addr, ctx.master_port)
+                    ctx.rank, ctx.world_size, own, rendezvous.listen_address(ctx), ctx.master_port,
+                    self.rendezvous_key)
                 env["TF_CONFIG"] = distribution.tf_config(addresses, ctx.rank)
             from gpu_proxy_keras.fresh_process import run_in_fresh_process
 
@@ -93,7 +97,8 @@ class KerasJob:
             from gpu_proxy_keras.shard_metrics import MergeShardMetrics
 
             # First: every later callback (the user's, the event stream) sees the combined logs.
-            merge = MergeShardMetrics(ctx.rank, ctx.world_size, ctx.master_addr, ctx.master_port)
+            merge = MergeShardMetrics(ctx.rank, ctx.world_size, rendezvous.listen_address(ctx), ctx.master_port,
+                                      self.rendezvous_key)
             callbacks.insert(0, merge)
         callbacks.append(worker_events.for_job(ctx, self.batch_events))
         from gpu_proxy_keras import data_sources

@@ -94,3 +94,26 @@ def test_a_training_process_death_outranks_the_other_ranks_errors():
     with pytest.raises(WorkerLostError) as raised:
         raise_for_outcomes(outcomes)
     assert str(raised.value) == "1 worker(s) died during the run: rank 1: its process was killed by SIGKILL"
+
+
+def test_on_the_job_path_a_killed_worker_restarts_from_the_last_committed_epoch(ray_head, tmp_path, capsys):
+    from gpu_proxy import RayCluster
+    from tests.keras_project.callbacks import KillOnceAtEpoch
+
+    x, y = blobs(n=64)
+    model, marker, ckpts = mlp(), tmp_path / "killed", tmp_path / "ckpts"
+    fit = dict(batch_size=32, epochs=3, shuffle=False, verbose=0)
+    remote = RemoteFit(model, cluster=RayCluster(ray_head.dashboard_url, token=ray_head.token),
+                       checkpoint_dir=str(ckpts), max_failures=1)
+    # The Ray worker process itself is SIGKILLed as epoch index 2 begins (one worker trains in it, no
+    # child process); epochs 1-2 (indices 0-1) are committed, so the run restarts at the third.
+    history = remote.fit(x, y, callbacks=[KillOnceAtEpoch(2, str(marker))], **fit)
+    assert len(marker.read_text().split()) == 1
+    err = capsys.readouterr().err
+    assert "restarting from epoch 3" in err, [line for line in err.splitlines() if "gpu-proxy" in line]
+    assert history.epoch == [0, 1, 2] and model.history is history
+    assert int(model.optimizer.iterations.numpy()) == 6  # 2 steps x 3 epochs, as unbroken
+    twin = mlp()
+    twin.fit(x, y, **fit)
+    for got, expected in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

@@ -2,6 +2,10 @@
 model, as a local Keras fit interrupted by Ctrl-C does (its variables are trained in place)."""
 from __future__ import annotations
 
+import signal
+import threading
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from gpu_proxy_keras import RemoteFit
 from tests.keras_project.callbacks import RecordCalls, SlowEpochs
 from tests.keras_project.models import blobs, mlp
 
-pytestmark = [pytest.mark.usefixtures("local_cluster"), pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 FIT = dict(batch_size=16, epochs=20, shuffle=False, verbose=0)
 
@@ -42,6 +46,79 @@ def _check_trained_so_far(model, record):
     twin.fit(x, y, **dict(FIT, epochs=epochs))
     for got, expected in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+class SigintAfterFirstEpoch(keras.callbacks.Callback):
+    """Runs at home: a real Ctrl-C (SIGINT to this process) once epoch 0's end has arrived, from
+    another thread, as a terminal sends it; notes when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent_at: float | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            main = threading.main_thread().ident
+
+            def press():  # as a terminal's Ctrl-C: to the main thread, which it wakes from a blocking wait
+                self.sent_at = time.monotonic()
+                signal.pthread_kill(main, signal.SIGINT)
+
+            threading.Thread(target=press, daemon=True).start()
+
+
+def _cluster(kind, request):
+    if kind == "embedded":
+        return request.getfixturevalue("local_cluster")
+    from gpu_proxy import RayCluster
+
+    head = request.getfixturevalue("ray_head")
+    return RayCluster(head.dashboard_url, token=head.token)  # the Job path
+
+
+# On the Job path JobRun._follow hands the log's events to home's handler outside RunControl.items()'
+# KeyboardInterrupt guard: a Ctrl-C that lands while home replays an event (here, always) escapes
+# follow() bare, asks the cluster for no stop and brings no outcomes (gpu_proxy/runs/job.py, issue 20).
+JOB_CTRL_C_ESCAPES = pytest.mark.xfail(strict=True, reason="runs/job.py: a Ctrl-C during an event handler "
+                                       "escapes follow() without a stop request or outcomes")
+
+
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("job", marks=JOB_CTRL_C_ESCAPES)])
+def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
+    cluster = _cluster(kind, request)
+    x, y = blobs(n=32)
+    model, record, press = mlp(), RecordCalls(), SigintAfterFirstEpoch()
+    remote = RemoteFit(model, cluster=cluster, home_callbacks=[press])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            remote.fit(x, y, callbacks=[SlowEpochs(0.3), record], **FIT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stopped_in = time.monotonic() - press.sent_at
+    print(f"{kind}: Ctrl-C to fit() raising: {stopped_in:.2f} s")
+    assert stopped_in < 10  # the next epoch end (0.3 s away), then rank 0's state home
+    _check_trained_so_far(model, record)
+
+
+@JOB_CTRL_C_ESCAPES
+@pytest.mark.xfail(strict=True, reason="runs/job.py: Ray's JobSupervisor SIGKILLs the driver "
+                   "RAY_JOB_STOP_WAIT_TIME_S (3 s) after the first SIGTERM, so a graceful stop longer than "
+                   "that loses the run's result")
+def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_head):
+    from gpu_proxy import RayCluster
+
+    x, y = blobs(n=32)
+    model, record, press = mlp(), RecordCalls(), SigintAfterFirstEpoch()
+    remote = RemoteFit(model, cluster=RayCluster(ray_head.dashboard_url, token=ray_head.token),
+                       home_callbacks=[press])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # once the press is caught: GpuProxyError "without a result"
+            remote.fit(x, y, callbacks=[SlowEpochs(4.0), record], **FIT)  # the next epoch end: 4 s away
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _check_trained_so_far(model, record)
 
 
 def test_a_stop_by_the_cluster_keeps_the_trained_so_far_state(local_cluster):
