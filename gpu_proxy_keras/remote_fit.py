@@ -16,7 +16,8 @@ import numpy as np
 
 from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
-from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster
+from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster, start_early
+from gpu_proxy.runs.pool import check_keep_warm
 from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.secrets import Concealed, conceal
@@ -46,7 +47,7 @@ class RemoteFit:
                  home_callbacks: list[keras.callbacks.Callback] | None = None,
                  checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
                  max_failures: int = 0, run_name: str | None = None, staging_dir: str | None = None,
-                 home_grace_s: float | None = 300.0) -> None:
+                 home_grace_s: float | None = 300.0, keep_warm: float = 600.0) -> None:
         arguments.check_model(model)
         self.backend = keras.backend.backend()
         arguments.check_workers(num_workers, self.backend)
@@ -69,7 +70,9 @@ class RemoteFit:
             raise ConfigurationError(f"staging_dir={staging_dir!r}: give an fsspec URL, e.g. 's3://bucket/staging'.")
         # Where a cluster given only by address stages the model, data and results (see gpu_proxy.dataplane).
         self.staging_dir = staging_dir or (f"{checkpoint_dir.rstrip('/')}/_staging" if checkpoint_dir else None)
+        self.keep_warm = check_keep_warm(keep_warm, "RemoteFit")
         self._resolved_cluster: Cluster | None = None
+        start_early(cluster)  # the embedded cluster starts while the script prepares its data
 
     # ----- Keras' methods ------------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
@@ -231,7 +234,7 @@ class RemoteFit:
         spec = RunSpec(payload=shipping.pack(job, secrets=secrets), secrets=secrets, num_workers=num_workers,
                        resources_per_worker=self._worker_resources(), worker_pool=f"keras-{self.backend}",
                        staging_dir=self.staging_dir, staging_options=self.storage_options,
-                       home_grace_s=self.home_grace_s,
+                       home_grace_s=self.home_grace_s, keep_warm_s=self.keep_warm,
                        result_bytes_hint=model_archive.nbytes if method == "fit" else 0)
         return values(execute(self._cluster(), spec, handler.handle))
 

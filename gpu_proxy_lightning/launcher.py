@@ -24,7 +24,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
 from gpu_proxy.errors import RunInterrupted, RunStoppedError
 from gpu_proxy.runs.home import submit_detached
-from gpu_proxy_lightning import checkpointing, predictions, sharding, worker_output
+from gpu_proxy_lightning import checkpointing, predictions, process_group_store, sharding, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 from gpu_proxy_lightning.home_events import HomeEventHandler
 from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
@@ -64,6 +64,9 @@ class WorkerJob:
         relay = RelayLogger(ctx) if strategy.home_loggers else None
         if relay:
             trainer.loggers = [*trainer.loggers, relay]
+        # torch.distributed's store and gloo/NCCL sockets on loopback or the private interface (issue 20).
+        store = process_group_store.serve(ctx)
+        ctx.master_addr = store.address  # Lightning's DDP sets MASTER_ADDR from the environment's main_address
         interrupted = False
         try:
             # Credentials are the run's only: Ray reuses this process for later runs (see checkpointing).
@@ -80,9 +83,10 @@ class WorkerJob:
             output.interrupted = interrupted
             return output
         finally:
-            # Ray reuses this process for later runs: leave no process group behind.
+            # The process is pooled for later runs: leave no process group and no store behind.
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+            store.close()
 
 
 def _stop_like_local_ctrl_c(trainer: Any, stop: KeyboardInterrupt) -> None:

@@ -78,7 +78,6 @@ def _exposed_listeners_while(run, home: psutil.Process) -> tuple[list, int]:
     return sorted(s for s in seen if not _loopback(s[1])), len(seen)
 
 
-@pytest.mark.xfail(strict=True, reason="until launcher.py's worker calls process_group_store.serve (issue 20)")
 def test_a_two_worker_ddp_run_listens_on_loopback_only(local_cluster):
     import time
 

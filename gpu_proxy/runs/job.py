@@ -20,6 +20,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import cluster_kv, log_codec
 from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.heartbeat import HomeHeartbeat
+from gpu_proxy.runs.job_driver import ABORT_KEY, HARD_STOP_AFTER_S
 from gpu_proxy.runs.spec import RunSpec
 
 ENTRYPOINT = "python -m gpu_proxy.runs.job_driver run.pkl {name}"
@@ -41,7 +42,10 @@ class JobRun:
             (Path(folder) / "run.pkl").write_bytes(pickle.dumps(spec))
             job_id = client.submit_job(
                 entrypoint=ENTRYPOINT.format(name=spec.name), submission_id=spec.name,
-                runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1"}},
+                # Ray's job supervisor SIGKILLs the driver 3 s after a stop by default: too soon for a
+                # graceful stop (the step in flight, interrupted.ckpt); the driver aborts on its own later.
+                runtime_env={"working_dir": folder, "env_vars": {
+                    "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(int(HARD_STOP_AFTER_S) + 30)}},
                 metadata={"gpu_proxy_run": spec.name})
         return cls(endpoint, job_id)
 
@@ -107,14 +111,21 @@ class JobRun:
                     raise KeyboardInterrupt(f"stopped watching run {self.job_id}; it goes on (stop it with "
                                             f"`gpu-proxy stop {self.job_id} -c <cluster>`)")
                 stops += 1
-                self.stop()  # SIGTERM to the driver: the first asks for a graceful stop, the second aborts
+                if stops == 1:
+                    self.stop()  # SIGTERM to the driver: a graceful stop
+                else:  # Ray sends one SIGTERM per job: the abort goes through the key-value store
+                    cluster_kv.put_value(self._endpoint, self.job_id, ABORT_KEY, b"1")
                 if stops > 1 and control.interrupted:
                     raise KeyboardInterrupt("the remote run was aborted")
                 continue
             pending += item.text
             complete, _, pending = pending.rpartition("\n")
             if complete:
-                self._deliver(complete, decoder, control.on_event, result)
+                try:
+                    self._deliver(complete, decoder, control.on_event, result)
+                except KeyboardInterrupt:  # pressed while home's handler ran: a stop request like any other
+                    control.interrupted = True
+                    control.put(StopRequest(None))
         if not result:  # the live tail ended early or broke: catch up from the whole log
             self._deliver(self._client.get_job_logs(self.job_id), log_codec.Decoder(), control.on_event, result)
         if "driver_error" in result:

@@ -11,6 +11,7 @@ import logging
 import pickle
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from gpu_proxy.runs.supervisor import StopSignal, supervise
 from gpu_proxy.secrets import install
 
 HARD_STOP_AFTER_S = 60.0
+ABORT_KEY = "abort"  # home's second Ctrl-C: Ray delivers only one SIGTERM per job
 
 
 #: How the driver's last log line names a stop nobody at home asked for; the Ray Job then ends FAILED
@@ -66,6 +68,7 @@ def main(argv: list[str]) -> int:
         install(secrets)
         spec = pickle.loads(spec_bytes)
         spec.secrets = secrets
+        threading.Thread(target=_watch_for_abort, args=(run_name, stop), daemon=True, name="gpu-proxy-abort").start()
         if spec.home_grace_s is not None:
             watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop, gone)).start()
         outcomes = supervise(spec, sink, stop)
@@ -83,6 +86,16 @@ def main(argv: list[str]) -> int:
         print(STOPPED_MARKER + reason, flush=True)
         return STOPPED_EXIT_CODE
     return 0
+
+
+def _watch_for_abort(run_name: str, stop: StopSignal) -> None:
+    from ray.experimental import internal_kv
+
+    key = cluster_kv.kv_key(run_name, ABORT_KEY)
+    while internal_kv._internal_kv_get(key) is None:
+        time.sleep(0.5)
+    stop.request()
+    stop.request()  # two requests: the supervisor ends every rank now
 
 
 def _home_gone(spec: RunSpec, stop: StopSignal, gone: list[str]) -> None:

@@ -94,9 +94,9 @@ class RunFiles:
         return {"package": package}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -138,9 +138,11 @@ def _node_devices(placement: WorkerPlacement, channel: Any) -> dict[str, str]:
 
 def _rendezvous(placement: WorkerPlacement, channel: Any) -> tuple[str, int]:
     if placement.rank == 0:
-        port = _free_port()
-        ray.get(channel.publish_rendezvous.remote(placement.run_name, placement.master_addr, port))
-        return placement.master_addr, port
+        # One node: the run's own sockets (torch's store, a framework's coordinator) stay on loopback.
+        address = "127.0.0.1" if placement.num_nodes == 1 else placement.master_addr
+        port = _free_port(address)
+        ray.get(channel.publish_rendezvous.remote(placement.run_name, address, port))
+        return address, port
     return tuple(ray.get(channel.rendezvous.remote(placement.run_name)))  # type: ignore[return-value]
 
 
