@@ -73,17 +73,10 @@ def _cluster(kind, request):
     from gpu_proxy import RayCluster
 
     head = request.getfixturevalue("ray_head")
-    return RayCluster(head.dashboard_url, token=head.token)  # the Job path
+    return RayCluster(head.dashboard_url, token=head.token)  # the run server of a cluster by address
 
 
-# On the Job path JobRun._follow hands the log's events to home's handler outside RunControl.items()'
-# KeyboardInterrupt guard: a Ctrl-C that lands while home replays an event (here, always) escapes
-# follow() bare, asks the cluster for no stop and brings no outcomes (gpu_proxy/runs/job.py, issue 20).
-JOB_CTRL_C_ESCAPES = pytest.mark.xfail(strict=True, reason="runs/job.py: a Ctrl-C during an event handler "
-                                       "escapes follow() without a stop request or outcomes")
-
-
-@pytest.mark.parametrize("kind", ["embedded", pytest.param("job", marks=JOB_CTRL_C_ESCAPES)])
+@pytest.mark.parametrize("kind", ["embedded", "by_address"])
 def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
     cluster = _cluster(kind, request)
     x, y = blobs(n=32)
@@ -101,11 +94,8 @@ def test_a_real_ctrl_c_keeps_the_trained_so_far_state(kind, request):
     _check_trained_so_far(model, record)
 
 
-@JOB_CTRL_C_ESCAPES
-@pytest.mark.xfail(strict=True, reason="runs/job.py: Ray's JobSupervisor SIGKILLs the driver "
-                   "RAY_JOB_STOP_WAIT_TIME_S (3 s) after the first SIGTERM, so a graceful stop longer than "
-                   "that loses the run's result")
-def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_head):
+def test_by_address_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_head):
+    # Ray's job supervisor kills a Job's driver 3 s after a stop; the run server has no such limit.
     from gpu_proxy import RayCluster
 
     x, y = blobs(n=32)
@@ -114,7 +104,7 @@ def test_on_the_job_path_a_ctrl_c_whose_stop_takes_over_3_s_keeps_the_state(ray_
                        home_callbacks=[press])
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(KeyboardInterrupt):  # once the press is caught: GpuProxyError "without a result"
+        with pytest.raises(KeyboardInterrupt):
             remote.fit(x, y, callbacks=[SlowEpochs(4.0), record], **FIT)  # the next epoch end: 4 s away
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -173,3 +173,35 @@ def test_a_restore_forgets_project_modules_imported_by_name_and_keeps_installed_
     state.restore()
     assert "by_name_module" not in sys.modules
     assert "json.tool" in sys.modules
+
+
+@pytest.mark.parametrize("value", ["10m", -1, float("nan"), float("inf"), True])
+def test_a_bad_keep_warm_is_refused_at_construction_naming_it(value):
+    from gpu_proxy.errors import ConfigurationError
+    from gpu_proxy_lightning import RemoteStrategy
+
+    with pytest.raises(ConfigurationError, match=r"RemoteStrategy\(keep_warm="):
+        RemoteStrategy(keep_warm=value)
+
+
+def test_the_embedded_cluster_started_in_the_background_outlives_its_starter_thread(tmp_path):
+    """Ray ties GCS and raylet to the thread that started them (PR_SET_PDEATHSIG)."""
+    import subprocess
+
+    script = tmp_path / "early.py"
+    script.write_text(
+        "import os, time\n"
+        "import ray\n"
+        "from gpu_proxy import shipping\n"
+        "from gpu_proxy.clusters.local import LocalCluster\n"
+        "from gpu_proxy.runs import RunSpec, execute, values\n"
+        "cluster = LocalCluster(num_cpus=1)\n"
+        "cluster.start_in_background()\n"
+        "while not ray.is_initialized():\n"
+        "    time.sleep(0.1)\n"
+        "time.sleep(3)  # the starter thread would have ended by now\n"
+        "spec = RunSpec(shipping.pack(lambda ctx: 'ran', 'f'), num_workers=1)\n"
+        "print('RESULT', values(execute(cluster, spec, lambda event: None))[0])\n"
+        "cluster.stop()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert "RESULT ran" in done.stdout, done.stderr[-3000:]

@@ -41,6 +41,7 @@ class LocalCluster(Cluster):
         self.include_dashboard = include_dashboard
         self._started_here = False
         self._background: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def start(self) -> None:
         with _lock:
@@ -74,7 +75,8 @@ class LocalCluster(Cluster):
             self.owns_nodes = self._started_here = True
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_background": None}  # a thread cannot travel (clusters ride in strategies)
+        # Threads and events cannot travel (clusters ride in strategies).
+        return {**self.__dict__, "_background": None, "_stopped": threading.Event()}
 
     def start_in_background(self) -> None:
         """Start the cluster on a thread of its own now, so it is up by the first run (which waits for it).
@@ -93,6 +95,10 @@ class LocalCluster(Cluster):
             self.start()
         except Exception:  # noqa: BLE001 - start() from the run raises it where the user sees it
             log.debug("the embedded cluster did not start in the background", exc_info=True)
+            return
+        # Ray ties its daemons' lives to the *thread* that started them (PR_SET_PDEATHSIG): were this
+        # thread to end, GCS and raylet would be killed with it. It waits until the cluster stops.
+        self._stopped.wait()
 
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         from gpu_proxy.dataplane.local import LocalFolderPlane
@@ -115,15 +121,14 @@ class LocalCluster(Cluster):
         return f"http://{url}" if url else None
 
     def stop(self) -> None:
-        background = self._background
-        if background is not None:
-            background.join()  # a start under way ends before the stop
-        with _lock:
+        with _lock:  # after a start under way (it holds the lock)
             self._background = None
             if self._started_here and ray.is_initialized():
                 ray.shutdown()
             self._started_here = False
             self.owns_nodes = False
+            self._stopped.set()  # the background starter, if any, may end now
+            self._stopped = threading.Event()
 
     def __repr__(self) -> str:
         return f"LocalCluster(num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
