@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
     watch = None
+    done = threading.Event()  # the run is over: the abort watch ends before Ray does
     gone: list[str] = []  # why home's watch stopped the run, if it did
     try:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> int:
         install(secrets)
         spec = pickle.loads(spec_bytes)
         spec.secrets = secrets
-        threading.Thread(target=_watch_for_abort, args=(run_name, stop), daemon=True, name="gpu-proxy-abort").start()
+        threading.Thread(target=_watch_for_abort, args=(run_name, stop, done), daemon=True,
+                         name="gpu-proxy-abort").start()
         if spec.home_grace_s is not None:
             watch = HeartbeatWatch(spec.name, spec.home_grace_s, lambda: _home_gone(spec, stop, gone)).start()
         outcomes = supervise(spec, sink, stop)
@@ -76,6 +78,7 @@ def main(argv: list[str]) -> int:
         sink(Event(events.RESULT, {"driver_error": shipping.pack_exception(exc)}))
         return 1
     finally:
+        done.set()
         if watch is not None:
             watch.close()
     if gone:  # before the result: whoever attaches later reads why the run ended early
@@ -88,14 +91,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _watch_for_abort(run_name: str, stop: StopSignal) -> None:
+def _watch_for_abort(run_name: str, stop: StopSignal, done: threading.Event) -> None:
     from ray.experimental import internal_kv
 
     key = cluster_kv.kv_key(run_name, ABORT_KEY)
-    while internal_kv._internal_kv_get(key) is None:
-        time.sleep(0.5)
-    stop.request()
-    stop.request()  # two requests: the supervisor ends every rank now
+    while not done.wait(0.5):
+        try:
+            asked = internal_kv._internal_kv_get(key) is not None
+        except Exception:  # noqa: BLE001 - Ray going away with the driver: nothing left to abort
+            return
+        if asked:
+            stop.request()
+            stop.request()  # two requests: the supervisor ends every rank now
+            return
 
 
 def _home_gone(spec: RunSpec, stop: StopSignal, gone: list[str]) -> None:
