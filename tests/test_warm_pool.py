@@ -184,8 +184,10 @@ def test_a_bad_keep_warm_is_refused_at_construction_naming_it(value):
         RemoteStrategy(keep_warm=value)
 
 
-def test_the_embedded_cluster_started_in_the_background_outlives_its_starter_thread(tmp_path):
-    """Ray ties GCS and raylet to the thread that started them (PR_SET_PDEATHSIG)."""
+@pytest.mark.parametrize("how", ["in the background", "from a thread that ends"])
+def test_the_embedded_cluster_outlives_the_thread_that_started_it(tmp_path, how):
+    """Ray ties GCS and raylet to the thread that started them (PR_SET_PDEATHSIG): an Optuna trial's
+    thread, a notebook's, or the background start."""
     import subprocess
 
     script = tmp_path / "early.py"
@@ -195,8 +197,10 @@ def test_the_embedded_cluster_started_in_the_background_outlives_its_starter_thr
         "from gpu_proxy import shipping\n"
         "from gpu_proxy.clusters.local import LocalCluster\n"
         "from gpu_proxy.runs import RunSpec, execute, values\n"
+        "import threading\n"
         "cluster = LocalCluster(num_cpus=1)\n"
-        "cluster.start_in_background()\n"
+        + ("cluster.start_in_background()\n" if how == "in the background" else
+           "starter = threading.Thread(target=cluster.start)\nstarter.start()\nstarter.join()\n") +
         "while not ray.is_initialized():\n"
         "    time.sleep(0.1)\n"
         "time.sleep(3)  # the starter thread would have ended by now\n"

@@ -47,32 +47,63 @@ class LocalCluster(Cluster):
         with _lock:
             if ray.is_initialized():
                 return
-            # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
-            # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
-            # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
-            # Loopback only: with a node IP of exactly 127.0.0.1 Ray binds every port there (see
-            # gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing. Ray rewrites
-            # 127.0.0.1 to the machine's address unless this variable is "0": its child processes read
-            # it from their environment, this process read it into a constant when Ray was imported.
-            saved = os.environ.get(_LOOPBACK_ONLY_ENV)
-            os.environ[_LOOPBACK_ONLY_ENV] = "0"
-            saved_constant = ray_constants.ENABLE_RAY_CLUSTER
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            try:
-                ray.init(
-                    address="local",  # always a new cluster: never attach to another `ray start` here
-                    num_cpus=self.num_cpus, num_gpus=self.num_gpus, _node_ip_address="127.0.0.1",
-                    include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
-                    log_to_driver=False,  # workers' output comes home on the run's event stream
-                    logging_level=logging.WARNING,
-                )
-            finally:
-                ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-                if saved is None:
-                    os.environ.pop(_LOOPBACK_ONLY_ENV, None)
-                else:
-                    os.environ[_LOOPBACK_ONLY_ENV] = saved
+            if threading.current_thread() is threading.main_thread():
+                self._init_ray()
+            else:
+                self._init_ray_on_a_keeper_thread()
             self.owns_nodes = self._started_here = True
+
+    def _init_ray_on_a_keeper_thread(self) -> None:
+        """``ray.init`` on a thread that lives until :meth:`stop`.
+
+        Ray ties GCS and raylet to the *thread* that started them (``PR_SET_PDEATHSIG``): started from
+        a thread that then ends (a notebook's worker thread, an Optuna trial, the background start),
+        they would be killed with it and the next run would wait 60 s for a GCS that is gone.
+        """
+        started, failure = threading.Event(), []
+        stopped = self._stopped
+
+        def keep() -> None:
+            try:
+                self._init_ray()
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            stopped.wait()
+
+        threading.Thread(target=keep, name="gpu-proxy-ray-keeper", daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+
+    def _init_ray(self) -> None:
+        # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
+        # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
+        # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
+        # Loopback only: with a node IP of exactly 127.0.0.1 Ray binds every port there (see
+        # gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing. Ray rewrites
+        # 127.0.0.1 to the machine's address unless this variable is "0": its child processes read
+        # it from their environment, this process read it into a constant when Ray was imported.
+        saved = os.environ.get(_LOOPBACK_ONLY_ENV)
+        os.environ[_LOOPBACK_ONLY_ENV] = "0"
+        saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(
+                address="local",  # always a new cluster: never attach to another `ray start` here
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, _node_ip_address="127.0.0.1",
+                include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
+                log_to_driver=False,  # workers' output comes home on the run's event stream
+                logging_level=logging.WARNING,
+            )
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+            if saved is None:
+                os.environ.pop(_LOOPBACK_ONLY_ENV, None)
+            else:
+                os.environ[_LOOPBACK_ONLY_ENV] = saved
 
     def __getstate__(self) -> dict[str, Any]:
         # Threads and events cannot travel (clusters ride in strategies).
@@ -92,13 +123,9 @@ class LocalCluster(Cluster):
 
     def _start_quietly(self) -> None:
         try:
-            self.start()
+            self.start()  # on a keeper thread: this one may end
         except Exception:  # noqa: BLE001 - start() from the run raises it where the user sees it
             log.debug("the embedded cluster did not start in the background", exc_info=True)
-            return
-        # Ray ties its daemons' lives to the *thread* that started them (PR_SET_PDEATHSIG): were this
-        # thread to end, GCS and raylet would be killed with it. It waits until the cluster stops.
-        self._stopped.wait()
 
     def data_plane(self, spec: "RunSpec") -> "DataPlane":
         from gpu_proxy.dataplane.local import LocalFolderPlane
