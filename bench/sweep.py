@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import optuna  # noqa: E402
 
+import gpu_proxy  # noqa: E402
+
 from examples.lightning_digits import DigitsClassifier, DigitsData  # noqa: E402
 from gpu_proxy.sweeps import optimize  # noqa: E402
 from gpu_proxy_lightning import RemoteStrategy  # noqa: E402
@@ -55,7 +57,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
+    gpu_proxy.resolve_cluster(None).start()  # on the main thread: see "Known issue" in docs/sweeps.md
     optimize(study_of(TRIALS[:2]), make_objective(True, 1), n_trials=2, n_concurrent=2)  # warm, untimed
 
     started = time.perf_counter()
