@@ -90,9 +90,10 @@ if __name__ == "__main__":  # python -m tests.sweep_project CLUSTER SQLITE_URL F
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cluster_arg, url, folder, n_trials = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=3,
-                                         failed_trial_callback=optuna.storages.RetryFailedTrialCallback())
-    study = new_study(storage, load_if_exists=True, trials=[p for p in TRIALS if not p["fail"]])
+    study = new_study(url, load_if_exists=True, trials=[p for p in TRIALS if not p["fail"]])
+    for left in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):  # a killed home's trials
+        study.tell(left.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(left.params)
     done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
     print(f"resuming with {done} finished", flush=True)
     optimize(study, make_objective(cluster_arg, folder, can_fail=False), n_trials=max(n_trials - done, 1), n_concurrent=2)
