@@ -78,6 +78,7 @@ def make_objective(cluster, folder: str, can_fail: bool = True):
 def new_study(storage=None, name: str = "sweep", load_if_exists: bool = False,
               trials: list[dict] = TRIALS) -> optuna.Study:
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=load_if_exists,
+                                sampler=optuna.samplers.RandomSampler(seed=0),
                                 pruner=optuna.pruners.ThresholdPruner(upper=PRUNE_ABOVE))
     if not study.trials:
         for params in trials:
@@ -90,10 +91,11 @@ if __name__ == "__main__":  # python -m tests.sweep_project CLUSTER SQLITE_URL F
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cluster_arg, url, folder, n_trials = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    study = new_study(url, load_if_exists=True, trials=[p for p in TRIALS if not p["fail"]])
+    # Sampled, not enqueued: two threads may pop the same enqueued trial from an RDB storage (seen here
+    # as Optuna's "Cannot tell a COMPLETE trial"), which in-memory studies do not do.
+    study = new_study(url, load_if_exists=True, trials=[])
     for left in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):  # a killed home's trials
         study.tell(left.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(left.params)
     done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
     print(f"resuming with {done} finished", flush=True)
     optimize(study, make_objective(cluster_arg, folder, can_fail=False), n_trials=max(n_trials - done, 1), n_concurrent=2)
