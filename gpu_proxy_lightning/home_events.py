@@ -8,16 +8,23 @@ hook, the few numbers a bar reads (stage, epoch, batch counts, progress-bar metr
 the home Trainer as rank 0 had them, then the bar's own hook is called. Whatever bar the user
 configured (TQDM, Rich, their own) therefore renders as it would locally. At the end of the run
 the launcher restores rank 0's final state over these values.
+
+Home callbacks (:class:`~gpu_proxy_lightning.home_callbacks.HomeCallback`) are driven the same way:
+their hooks' events set the numbers a callback reads, then the hook runs here. A hook that raises,
+or sets ``trainer.should_stop``, stops the run through its RunControl; the exception is raised
+from :meth:`HomeEventHandler.close`, when the run has ended, so ``fit`` raises it as locally.
 """
 from __future__ import annotations
 
 import sys
 from typing import Any
 
+import torch
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from gpu_proxy import events
 from gpu_proxy.events import Event
+from gpu_proxy_lightning.home_callbacks import HOME_HOOK, home_callbacks
 
 
 class HomeEventHandler:
@@ -32,6 +39,9 @@ class HomeEventHandler:
         self._hparams_logged = False
         self._cost: dict[str, Any] | None = None  # the cluster's latest cost meter reading, if it meters
         self.restarts: list[dict[str, Any]] = []
+        self._home_callbacks = home_callbacks(trainer)
+        self.home_error: BaseException | None = None  # the first exception a home callback raised
+        self._stop_asked = False
 
     # ----- dispatch ---------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
@@ -51,6 +61,8 @@ class HomeEventHandler:
             self._cost = event.data
             for logger in self._loggers:  # beside the run's own metrics, at the latest step
                 logger.log_metrics({"cost_usd": event.data["spent_usd"]}, max(self._max_step_logged, 0))
+        elif event.kind == HOME_HOOK:
+            self._home_hook(event.data)
         elif event.kind == events.RESTART:
             self.restarts.append(event.data)
             self._replayed_up_to = self._max_step_logged
@@ -70,6 +82,43 @@ class HomeEventHandler:
         stream = sys.stderr if event.data.get("stream") == "stderr" else sys.stdout
         stream.write(f"({where}) {event.data['line']}\n")
         stream.flush()
+
+    # ----- home callbacks ---------------------------------------------------------------------
+    def _home_hook(self, data: dict[str, Any]) -> None:
+        callback = self._home_callbacks.get(data["id"])
+        if callback is None or self.home_error is not None:
+            return  # after a home callback failed, the run is stopping: no more hooks (as locally)
+        trainer = self._trainer
+        self._apply_state(data)
+        trainer._logger_connector._callback_metrics.update(
+            {k: torch.tensor(v) for k, v in data["callback_metrics"].items() if isinstance(v, (int, float))})
+        progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress
+        progress.optimizer.step.total.completed = data["global_step"]  # what trainer.global_step reads
+        module = trainer.lightning_module
+        attached = getattr(module, "_trainer", None) if module is not None else None
+        if module is not None:
+            module._trainer = trainer  # pl_module.current_epoch reads the Trainer, as in a local hook
+        try:
+            getattr(callback.callback, data["hook"])(trainer, module)
+        except Exception as error:  # noqa: BLE001 - it ends the run, and fit raises it at the end
+            self.home_error = error
+            self._stop_run(f"the home callback {type(callback.callback).__name__} raised "
+                           f"{type(error).__name__}: {error}")
+        finally:
+            if module is not None:
+                module._trainer = attached
+        if self.home_error is None and trainer.should_stop:
+            self._stop_run(f"the home callback {type(callback.callback).__name__} set trainer.should_stop")
+
+    def _stop_run(self, reason: str) -> None:
+        """Ask this handler's run to stop at its next step on every rank (once)."""
+        if self._stop_asked:
+            return
+        self._stop_asked = True
+        cluster = self._trainer.strategy.resolved_cluster()
+        for control in cluster.active_runs():  # the run whose events come to this handler
+            if control.on_event == self.handle:
+                control.request_stop(reason)
 
     # ----- progress bar -------------------------------------------------------------------------
     def _apply_state(self, data: dict[str, Any]) -> None:
@@ -113,8 +162,14 @@ class HomeEventHandler:
             getattr(bar, hook)(trainer, module)
 
     def close(self, status: str = "success") -> None:
+        """End the bar and the loggers; then raise what a home callback raised, now the run has ended."""
+        if self.home_error is not None:
+            status = "failed"
         if self._bar is not None and self._bar_ready:
             self._bar.teardown(self._trainer, self._trainer.lightning_module, "fit")
         for logger in self._loggers:
             logger.finalize(status)
             logger.save()
+        if self.home_error is not None:
+            error, self.home_error = self.home_error, None
+            raise error
