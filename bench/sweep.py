@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    gpu_proxy.resolve_cluster(None).start()  # on the main thread: see "Known issue" in docs/sweeps.md
     optimize(study_of(TRIALS[:2]), make_objective(True, 1), n_trials=2, n_concurrent=2)  # warm, untimed
 
     started = time.perf_counter()

@@ -14,7 +14,6 @@ import sys
 import lightning as L
 import optuna
 
-import gpu_proxy
 from optuna_integration import PyTorchLightningPruningCallback
 
 from examples.lightning_digits import DigitsClassifier, DigitsData
@@ -40,7 +39,6 @@ def objective(trial: optuna.Trial) -> float:
 def main() -> None:
     study = optuna.create_study(study_name="digits", storage=STORAGE, load_if_exists=True, direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    gpu_proxy.resolve_cluster(CLUSTER).start()  # on the main thread: see "Known issue" in docs/sweeps.md
     optimize(study, objective, n_trials=8, n_concurrent=2)
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
     print(f"best val_acc {study.best_value:.3f} with {study.best_params}; {pruned} of {len(study.trials)} pruned")

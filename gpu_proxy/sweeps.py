@@ -103,12 +103,6 @@ def _stop_trials(thread: threading.Thread) -> None:
 
 
 def _active_runs() -> list[Any]:
-    """Every run home executes now, on any cluster object (trials may each resolve their own).
+    from gpu_proxy.clusters.base import all_active_runs
 
-    ``Cluster.active_runs()`` answers per cluster object; the registry behind it is read here
-    under its lock. (A public ``gpu_proxy.clusters.base.all_active_runs()`` would replace this.)
-    """
-    from gpu_proxy.clusters import base
-
-    with base._ACTIVE_LOCK:
-        return [control for runs in base._ACTIVE_RUNS.values() for control in runs]
+    return all_active_runs()

@@ -6,6 +6,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from gpu_proxy_lightning import pl_mirror, remote_accelerator, tensor_buffers  # noqa: F401  (tensors out of band)
 from gpu_proxy_lightning import worker_reset  # noqa: F401  (a pooled worker puts torch back after a run)
+from gpu_proxy_lightning.home_callbacks import HomeCallback
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 from gpu_proxy_lightning.cluster_consolidation import consolidate_on_cluster  # the helpers of sharded runs
 from gpu_proxy_lightning.sharded_checkpoints import consolidate_checkpoint, read_full_checkpoint
@@ -14,4 +15,4 @@ register(StrategyRegistry)
 remote_accelerator.install()
 pl_mirror.register_in_pytorch_lightning()
 
-__all__ = ["RemoteStrategy", "consolidate_checkpoint", "consolidate_on_cluster", "read_full_checkpoint"]
+__all__ = ["HomeCallback", "RemoteStrategy", "consolidate_checkpoint", "consolidate_on_cluster", "read_full_checkpoint"]

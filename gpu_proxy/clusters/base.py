@@ -59,6 +59,12 @@ class Endpoint:
         raise TypeError("an Endpoint holds a secret token and cannot be pickled")
 
 
+def all_active_runs() -> list["RunControl"]:
+    """Every run home is executing now, on any cluster object (a sweep's trials may each have their own)."""
+    with _ACTIVE_LOCK:
+        return [control for runs in _ACTIVE_RUNS.values() for control in runs]
+
+
 class Cluster(abc.ABC):
     """A Ray cluster that runs can execute on."""
 

@@ -84,8 +84,9 @@ class ServerClient:
         address = _servers.get(cache)
         for attempt in range(2):
             if address is None:
-                address = self._find() or self._start()
-                _servers[cache] = address
+                with _start_lock(cache):  # two trials at once must not start two servers
+                    address = _servers.get(cache) or self._find() or self._start()
+                    _servers[cache] = address
             try:
                 sock = socket.create_connection(self._cluster.server_address(*address), timeout=CONNECT_TIMEOUT_S)
             except OSError as exc:
@@ -194,6 +195,14 @@ class ServerClient:
             raise GpuProxyError(f"the connection to the run server of {self._cluster!r} broke before run "
                                 f"{spec.name} ended ({result.get('broken', 'no result')}); the run was stopped.")
         return result["outcomes"]
+
+
+_start_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _start_lock(cache: tuple[str, str]) -> threading.Lock:
+    with _lock:
+        return _start_locks.setdefault(cache, threading.Lock())
 
 
 def _read(sock: socket.socket, control: RunControl, result: dict[str, Any]) -> None:
