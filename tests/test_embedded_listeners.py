@@ -98,3 +98,51 @@ def test_a_two_worker_ddp_run_listens_on_loopback_only(local_cluster):
     print(f"2-worker DDP on the embedded cluster: {count} listeners, {len(exposed)} beyond loopback: {exposed}")
     assert count >= 5
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_on_a_cluster_by_address_our_own_sockets_are_on_loopback(ray_head):
+    """The run server, torch's store and gloo's pairs, on a single-node cluster given by address. Ray's
+    own ports there (its worker port range, its daemons) follow the cluster's `ray start`, not us."""
+    import re
+    import threading
+    import time
+
+    import lightning as L
+
+    from gpu_proxy import RayCluster
+    from tests.lightning_project.models import DigitsData, DigitsModel
+
+    head = psutil.Process(ray_head.process.pid)
+    low, high = (int(re.search(rf"--{which}-worker-port=(\d+)", _command(head)).group(1)) for which in ("min", "max"))
+
+    class Slow(DigitsModel):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.1)
+            return super().training_step(batch, batch_idx)
+
+    seen: set = set()
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            ours = {p.pid for p in head.children(recursive=True)
+                    if _command(p).startswith("ray::PoolWorker") or "gpu_proxy.runs.server" in _command(p)}
+            for c in psutil.net_connections("inet"):
+                if c.status == psutil.CONN_LISTEN and c.pid in ours and not low <= c.laddr.port <= high:
+                    seen.add((c.pid, c.laddr.ip, c.laddr.port))
+            done.wait(0.2)
+
+    trainer = L.Trainer(strategy=RemoteStrategy(cluster=RayCluster(ray_head.dashboard_url, token=ray_head.token)),
+                        accelerator="cpu", devices=2, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        trainer.fit(Slow(), datamodule=DigitsData(limit=300))
+    finally:
+        done.set()
+        sampler.join(10)
+    exposed = sorted(s for s in seen if not _loopback(s[1]))
+    print(f"2-worker DDP by address: {len(seen)} listeners of ours beyond Ray's, {len(exposed)} beyond loopback")
+    assert len(seen) >= 2  # at least the run server and torch's store
+    assert exposed == [], f"listening beyond loopback: {exposed}"
