@@ -111,3 +111,24 @@ def test_clear_ends_the_warm_workers(ray_head):
 def test_version_skew_names_both_sides():
     with pytest.raises(ConfigurationError, match=r"home \{.*'ray': .*cluster \{.*'ray': '0.0.1'"):
         _check_versions({"gpu_proxy": "0.1.0", "ray": "0.0.1", "python": "3.11"})
+
+
+def test_gpu_proxy_stop_stops_a_run_of_the_server(ray_head):
+    import threading
+
+    from gpu_proxy.runs.attach import stop_run
+
+    spec = RunSpec(shipping.pack(wait_for_stop, "f"), num_workers=1, worker_pool="server-test")
+    started, result = threading.Event(), {}
+
+    def follow():
+        result["outcomes"] = execute(cluster(ray_head), spec,
+                                     lambda event: started.set() if event.kind == "run_started" else None)
+
+    home = threading.Thread(target=follow)
+    home.start()
+    assert started.wait(60)
+    assert stop_run(spec.name, cluster(ray_head)) is True  # as `gpu-proxy stop RUN -c CLUSTER`
+    home.join(60)
+    assert values(result["outcomes"]) == ["stopped"]
+    assert stop_run(spec.name, cluster(ray_head)) is False  # it had ended

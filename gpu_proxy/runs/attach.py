@@ -78,8 +78,18 @@ def _status(job: Any) -> str:
 
 
 def stop_run(run_id: str, cluster: ClusterSpec) -> bool:
-    """Ask a run to stop at its next step boundary (as Ctrl-C at its home would); False if it had ended."""
+    """Ask a run to stop at its next step boundary (as Ctrl-C at its home would); False if it had ended.
+
+    A run of the cluster's run server is stopped there; a detached run through its Ray Job."""
+    from gpu_proxy.runs.server_client import ServerClient
+
     with _connected(cluster) as resolved:
+        try:
+            served = ServerClient(resolved).request("stop_run", run=run_id)
+        except (OSError, GpuProxyError):
+            served = {}
+        if served.get("found"):
+            return bool(served["stopped"])
         return JobRun(resolved.endpoint(), run_id).stop()
 
 

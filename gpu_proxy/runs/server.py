@@ -65,6 +65,7 @@ class RunServer:
         self._lock = threading.Lock()
         self._active: dict[str, dict[str, Any]] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RUNS)
+        self._stops: dict[str, StopSignal] = {}  # the active runs' stop signals, for `gpu-proxy stop`
         self._last_activity = time.monotonic()
 
     def serve(self) -> None:
@@ -100,10 +101,21 @@ class RunServer:
                     wire.send(conn, self.status())
                 elif op == "clear":
                     wire.send(conn, {"cleared": self.pool.clear()})
+                elif op == "stop_run":
+                    wire.send(conn, self._stop_run(str(request.get("run", ""))))
                 else:
                     wire.send(conn, {"error": f"unknown request {op!r}"})
             except (wire.WireError, OSError) as exc:
                 log.info("a request ended: %s", exc)
+
+    def _stop_run(self, name: str) -> dict[str, Any]:
+        """``gpu-proxy stop``: a graceful stop, as the run's home asking would be."""
+        with self._lock:
+            stop = self._stops.get(name)
+            known = stop is not None or any(r["run_id"] == name for r in self._recent)
+        if stop is not None:
+            stop.request()
+        return {"found": known, "stopped": stop is not None}
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -129,6 +141,8 @@ class RunServer:
 
     def _supervise(self, conn: socket.socket, spec: Any, record: dict[str, Any]) -> None:
         stop = StopSignal()
+        with self._lock:
+            self._stops[spec.name] = stop
         send_lock = threading.Lock()
         home = _HomeWatch(conn, spec, stop)
         home.start()
@@ -154,6 +168,8 @@ class RunServer:
             return
         finally:
             home.close()
+            with self._lock:
+                self._stops.pop(spec.name, None)
         if home.gone:
             record["status"] = f"STOPPED ({home.gone})"
             log.warning("gpu-proxy: stopped run %s: %s", spec.name, home.gone)

@@ -151,15 +151,15 @@ class ServerClient:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def request(self, op: str) -> dict[str, Any]:
-        """A one-shot request (``status``, ``clear``) to the server, if one runs (``{}`` if none)."""
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A one-shot request (``status``, ``clear``, ``stop_run``) to the server, if one runs (``{}`` if none)."""
         self._register_key()
         address = _servers.get((self._endpoint.dashboard_url, self.key)) or self._find()
         if address is None:
             return {}
         with socket.create_connection(self._cluster.server_address(*address), timeout=CONNECT_TIMEOUT_S) as sock:
             wire.client_handshake(sock, _HOME_KEY)
-            wire.send(sock, {"op": op})
+            wire.send(sock, {**fields, "op": op})
             return wire.receive(sock)
 
     def run(self, spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
