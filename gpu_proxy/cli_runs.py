@@ -29,12 +29,19 @@ def _no_such_run(args: argparse.Namespace) -> int:
     """``no run X on cluster Y`` and the recent runs there, instead of Ray's 404 traceback."""
     from gpu_proxy.runs.attach import list_runs
 
-    print(f"gpu-proxy: no run {args.run_id!r} on cluster {args.cluster!r}.", file=sys.stderr)
     try:
         runs = list_runs(args.cluster)[-10:]
     except GpuProxyError as error:
+        print(f"gpu-proxy: no run {args.run_id!r} on cluster {args.cluster!r}.", file=sys.stderr)
         print(f"(its runs could not be listed: {error})", file=sys.stderr)
         return 1
+    served = next((r for r in runs if r.run_id == args.run_id), None)
+    if served is not None:  # a run of the cluster's run server: its home followed it, nothing was kept
+        print(f"gpu-proxy: run {args.run_id!r} ({served.status}) ran on cluster {args.cluster!r}'s run server for "
+              "the home that followed it; its events were not kept. Only detached runs (detach=True) keep "
+              "a log to attach to.", file=sys.stderr)
+        return 1
+    print(f"gpu-proxy: no run {args.run_id!r} on cluster {args.cluster!r}.", file=sys.stderr)
     if runs:
         print("Recent runs there:\n" + _table([[r.run_id, r.status, _time(r.start_time)] for r in runs],
                                               ["RUN", "STATE", "STARTED"]), file=sys.stderr)

@@ -132,3 +132,14 @@ def test_gpu_proxy_stop_stops_a_run_of_the_server(ray_head):
     home.join(60)
     assert values(result["outcomes"]) == ["stopped"]
     assert stop_run(spec.name, cluster(ray_head)) is False  # it had ended
+
+
+def test_logs_of_a_run_of_the_server_say_where_it_ran(ray_head, capsys, monkeypatch):
+    from gpu_proxy.cli import main
+
+    spec = RunSpec(shipping.pack(pid, "f"), num_workers=1, worker_pool="server-test")
+    values(execute(cluster(ray_head), spec, lambda event: None))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", ray_head.token_path)
+    assert main(["logs", spec.name, "-c", ray_head.dashboard_url]) == 1
+    said = capsys.readouterr().err
+    assert f"run '{spec.name}' (SUCCEEDED) ran on cluster" in said and "detach=True" in said
