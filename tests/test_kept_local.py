@@ -45,4 +45,14 @@ def test_up_local_serves_fresh_scripts_with_warm_workers_and_down_stops_it(tmp_p
         down = cli("down", "kept", env=env)
     assert down.returncode == 0, down.stderr
     assert "stopped" in down.stdout
-    assert workers and not Path(f"/proc/{workers[0]}").exists()
+    assert workers and _gone(workers[0])
+
+
+def _gone(pid: int) -> bool:
+    """Ended: no process, or a zombie its dead parent left for init to reap."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

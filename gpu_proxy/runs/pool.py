@@ -51,6 +51,8 @@ PING_TIMEOUT_S = 10.0
 def _yield_request() -> bytes | None:
     from ray.experimental import internal_kv
 
+    if not ray.is_initialized():
+        return None
     try:
         return internal_kv._internal_kv_get(YIELD_KEY)
     except Exception:  # noqa: BLE001 - a cluster going away: nobody to yield to
@@ -121,6 +123,8 @@ class WorkerGroup:
         if self._killed:
             return
         self._killed = True
+        if not ray.is_initialized():  # its cluster is gone, and with it the processes (never auto-init one)
+            return
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
@@ -273,7 +277,7 @@ class WorkerPool:
             self._reaper.start()
 
     def _reap(self) -> None:
-        while not self.closed:
+        while not self.closed and ray.is_initialized():
             now = time.monotonic()
             with self._lock:
                 expired = [g for g in self._idle if now - g.idle_since >= g.keep_warm_s]

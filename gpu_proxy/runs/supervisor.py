@@ -162,7 +162,7 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
             except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError,
                     ray.exceptions.RayError) as exc:
-                outcomes[rank] = {"rank": rank, "lost": f"{type(exc).__name__}: {exc}"}
+                outcomes[rank] = {"rank": rank, "lost": _one_line(exc)}
             failed |= "value" not in outcomes[rank]
         if stop.requests > stop_sent:
             stop_sent = stop.requests
@@ -187,3 +187,9 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
             pending = []
     _relay(run, channel, sink, 0)
     return [outcomes[rank] for rank in sorted(outcomes)]
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """Ray's errors span many lines (an actor's id, pid, namespace...): home lists each loss on one."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
