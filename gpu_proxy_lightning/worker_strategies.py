@@ -127,14 +127,7 @@ class WorkerFSDPStrategy(_RunRanks, FSDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        url = self.broadcast(str(filepath))
-        if self._state_dict_type == "sharded":
-            tensors = {"model": checkpoint.pop("state_dict"),
-                       **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
-            sharded_checkpoints.save(self, tensors, checkpoint, url)
-        else:  # "full": Lightning gathered the whole state on rank 0; it is a plain checkpoint
-            Strategy.save_checkpoint(self, checkpoint, url, storage_options)
-            self.barrier("gpu_proxy_full_checkpoint")
+        _save(self, checkpoint, filepath, storage_options, sharded=self._state_dict_type == "sharded")
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -199,6 +192,18 @@ class WorkerFSDPStrategy(_RunRanks, FSDPStrategy):
             return {k: v.detach().cpu() for k, v in state.items()} if self.is_global_zero else None
 
 
+def _save(strategy: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Any, sharded: bool) -> None:
+    """Every rank its shards, committed as one checkpoint; or (not sharded) rank 0's gathered full state."""
+    url = strategy.broadcast(str(filepath))
+    if sharded:
+        tensors = {"model": checkpoint.pop("state_dict"),
+                   **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        sharded_checkpoints.save(strategy, tensors, checkpoint, url)
+    else:  # Lightning gathered the whole state on rank 0: a plain checkpoint
+        Strategy.save_checkpoint(strategy, checkpoint, url, storage_options)
+        strategy.barrier("gpu_proxy_full_checkpoint")
+
+
 class WorkerModelParallelStrategy(_RunRanks, ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (``fully_shard``/tensor parallel in ``configure_model``) on a worker."""
 
@@ -207,14 +212,7 @@ class WorkerModelParallelStrategy(_RunRanks, ModelParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        url = self.broadcast(str(filepath))
-        if self._save_distributed_checkpoint:
-            tensors = {"model": checkpoint.pop("state_dict"),
-                       **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
-            sharded_checkpoints.save(self, tensors, checkpoint, url)
-        else:
-            Strategy.save_checkpoint(self, checkpoint, url, storage_options)
-            self.barrier("gpu_proxy_full_checkpoint")
+        _save(self, checkpoint, filepath, storage_options, sharded=self._save_distributed_checkpoint)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
