@@ -10,6 +10,11 @@ n_trials, n_jobs=n_concurrent)`` with what remote trials need on top:
   starts no further trial, and raises ``KeyboardInterrupt`` once all have ended.
 - A trial's failure is that trial's (``FAIL`` in the study) and the sweep goes on; Optuna's own
   default (the first failure ends ``optimize``) is ``catch=()``.
+- On a metered cluster (``cluster=``, the object the trials run on) each trial's share of the spend
+  is its user attribute ``cost_usd`` and ``optimize`` returns (and prints) the sweep's
+  (``gpu_proxy/sweep_cost.py``). Once the cluster's ``budget_usd`` is spent no trial starts; the
+  trials its meter stopped are ``FAIL`` (``RunStoppedError``), and any run the cluster stops ends the
+  sweep the same way.
 
 Everything else is Optuna's: samplers, pruners, storages (in-memory, SQLite, a database URL),
 ``load_if_exists`` to resume a study, heartbeats to fail the trials a killed home left running.
@@ -23,7 +28,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.errors import ConfigurationError, GpuProxyError, RunStoppedError
+from gpu_proxy.sweep_cost import CostLedger
 
 if TYPE_CHECKING:
     import optuna
@@ -35,9 +42,13 @@ class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C at home: raised on the trials' threads so that no new trial starts."""
 
 
+class BudgetSpent(GpuProxyError):
+    """The trial did not start: the cluster's ``budget_usd`` is spent (the sweep ends with it)."""
+
+
 def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], n_trials: int,
              n_concurrent: int = 1, catch: Sequence[type[Exception]] | None = None,
-             **optimize_kwargs: Any) -> None:
+             cluster: Cluster | None = None, **optimize_kwargs: Any) -> float | None:
     """Run ``n_trials`` trials of ``objective``, ``n_concurrent`` at a time (see the module docstring).
 
     Args:
@@ -47,7 +58,12 @@ def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], 
             total, pass the total less the trials already finished.
         n_concurrent: trials at once; each holds its own workers on the cluster.
         catch: exceptions that fail only their trial; default ``(Exception,)``: every failure.
+        cluster: the cluster object the objective's runs use; when it meters cost (RunPod), each
+            trial's share is its user attribute ``cost_usd`` and its ``budget_usd`` ends the sweep.
         **optimize_kwargs: passed to ``study.optimize`` (``timeout``, ``callbacks``, ...).
+
+    Returns:
+        What the sweep cost in USD on a metered ``cluster``; None otherwise.
     """
     for name, value in (("n_trials", n_trials), ("n_concurrent", n_concurrent)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,13 +72,29 @@ def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], 
         raise ConfigurationError(f"optimize(objective={objective!r}): give a function of one Optuna trial.")
     if "n_jobs" in optimize_kwargs:
         raise ConfigurationError("optimize(n_jobs=...): use n_concurrent=, the number of trials at once.")
+    if cluster is not None and not isinstance(cluster, Cluster):
+        raise ConfigurationError(f"optimize(cluster={cluster!r}): give the Cluster object the objective's runs "
+                                 "use, e.g. cluster = gpu_proxy.resolve_cluster('my-runpod'), passed to both.")
     interrupted = threading.Event()
+    ledger = CostLedger(cluster)
 
     def trial(t: "optuna.Trial") -> Any:
         if interrupted.is_set():  # asked before this trial began: it does not start
             t.study.stop()
             raise SweepInterrupted("the sweep was interrupted at home")
-        return objective(t)
+        if ledger.budget_spent():
+            t.study.stop()
+            raise BudgetSpent(f"not started: {cluster!r} reached its budget_usd")
+        ledger.trial_started(t.number)
+        try:
+            return objective(t)
+        except RunStoppedError:
+            t.study.stop()  # the cluster stopped the run (its budget spent, a signal): no further trial
+            raise
+        finally:
+            share = ledger.trial_ended(t.number)
+            if share is not None:
+                t.set_user_attr("cost_usd", round(share, 6))
 
     outcome: dict[str, BaseException] = {}
 
@@ -78,12 +110,24 @@ def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], 
     try:
         while thread.is_alive():  # a join that lets Ctrl-C in
             thread.join(WAIT_POLL_S)
+            ledger.sample()
     except KeyboardInterrupt:
         interrupted.set()
         _stop_trials(thread)
+        _report_cost(ledger, study)
         raise SweepInterrupted("the sweep was interrupted at home; its running trials were stopped") from None
+    total = _report_cost(ledger, study)
     if "error" in outcome and not isinstance(outcome["error"], SweepInterrupted):
         raise outcome["error"]
+    return total
+
+
+def _report_cost(ledger: CostLedger, study: "optuna.Study") -> float | None:
+    total = ledger.total()
+    if total is not None:
+        print(f"gpu-proxy: the sweep cost ${total:.2f} ({len(study.trials)} trials in the study; each trial's "
+              "share is its user attribute cost_usd)", flush=True)
+    return total
 
 
 def _stop_trials(thread: threading.Thread) -> None:

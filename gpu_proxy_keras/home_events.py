@@ -3,6 +3,15 @@
 The list holds Keras' own ``History`` (for ``fit``), Keras' own progress bar (as ``verbose`` asks)
 and the user's ``home_callbacks``, with the local model attached; it is built when the remote
 ``on_*_begin`` arrives, from the remote ``params`` (epochs, steps), so totals match the run.
+
+A home callback that raises (optuna_integration's ``KerasPruningCallback`` raises
+``optuna.TrialPruned``) or sets ``model.stop_training`` (``EarlyStopping`` at home) stops the run
+through its RunControl, the stop Ctrl-C and a spent budget use: the workers end their fit at their
+next epoch end. ``RemoteFit.fit`` then takes the trained-so-far state in and raises that exception
+(``home_error``), or returns the History as a local fit stopped this way does (``stopped_by_callback``).
+After a home callback raised, no further hook reaches the home callbacks; after one set
+``stop_training``, only ``on_train_end`` does: the epoch the workers train before they see the stop
+is not shown to them (locally there is none), but the model holds it.
 """
 from __future__ import annotations
 
@@ -25,6 +34,9 @@ class HomeEventHandler:
         self._add_history = add_history
         self.callbacks: keras.callbacks.CallbackList | None = None
         self.history: keras.callbacks.History | None = None
+        self.home_error: Exception | None = None  # the first exception a home callback raised
+        self.stopped_by_callback = False  # a home callback set model.stop_training
+        self._fitting = False
 
     @property
     def wants_batches(self) -> bool:
@@ -46,11 +58,39 @@ class HomeEventHandler:
 
     def _replay(self, data: dict[str, Any]) -> None:
         hook = data["hook"]
+        if self.home_error is not None:
+            return  # the run is stopping because a home callback raised: no more hooks, as locally
+        if self.stopped_by_callback and hook != "on_train_end":
+            return  # locally the fit ends at the epoch that set stop_training; the workers' next one is extra
         if self.callbacks is None:
             if hook not in _BEGIN_HOOKS:
                 return  # e.g. fit's validation hooks come inside the train list; nothing to start here
+            self._fitting = hook == "on_train_begin"
+            if self._fitting:
+                self._model.stop_training = False  # as Keras' fit does at its start
             self._start(data.get("params", {}))
-        getattr(self.callbacks, hook)(*data["args"], logs=data["logs"] or None)
+        try:
+            getattr(self.callbacks, hook)(*data["args"], logs=data["logs"] or None)
+        except Exception as error:  # noqa: BLE001 - it ends the run; fit raises it at the end
+            self.home_error = error
+            self._stop_run(f"a home callback raised {type(error).__name__}: {error}")
+            return
+        if self._fitting and getattr(self._model, "stop_training", False) and not self.stopped_by_callback:
+            self.stopped_by_callback = True
+            self._stop_run("a home callback set model.stop_training")
+
+    def _stop_run(self, reason: str) -> None:
+        """Ask the run whose events come to this handler to stop at its next epoch end on every rank."""
+        from gpu_proxy.clusters.base import all_active_runs
+
+        for control in all_active_runs():
+            if control.on_event == self.handle:
+                control.request_stop(reason)
+
+    def raise_home_error(self) -> None:
+        """Raise what a home callback raised during the run, if one did (after the run ended)."""
+        if self.home_error is not None:
+            raise self.home_error
 
     def _start(self, params: dict[str, Any]) -> None:
         self.callbacks = keras.callbacks.CallbackList(

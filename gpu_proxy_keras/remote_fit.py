@@ -106,7 +106,10 @@ class RemoteFit:
             partial = _rank0_result(getattr(stopped, "outcomes", None))
             if partial is not None:
                 self._take_in(partial, callbacks, verbose, data)
-                self._record_history(handler, resumed, partial)  # the epochs the state holds
+                history = self._record_history(handler, resumed, partial)  # the epochs the state holds
+                if handler.stopped_by_callback and isinstance(stopped, RunStoppedError):
+                    return history  # a home callback set model.stop_training: fit returns, as locally
+            handler.raise_home_error()  # a home callback raised (optuna.TrialPruned): that, as locally
             raise
         if result is None:  # the named run had already committed its last epoch: nothing to train
             trained_state.restore(self.model, _state_of(storage.read(resumed)))

@@ -11,8 +11,9 @@ the launcher restores rank 0's final state over these values.
 
 Home callbacks (:class:`~gpu_proxy_lightning.home_callbacks.HomeCallback`) are driven the same way:
 their hooks' events set the numbers a callback reads, then the hook runs here. A hook that raises,
-or sets ``trainer.should_stop``, stops the run through its RunControl; the exception is raised
-from :meth:`HomeEventHandler.close`, when the run has ended, so ``fit`` raises it as locally.
+or sets ``trainer.should_stop``, stops the run through its RunControl; the launcher raises the
+exception (or, for ``should_stop``, returns as a local fit does) once the run has ended and its
+trained-so-far state is restored (``home_error``, ``stopped_by_callback``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class HomeEventHandler:
         self.restarts: list[dict[str, Any]] = []
         self._home_callbacks = home_callbacks(trainer)
         self.home_error: BaseException | None = None  # the first exception a home callback raised
+        self.stopped_by_callback = False  # a home callback set trainer.should_stop
         self._stop_asked = False
 
     # ----- dispatch ---------------------------------------------------------------------------
@@ -86,8 +88,8 @@ class HomeEventHandler:
     # ----- home callbacks ---------------------------------------------------------------------
     def _home_hook(self, data: dict[str, Any]) -> None:
         callback = self._home_callbacks.get(data["id"])
-        if callback is None or self.home_error is not None:
-            return  # after a home callback failed, the run is stopping: no more hooks (as locally)
+        if callback is None or self.home_error is not None or self.stopped_by_callback:
+            return  # a home callback failed or set should_stop: the run is stopping, no more hooks (as locally)
         trainer = self._trainer
         self._apply_state(data)
         trainer._logger_connector._callback_metrics.update(
@@ -108,6 +110,7 @@ class HomeEventHandler:
             if module is not None:
                 module._trainer = attached
         if self.home_error is None and trainer.should_stop:
+            self.stopped_by_callback = True
             self._stop_run(f"the home callback {type(callback.callback).__name__} set trainer.should_stop")
 
     def _stop_run(self, reason: str) -> None:
@@ -162,7 +165,7 @@ class HomeEventHandler:
             getattr(bar, hook)(trainer, module)
 
     def close(self, status: str = "success") -> None:
-        """End the bar and the loggers; then raise what a home callback raised, now the run has ended."""
+        """End the bar and the loggers (``failed`` after a home callback raised)."""
         if self.home_error is not None:
             status = "failed"
         if self._bar is not None and self._bar_ready:
@@ -170,6 +173,3 @@ class HomeEventHandler:
         for logger in self._loggers:
             logger.finalize(status)
             logger.save()
-        if self.home_error is not None:
-            error, self.home_error = self.home_error, None
-            raise error

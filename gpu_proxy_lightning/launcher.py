@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot
 from lightning.pytorch.trainer.call import _interrupt
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from typing_extensions import override
 
 from gpu_proxy import events, shipping
@@ -98,6 +98,16 @@ def _stop_like_local_ctrl_c(trainer: Any, stop: KeyboardInterrupt) -> None:
     trainer._teardown()
 
 
+def _finish_like_should_stop(trainer: Any) -> None:
+    """The home Trainer as a local one that ``trainer.should_stop`` ended: finished, not interrupted.
+
+    The ranks stopped through the run's stop request (as on Ctrl-C, within ``STOP_CHECK_EVERY``
+    batches of the hook that set it); home only tells them apart by who asked."""
+    trainer.state.status = TrainerStatus.FINISHED
+    trainer.state.stage = None
+    trainer.should_stop = True
+
+
 class RemoteLauncher(_Launcher):
     def __init__(self, strategy: Any) -> None:
         self._strategy = strategy
@@ -138,6 +148,10 @@ class RemoteLauncher(_Launcher):
                 if outputs is None:  # aborted (a second Ctrl-C): nothing came back to restore
                     raise
                 interrupted = interrupt  # status stays "failed": what Lightning tells loggers on Ctrl-C
+            except Exception as error:
+                if handler.home_error is None:
+                    raise
+                raise handler.home_error from error  # the run failed while a home callback's stop ended it
         finally:
             handler.close(status)
         if trainer is None:
@@ -148,6 +162,13 @@ class RemoteLauncher(_Launcher):
         self._name_weights_left_on_cluster(trainer, outputs[0], storage)
         if interrupted is not None:
             raise interrupted  # a KeyboardInterrupt: Lightning's Ctrl-C handling goes on from here
+        if handler.home_error is not None:
+            # A home callback raised (optuna.TrialPruned): as locally, the model holds the weights of
+            # the step where the run stopped, and the exception leaves fit now that the workers are free.
+            raise handler.home_error
+        if stopped is not None and handler.stopped_by_callback:
+            _finish_like_should_stop(trainer)  # a home callback set trainer.should_stop: fit returns
+            return outputs[0].trainer_results
         if stopped is not None:
             latest = storage.latest() if storage is not None else None
             hint = (f" The newest checkpoint is {latest}; fit again with the same run_name to continue."

@@ -61,15 +61,20 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=8), DataLoader(TensorDataset(x[-64:], y[-64:]), batch_size=64)
 
 
+def make_trainer(cluster, callbacks: list, remote: bool = True, **options) -> L.Trainer:
+    """The trials' Trainer (``remote=False``: the same one, local: a twin to compare with)."""
+    settings = dict(accelerator="cpu", max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    if remote:
+        settings["strategy"] = RemoteStrategy(cluster=cluster, num_workers=1)
+    return L.Trainer(callbacks=callbacks, **{**settings, **options})
+
+
 def make_objective(cluster, folder: str, can_fail: bool = True):
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
         fail = trial.suggest_categorical("fail", [False, True] if can_fail else [False])
-        trainer = L.Trainer(
-            strategy=RemoteStrategy(cluster=cluster, num_workers=1), accelerator="cpu", max_epochs=MAX_EPOCHS,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0,
-            callbacks=[HomeCallback(PyTorchLightningPruningCallback(trial, monitor="val_loss"))])
+        trainer = make_trainer(cluster, [HomeCallback(PyTorchLightningPruningCallback(trial, monitor="val_loss"))])
         trainer.fit(Regressor(lr, fail, f"{folder}/step{trial.number}"), *loaders())
         return trainer.callback_metrics["val_loss"].item()
     return objective
