@@ -97,6 +97,9 @@ def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], 
                 t.set_user_attr("cost_usd", round(share, 6))
 
     outcome: dict[str, BaseException] = {}
+    # Waited on, not thread.join(): a Ctrl-C that interrupts join() leaves is_alive() False while the
+    # thread still runs (CPython releases the thread's own lock on the way out, bpo-45274).
+    ended = threading.Event()
 
     def run_study() -> None:
         try:
@@ -104,16 +107,16 @@ def optimize(study: "optuna.Study", objective: Callable[["optuna.Trial"], Any], 
                            catch=tuple(catch) if catch is not None else (Exception,), **optimize_kwargs)
         except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
             outcome["error"] = error
+        finally:
+            ended.set()
 
-    thread = threading.Thread(target=run_study, name="gpu-proxy-sweep", daemon=True)
-    thread.start()
+    threading.Thread(target=run_study, name="gpu-proxy-sweep", daemon=True).start()
     try:
-        while thread.is_alive():  # a join that lets Ctrl-C in
-            thread.join(WAIT_POLL_S)
+        while not ended.wait(WAIT_POLL_S):  # a wait that lets Ctrl-C in
             ledger.sample()
     except KeyboardInterrupt:
         interrupted.set()
-        _stop_trials(thread)
+        _stop_trials(ended)
         _report_cost(ledger, study)
         raise SweepInterrupted("the sweep was interrupted at home; its running trials were stopped") from None
     total = _report_cost(ledger, study)
@@ -130,18 +133,18 @@ def _report_cost(ledger: CostLedger, study: "optuna.Study") -> float | None:
     return total
 
 
-def _stop_trials(thread: threading.Thread) -> None:
-    """Stop every run this process executes, until the study's thread ends; Ctrl-C again aborts them."""
+def _stop_trials(ended: threading.Event) -> None:
+    """Stop every run this process executes until the study has ended; Ctrl-C again aborts them."""
     asked: dict[int, int] = {}  # id(RunControl) -> stop requests sent
     aborting = False
-    while thread.is_alive():
+    while not ended.is_set():
         try:
             for control in _active_runs():
                 wanted = 2 if aborting else 1  # a second request aborts the run (RunControl)
                 while asked.get(id(control), 0) < wanted:
                     asked[id(control)] = asked.get(id(control), 0) + 1
                     control.request_stop("the sweep was interrupted at home (Ctrl-C)")
-            thread.join(WAIT_POLL_S)
+            ended.wait(WAIT_POLL_S)
         except KeyboardInterrupt:
             aborting = True
 

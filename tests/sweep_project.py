@@ -21,7 +21,7 @@ from gpu_proxy_lightning import RemoteStrategy
 from gpu_proxy_lightning.home_callbacks import HomeCallback
 
 BATCHES_PER_EPOCH = 20
-MAX_EPOCHS = 4
+MAX_EPOCHS = 3
 STEP_S = 0.02  # a step long enough that a stop request arrives mid-run
 PRUNE_ABOVE = 1.0  # val_loss after one epoch: ~0.02 for a useful rate, ~5 for lr=1e-4
 
@@ -70,11 +70,12 @@ def make_trainer(cluster, callbacks: list, remote: bool = True, **options) -> L.
     return L.Trainer(callbacks=callbacks, **{**settings, **options})
 
 
-def make_objective(cluster, folder: str, can_fail: bool = True):
+def make_objective(cluster, folder: str, can_fail: bool = True, max_epochs: int = MAX_EPOCHS):
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
         fail = trial.suggest_categorical("fail", [False, True] if can_fail else [False])
-        trainer = make_trainer(cluster, [HomeCallback(PyTorchLightningPruningCallback(trial, monitor="val_loss"))])
+        trainer = make_trainer(cluster, [HomeCallback(PyTorchLightningPruningCallback(trial, monitor="val_loss"))],
+                               max_epochs=max_epochs)
         trainer.fit(Regressor(lr, fail, f"{folder}/step{trial.number}"), *loaders())
         return trainer.callback_metrics["val_loss"].item()
     return objective
@@ -91,11 +92,10 @@ def new_study(storage=None, name: str = "sweep", load_if_exists: bool = False,
     return study
 
 
-if __name__ == "__main__":  # python -m tests.sweep_project CLUSTER SQLITE_URL FOLDER N_TRIALS
+def resume(cluster, url: str, folder: str, total: int) -> None:
+    """Run the SQLite study at ``url`` up to ``total`` finished trials, after a home that was killed."""
     from gpu_proxy.sweeps import optimize
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cluster_arg, url, folder, n_trials = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     # Sampled, not enqueued: two threads may pop the same enqueued trial from an RDB storage (seen here
     # as Optuna's "Cannot tell a COMPLETE trial"), which in-memory studies do not do.
     study = new_study(url, load_if_exists=True, trials=[])
@@ -103,4 +103,9 @@ if __name__ == "__main__":  # python -m tests.sweep_project CLUSTER SQLITE_URL F
         study.tell(left.number, state=optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
     print(f"resuming with {done} finished", flush=True)
-    optimize(study, make_objective(cluster_arg, folder, can_fail=False), n_trials=max(n_trials - done, 1), n_concurrent=2)
+    optimize(study, make_objective(cluster, folder, can_fail=False), n_trials=max(total - done, 1), n_concurrent=2)
+
+
+if __name__ == "__main__":  # python -m tests.sweep_project CLUSTER SQLITE_URL FOLDER N_TRIALS
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    resume(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
