@@ -16,12 +16,15 @@ import optuna
 
 from optuna_integration import PyTorchLightningPruningCallback
 
+import gpu_proxy
+
 from examples.lightning_digits import DigitsClassifier, DigitsData
 from gpu_proxy.sweeps import optimize
 from gpu_proxy_lightning import RemoteStrategy
 from gpu_proxy_lightning.home_callbacks import HomeCallback
 
-CLUSTER = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "local" else None
+# One Cluster object for the trials and the sweep: on a metered one (RunPod) the sweep reads its cost.
+CLUSTER = gpu_proxy.resolve_cluster(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "local" else None)
 STORAGE = sys.argv[2] if len(sys.argv) > 2 else None  # None: in memory
 
 
@@ -39,9 +42,10 @@ def objective(trial: optuna.Trial) -> float:
 def main() -> None:
     study = optuna.create_study(study_name="digits", storage=STORAGE, load_if_exists=True, direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    optimize(study, objective, n_trials=8, n_concurrent=2)
+    spent = optimize(study, objective, n_trials=8, n_concurrent=2, cluster=CLUSTER)  # None: not metered
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
-    print(f"best val_acc {study.best_value:.3f} with {study.best_params}; {pruned} of {len(study.trials)} pruned")
+    print(f"best val_acc {study.best_value:.3f} with {study.best_params}; {pruned} of {len(study.trials)} pruned"
+          + (f"; ${spent:.2f} spent" if spent is not None else ""))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ n_trials, n_jobs=n_concurrent)`` with what remote trials need on top:
 Everything else is Optuna's: samplers, pruners, storages (in-memory, SQLite, a database URL),
 ``load_if_exists`` to resume a study, heartbeats to fail the trials a killed home left running.
 The objective is written as for a local run; pruning a remote Lightning trial mid-run is
-``HomeCallback(PyTorchLightningPruningCallback(trial, monitor=...))`` (gpu_proxy_lightning).
+``HomeCallback(PyTorchLightningPruningCallback(trial, monitor=...))`` (gpu_proxy_lightning), a Keras
+one ``RemoteFit(model, home_callbacks=[KerasPruningCallback(trial, monitor)])``.
 Several trials at once on one cluster need the cluster to hold all their workers; a trial whose
 workers do not fit waits for another's to be freed (``gpu_proxy/runs/pool.py``).
 """

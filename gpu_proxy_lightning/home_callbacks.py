@@ -7,10 +7,10 @@ home Trainer and calls ``cb``'s hook there (``gpu_proxy_lightning/home_events.py
 that holds home-only things (an Optuna trial and its storage, a socket, a GUI) works unchanged:
 
 - it raises (``optuna.TrialPruned`` from optuna_integration's ``PyTorchLightningPruningCallback``):
-  the run stops at its next step on every rank and ``fit`` raises that exception at home, as it
-  would locally;
-- it sets ``trainer.should_stop`` (``EarlyStopping``): the run stops at its next step on every rank
-  and ``fit`` raises :class:`~gpu_proxy.RunStoppedError` with the state so far restored.
+  the run stops at its next step on every rank, its workers are freed, the model gets the weights
+  of that step, and ``fit`` raises that exception at home, as it would locally;
+- it sets ``trainer.should_stop`` (``EarlyStopping``): the run stops the same way and ``fit``
+  returns normally with the state so far restored, as a local fit that ``should_stop`` ended.
 
 The stop goes through the run's :class:`~gpu_proxy.runs.control.RunControl`, the one Ctrl-C and a
 spent budget use: the ranks agree on it every ``STOP_CHECK_EVERY`` batches (worker_events.py).
