@@ -15,7 +15,9 @@ Invariants, and where the code keeps them:
    run (a broken CUDA context, a half-torn process group) never meets the next run (``release``).
 4. Between runs a process puts back what the run changed: environment, working directory,
    ``sys.path``, project modules imported by name, and what frameworks register
-   (:mod:`gpu_proxy.runs.process_state`).
+   (:mod:`gpu_proxy.runs.process_state`). It does so after its run's result went home, as the
+   actor's next call (``release``), so the reset is off the run's critical path; a group whose
+   reset failed is never handed out again (``WorkerGroup.alive``).
 5. An idle group lives ``keep_warm_s`` (the last run's setting) and is then killed; ``0`` kills it
    at release (:meth:`WorkerPool._reap`).
 6. A run whose resources idle groups hold takes them: idle groups are killed, least recently used
@@ -23,9 +25,14 @@ Invariants, and where the code keeps them:
    supervising processes on the cluster (another home's run server, a detached run's driver) give
    way too: a placement that still waits posts a request in the cluster's key-value store, and
    every pool with idle groups watches it (:meth:`WorkerPool._reap`).
+7. A group may start before its first run (:meth:`WorkerPool.prewarm`, when the embedded cluster's
+   Trainer is made): it joins the idle list once its processes imported the framework, and a run of
+   its kind that comes meanwhile waits for it instead of starting a second group.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 import os
 import threading
@@ -41,6 +48,8 @@ from gpu_proxy.errors import ClusterResourceError, ConfigurationError
 from gpu_proxy.runs.process_state import ProcessState
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_rank
+
+log = logging.getLogger(__name__)
 
 EVICT_POLL_S = 0.2  # how long a placement waits before an idle group gives way
 YIELD_POLL_S = 0.5  # how often a pool with idle groups looks for another process's request
@@ -79,10 +88,20 @@ class PoolWorker:
 
     def run(self, files: RunFiles, placement: WorkerPlacement, channel: Any,
             secrets: dict[str, str] | None = None) -> dict[str, Any]:
-        try:
-            return run_rank(files, placement, channel, secrets)
-        finally:
-            self._state.restore()
+        return run_rank(files, placement, channel, secrets)
+
+    def preload(self, modules: tuple[str, ...]) -> bool:
+        """Import what runs of this kind import (torch, Lightning: seconds) before the first run needs it."""
+        for name in modules:
+            importlib.import_module(name)
+        self._state = ProcessState.snapshot()  # what was imported belongs to the warm process
+        return True
+
+    def reset(self) -> bool:
+        """Put back what the last run changed (invariant 4); an actor runs its calls in order, so
+        the next run starts after it. Freeing a 2 GB run's memory alone takes seconds."""
+        self._state.restore()
+        return True
 
 
 @dataclass(frozen=True)
@@ -109,14 +128,18 @@ class WorkerGroup:
     runs: int = 0
     idle_since: float = 0.0
     keep_warm_s: float = 0.0
+    resets: list[Any] = field(default_factory=list, repr=False)  # the last run's resets, pending
     _killed: bool = field(default=False, repr=False)
 
     def alive(self) -> bool:
+        """Every process answers and put back what the last run changed."""
         try:
-            ray.get([actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
+            ray.get(self.resets + [actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
             return True
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return False
+        finally:
+            self.resets = []
 
     def kill(self) -> None:
         """End the group's processes and give its resources back (idempotent, never raises)."""
@@ -150,6 +173,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[WorkerGroup] = []  # least recently used first
         self._busy: list[WorkerGroup] = []
+        self._warming: dict[GroupKey, threading.Event] = {}  # groups prewarm is starting
         self._wake = threading.Event()
         self._reaper: threading.Thread | None = None
         self._yield_seen = _yield_request()
@@ -158,6 +182,9 @@ class WorkerPool:
     def acquire(self, spec: RunSpec) -> WorkerGroup:
         """A group for ``spec``: an idle one of its kind, else a new one (idle groups giving way)."""
         key = GroupKey.of(spec)
+        warming = self._warming.get(key)
+        if warming is not None:  # a group for runs like this one is starting (prewarm): take it when ready
+            warming.wait(spec.placement_timeout_s)
         while True:
             with self._lock:
                 group = next((g for g in reversed(self._idle) if g.key == key), None)
@@ -169,8 +196,47 @@ class WorkerPool:
             if group.alive():
                 return group
             self._forget(group)  # a process died while idle (node lost, OOM): try the next, or make one
+        return self._start_group(spec)
+
+    def prewarm(self, spec: RunSpec, modules: tuple[str, ...] = ()) -> None:
+        """Start an idle group for runs like ``spec`` before the first one comes, importing ``modules``
+        in it; that run's ``acquire`` waits for it rather than starting a second. Only for a pool that
+        has no group yet (a fresh process's first run: later runs find their groups warm anyway, and
+        a guess would take resources from them). Never raises: the run itself then starts its
+        workers, and says what went wrong."""
+        key = GroupKey.of(spec)
+        with self._lock:
+            if self.closed or self._warming or self._idle or self._busy:
+                return
+            ready = self._warming[key] = threading.Event()
+        group = None
+        try:
+            group = self._start_group(spec)
+            ray.get([actor.preload.remote(modules) for actor in group.actors], timeout=spec.placement_timeout_s)
+            with self._lock:
+                self._busy.remove(group)
+                keep = spec.keep_warm_s > 0 and not self.closed
+                if keep:
+                    group.idle_since, group.keep_warm_s = time.monotonic(), spec.keep_warm_s
+                    self._idle.append(group)
+            if keep:
+                self._start_reaper()
+                self._wake.set()
+            else:
+                group.kill()
+        except Exception:  # noqa: BLE001
+            log.debug("prewarming %s workers failed", key.worker_pool, exc_info=True)
+            if group is not None:
+                self._forget(group)
+        finally:
+            with self._lock:
+                self._warming.pop(key, None)
+            ready.set()
+
+    def _start_group(self, spec: RunSpec) -> WorkerGroup:
         pg = self._place(spec)
-        group = WorkerGroup(key, pg, [self._start_worker(spec, pg, bundle) for bundle in range(spec.num_workers)])
+        group = WorkerGroup(GroupKey.of(spec), pg,
+                            [self._start_worker(spec, pg, bundle) for bundle in range(spec.num_workers)])
         with self._lock:
             self._busy.append(group)
         return group
@@ -183,6 +249,7 @@ class WorkerPool:
                 self._busy.remove(group)
             keep = reusable and keep_warm_s > 0 and not self.closed
             if keep:
+                group.resets = [actor.reset.remote() for actor in group.actors]
                 group.idle_since, group.keep_warm_s = time.monotonic(), keep_warm_s
                 self._idle.append(group)
         if not keep:
