@@ -1,6 +1,7 @@
 """``gpu-proxy``: bring clusters up and down, see their state, and follow runs on them.
 
-Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage.
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage; `image check`: 3 when not
+every version could be checked.
 """
 from __future__ import annotations
 
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpu_proxy.clouds.runpod.serverless.cli import add_serverless_commands
 
     add_serverless_commands(sub)
+    from gpu_proxy.clouds.runpod.image.cli import add_image_commands
+
+    add_image_commands(sub)
     return parser
 
 

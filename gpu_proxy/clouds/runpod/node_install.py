@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 from gpu_proxy.clouds.runpod.provision import LaunchError
 from gpu_proxy.clouds.runpod.versions import (PROBE_SCRIPT, check_same_versions, home_versions, mismatches,
-                                              public_version)
+                                              project_root, public_version, source_digest)
 from gpu_proxy.ssh import SSHError, SSHTarget, run_remote
 
 # Source the pod's environment, then find its Python.
@@ -66,21 +66,9 @@ class InstallPlan:
         return digest.hexdigest()[:16]
 
 
-def project_root() -> Path | None:
-    """The source tree home's gpu-proxy is imported from, when it is one (a checkout, an editable install)."""
-    import gpu_proxy
-
-    root = Path(gpu_proxy.__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").is_file() else None
-
-
 def build_project_wheel(root: Path, cache: Path | None = None) -> Path:
     """A wheel of the gpu-proxy source at ``root`` (pure Python, no dependencies bundled), cached by content."""
-    files = sorted(p for p in [root / "pyproject.toml", *root.glob("gpu_proxy*/**/*.py")] if p.is_file())
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    folder = (cache or Path(tempfile.gettempdir()) / "gpu-proxy-wheels") / digest.hexdigest()[:16]
+    folder = (cache or Path(tempfile.gettempdir()) / "gpu-proxy-wheels") / source_digest(root)
     wheels = sorted(folder.glob("gpu_proxy-*.whl")) if folder.is_dir() else []
     if wheels:
         return wheels[0]
