@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 from gpu_proxy.clouds.runpod.provision import LaunchError
 from gpu_proxy.clouds.runpod.versions import (PROBE_SCRIPT, check_same_versions, home_versions, mismatches,
                                               project_root, public_version, source_digest)
+from gpu_proxy.clusters.ray_bootstrap import detached_script
 from gpu_proxy.ssh import SSHError, SSHTarget, run_remote
 
 # Source the pod's environment, then find its Python.
@@ -174,15 +175,9 @@ class NodeBootstrap:
 
     def start_node(self, env: Mapping[str, str], log_file: str) -> None:
         """Start the node detached in its own session, with ``env`` over the pod's own environment."""
-        assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         log = shlex.quote(log_file)
-        # The ssh session's own variables must not reach Ray (see gpu_proxy/clusters/ssh.py).
-        removals = "-u SSH_CLIENT -u SSH_CONNECTION -u SSH_TTY -u SSH_AUTH_SOCK"
-        # A simple backgrounded command, not an && list: a backgrounded list runs in a subshell that keeps
-        # the ssh session's output open, and the session would never end.
-        script = (f'mkdir -p "$(dirname {log})" || exit 1\n'
-                  f'setsid env {removals} {assignments} "$py" -m gpu_proxy.clouds.runpod.node '
-                  f'> {log} 2>&1 < /dev/null &\necho $!')
+        script = f'mkdir -p "$(dirname {log})" || exit 1\n' + detached_script(
+            '"$py" -m gpu_proxy.clouds.runpod.node', env, log_file)
         try:
             self.pid = int(self._run(script).stdout.strip().splitlines()[-1])
         except (SSHError, ValueError, IndexError) as error:
