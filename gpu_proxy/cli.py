@@ -91,6 +91,7 @@ def _up_runpod(args: argparse.Namespace) -> int:
     from gpu_proxy.clouds.runpod.options import requirement_list
 
     state_dir = saved.state_folder("runpod", args.name)
+    # --pip is defined with the launcher's options (gpu_proxy/clouds/ray_launcher/cli.py): for runpod, extras.
     requirements = [*(requirement_list(args.requirements) if args.requirements else ()), *(args.pip or ())]
     gpus = [part.strip() for value in args.gpu for part in value.split(",") if part.strip()]
     cluster = RunPodCluster(gpus if len(gpus) > 1 else gpus[0], args.gpus_per_node, args.nodes,
@@ -311,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Docker image with Python, Ray and gpu-proxy (default: pip install)")
     up.add_argument("--requirements", metavar="FILE",
                     help="runpod, no --image: a requirements.txt installed on each pod with home's versions")
-    up.add_argument("--pip", action="append", metavar="REQUIREMENT",
-                    help="runpod, no --image: one more requirement for the pods, e.g. einops==0.8.1 (repeat)")
     up.add_argument("--pip-option", action="append", metavar="OPTION",
                     help="runpod, no --image: an extra `pip install` argument, e.g. --pip-option=--index-url=URL")
     up.add_argument("--cloud", default="SECURE", choices=["SECURE", "COMMUNITY"], help="runpod: RunPod cloud")
