@@ -28,6 +28,11 @@ Invariants, and where the code keeps them:
 7. A group may start before its first run (:meth:`WorkerPool.prewarm`, when the embedded cluster's
    Trainer is made): it joins the idle list once its processes imported the framework, and a run of
    its kind that comes meanwhile waits for it instead of starting a second group.
+8. A run whose supervising process is itself inside a placement group (a Ray Tune trial, whose
+   resources Tune reserved, workers included) makes no group of its own, which would wait for
+   resources Tune already holds: its workers go in that group's last ``num_workers`` bundles
+   (:meth:`WorkerPool._borrow`). Such a group never takes idle groups, is never kept warm and never
+   removes the placement group it borrowed: that belongs to Tune, which frees it with the trial.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gpu_proxy.errors import ClusterResourceError, ConfigurationError
@@ -125,6 +130,8 @@ class WorkerGroup:
     key: GroupKey
     pg: Any
     actors: list[Any]
+    bundles: list[int] = field(default_factory=list)  # each worker's bundle of ``pg``
+    borrowed: bool = False  # ``pg`` is the supervising process's own (a Tune trial's): never removed here
     runs: int = 0
     idle_since: float = 0.0
     keep_warm_s: float = 0.0
@@ -153,6 +160,8 @@ class WorkerGroup:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone, or the cluster is
                 pass
+        if self.borrowed:
+            return
         try:
             remove_placement_group(self.pg)
         except Exception:  # noqa: BLE001
@@ -182,6 +191,9 @@ class WorkerPool:
     def acquire(self, spec: RunSpec) -> WorkerGroup:
         """A group for ``spec``: an idle one of its kind, else a new one (idle groups giving way)."""
         key = GroupKey.of(spec)
+        enclosing = get_current_placement_group()
+        if enclosing is not None:  # invariant 8: inside a Tune trial, in the trial's own bundles
+            return self._borrow(spec, key, enclosing)
         warming = self._warming.get(key)
         if warming is not None:  # a group for runs like this one is starting (prewarm): take it when ready
             warming.wait(spec.placement_timeout_s)
@@ -235,8 +247,16 @@ class WorkerPool:
 
     def _start_group(self, spec: RunSpec) -> WorkerGroup:
         pg = self._place(spec)
-        group = WorkerGroup(GroupKey.of(spec), pg,
-                            [self._start_worker(spec, pg, bundle) for bundle in range(spec.num_workers)])
+        bundles = list(range(spec.num_workers))
+        group = WorkerGroup(GroupKey.of(spec), pg, [self._start_worker(spec, pg, b) for b in bundles], bundles)
+        with self._lock:
+            self._busy.append(group)
+        return group
+
+    def _borrow(self, spec: RunSpec, key: GroupKey, pg: Any) -> WorkerGroup:
+        holds_one = bool(ray.get_runtime_context().get_assigned_resources())  # a trainable of {"CPU": 1}, say
+        bundles = borrowed_bundles(spec.num_workers, spec.resources_per_worker, pg.bundle_specs, holds_one)
+        group = WorkerGroup(key, pg, [self._start_worker(spec, pg, b) for b in bundles], bundles, borrowed=True)
         with self._lock:
             self._busy.append(group)
         return group
@@ -247,7 +267,7 @@ class WorkerPool:
         with self._lock:
             if group in self._busy:
                 self._busy.remove(group)
-            keep = reusable and keep_warm_s > 0 and not self.closed
+            keep = reusable and keep_warm_s > 0 and not self.closed and not group.borrowed
             if keep:
                 group.resets = [actor.reset.remote() for actor in group.actors]
                 group.idle_since, group.keep_warm_s = time.monotonic(), keep_warm_s
@@ -361,6 +381,27 @@ class WorkerPool:
                 self.clear()
             self._wake.wait(min(min(waits, default=0.0), YIELD_POLL_S) if not expired else 0.0)
             self._wake.clear()
+
+
+def borrowed_bundles(num_workers: int, per_worker: dict[str, float], bundle_specs: list[dict[str, float]],
+                     holds_first: bool) -> list[int]:
+    """The last ``num_workers`` bundles of an enclosing placement group, each able to hold one worker.
+
+    The first bundle holds the supervising process itself (a Tune trial's trainable, see
+    ``gpu_proxy_lightning.tune.trial_resources``), which no worker may share when the process holds
+    resources there (``holds_first``); a group too small, or bundles too small for the run's
+    ``resources_per_worker``, is a :class:`ConfigurationError` before any worker starts.
+    """
+    wanted = {k: float(v) for k, v in per_worker.items() if v}
+    bundles = list(range(len(bundle_specs) - num_workers, len(bundle_specs)))
+    if bundles and bundles[0] >= int(holds_first) and all(
+            all(bundle_specs[b].get(k, 0.0) >= v for k, v in wanted.items()) for b in bundles):
+        return bundles
+    raise ConfigurationError(
+        f"This run is inside a placement group (a Ray Tune trial's?) with bundles {bundle_specs}; its "
+        f"{num_workers} worker(s) of {wanted} each need one bundle of their own after the trainable's. "
+        f"Give the trainable tune.with_resources(fn, gpu_proxy_lightning.tune.trial_resources("
+        f"num_workers={num_workers}, ...)) matching the strategy's num_workers and resources_per_worker.")
 
 
 def check_keep_warm(value: object, owner: str) -> float:
