@@ -6,13 +6,17 @@ same bytes over the same medium, and home's peak RSS, for each kind of cluster.
 
 Paths, each with the medium its raw reference copies over:
 
-- ``embedded``: the embedded cluster (``RemoteStrategy(cluster=None)``). Raw: ``ray.put`` + ``ray.get``
-  of a numpy array of that size in that cluster's Ray (``ray.get`` in the putting process is a
-  zero-copy map, so the raw figure is about one memcpy).
+Every raw reference moves the bytes out to where a worker reads them and back, as a fit does
+(the payload out, the weights home):
+
+- ``embedded``: the embedded cluster (``RemoteStrategy(cluster=None)``). Raw: home ``ray.put``s a
+  numpy array of that size, a Ray task ``ray.get``s it (a zero-copy map) and ``ray.put``s it back
+  (a copy: a worker's result is new memory), home ``ray.get``s that (a map): about two memcpys.
 - ``address``: a ``ray start --head`` on loopback given by its dashboard URL (token auth), with
-  ``staging_dir`` on a moto S3 server. Raw: ``s3fs`` ``put_file`` + ``get_file`` of that many bytes.
-  By design staged bytes cross the store twice each way (home puts, the head gets; the head puts,
-  home gets), so this path's floor is 2.0x that raw figure.
+  ``staging_dir`` on a moto S3 server. Raw: ``s3fs`` ``put_file`` + ``get_file`` of that many bytes
+  out (home puts, the head gets), and again back (the head puts, home gets): staged bytes cross
+  the store twice each way. (Before 2026-12-01 evening the raw figure was one put + get, and this
+  path's floor was stated as 2.0x; the figures in docs/performance.md say which they used.)
 - ``ssh``: an :class:`~gpu_proxy.clusters.ssh.SSHCluster` on a loopback sshd, built as the
   ``ssh_cluster`` fixture builds it. Raw: ``ssh host 'cat > file'`` fed from a local file, then
   ``ssh host cat file`` into a local file.
@@ -189,19 +193,30 @@ def child_raw(path: str, size_mb: float, repeats: int) -> dict:
 
         from gpu_proxy.clusters.local import LocalCluster
 
+        @ray.remote(num_cpus=0)
+        def worker_round(refs: list) -> tuple[list, float, float]:
+            """A worker maps the payload and puts its result (new memory) back; times both halves."""
+            start = time.perf_counter()
+            array = ray.get(refs[0])
+            got = time.perf_counter()
+            result = ray.put(array)
+            return [result], got - start, time.perf_counter() - got
+
         LocalCluster().start()
-        ray.get(ray.put(np.zeros(1 << 20, dtype=np.uint8)))  # warm-up
+        ray.get(worker_round.remote([ray.put(np.zeros(1 << 20, dtype=np.uint8))])[0])  # warm-up
         array = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
         for _ in range(repeats):
             start = time.perf_counter()
             ref = ray.put(array)
+            put_s = time.perf_counter() - start
+            [result], get_s, worker_put_s = ray.get(worker_round.remote([ref]))
             middle = time.perf_counter()
-            back = ray.get(ref)
-            end = time.perf_counter()
+            back = ray.get(result)
+            home_get_s = time.perf_counter() - middle
             assert back.nbytes == size
-            outs.append(middle - start)
-            backs.append(end - middle)
-            del back, ref
+            outs.append(put_s + get_s)
+            backs.append(worker_put_s + home_get_s)
+            del back, ref, result
     else:
         local = _random_file(size)
         returned = local + ".back"
@@ -211,16 +226,19 @@ def child_raw(path: str, size_mb: float, repeats: int) -> dict:
 
                 fs = s3fs.S3FileSystem(**json.loads(_env("S3_OPTIONS")))
                 fs.pipe_file(f"{BUCKET}/raw/warmup", b"x" * 2**20)
+                at_head = local + ".head"
                 for round_ in range(repeats):
-                    key = f"{BUCKET}/raw/{round_}"
-                    start = time.perf_counter()
-                    fs.put_file(local, key)
-                    middle = time.perf_counter()
-                    fs.get_file(key, returned)
-                    end = time.perf_counter()
-                    fs.rm_file(key)
-                    outs.append(middle - start)
-                    backs.append(end - middle)
+                    legs = []
+                    for source, sink in ((local, at_head), (at_head, returned)):  # out, then back
+                        key = f"{BUCKET}/raw/{round_}-{len(legs)}"
+                        start = time.perf_counter()
+                        fs.put_file(source, key)
+                        fs.get_file(key, sink)
+                        legs.append(time.perf_counter() - start)
+                        fs.rm_file(key)
+                    outs.append(legs[0])
+                    backs.append(legs[1])
+                os.unlink(at_head)
             else:
                 from gpu_proxy.ssh import SSHTarget
 

@@ -1,6 +1,7 @@
 """``gpu-proxy``: bring clusters up and down, see their state, and follow runs on them.
 
-Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage.
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage; `image check`: 3 when not
+every version could be checked.
 """
 from __future__ import annotations
 
@@ -87,7 +88,11 @@ def _up_runpod(args: argparse.Namespace) -> int:
         print(f"gpu-proxy up: a cluster named {args.name!r} is already saved; `gpu-proxy down {args.name}` first, "
               f"or pick another --name", file=sys.stderr)
         return 1
+    from gpu_proxy.clouds.runpod.options import requirement_list
+
     state_dir = saved.state_folder("runpod", args.name)
+    # --pip is defined with the launcher's options (gpu_proxy/clouds/ray_launcher/cli.py): for runpod, extras.
+    requirements = [*(requirement_list(args.requirements) if args.requirements else ()), *(args.pip or ())]
     gpus = [part.strip() for value in args.gpu for part in value.split(",") if part.strip()]
     cluster = RunPodCluster(gpus if len(gpus) > 1 else gpus[0], args.gpus_per_node, args.nodes,
                             max_usd_per_hour=args.max_usd_per_hour, instant_cluster=args.instant_cluster,
@@ -95,7 +100,7 @@ def _up_runpod(args: argparse.Namespace) -> int:
                             cloud=args.cloud, data_centers=args.data_center or (), expected_hours=args.hours,
                             ray_ports=RayPorts.free_on_this_machine() if args.free_ports else None,
                             worker_ray_ports=RayPorts.free_on_this_machine() if args.free_ports else None,
-                            state_dir=str(state_dir))
+                            state_dir=str(state_dir), requirements=requirements, pip_options=args.pip_option or ())
     estimate = cluster.check()
     print(f"estimated cost: {estimate}", flush=True)
     if not _confirm(args, estimate.per_hour):
@@ -305,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--hours", type=float, help="runpod: expected hours, for the estimate")
     up.add_argument("--image", help="runpod: the node image (default $GPU_PROXY_RUNPOD_IMAGE); aws/gcp/azure: a "
                                     "Docker image with Python, Ray and gpu-proxy (default: pip install)")
+    up.add_argument("--requirements", metavar="FILE",
+                    help="runpod, no --image: a requirements.txt installed on each pod with home's versions")
+    up.add_argument("--pip-option", action="append", metavar="OPTION",
+                    help="runpod, no --image: an extra `pip install` argument, e.g. --pip-option=--index-url=URL")
     up.add_argument("--cloud", default="SECURE", choices=["SECURE", "COMMUNITY"], help="runpod: RunPod cloud")
     up.add_argument("--data-center", action="append", help="runpod: preferred data centre id (repeat)")
     up.add_argument("--confirm-above", type=float, default=5.0,
@@ -343,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpu_proxy.clouds.runpod.serverless.cli import add_serverless_commands
 
     add_serverless_commands(sub)
+    from gpu_proxy.clouds.runpod.image.cli import add_image_commands
+
+    add_image_commands(sub)
     return parser
 
 

@@ -10,9 +10,11 @@ from gpu_proxy_lightning.home_callbacks import HomeCallback
 from gpu_proxy_lightning.strategy import RemoteStrategy, register
 from gpu_proxy_lightning.cluster_consolidation import consolidate_on_cluster  # the helpers of sharded runs
 from gpu_proxy_lightning.sharded_checkpoints import consolidate_checkpoint, read_full_checkpoint
+from gpu_proxy_lightning.tune import TuneReportCallback, trial_resources  # Ray Tune imported only when used
 
 register(StrategyRegistry)
 remote_accelerator.install()
 pl_mirror.register_in_pytorch_lightning()
 
-__all__ = ["HomeCallback", "RemoteStrategy", "consolidate_checkpoint", "consolidate_on_cluster", "read_full_checkpoint"]
+__all__ = ["HomeCallback", "RemoteStrategy", "TuneReportCallback", "consolidate_checkpoint", "consolidate_on_cluster",
+           "read_full_checkpoint", "trial_resources"]

@@ -102,7 +102,9 @@ class HomeEventHandler:
             module._trainer = trainer  # pl_module.current_epoch reads the Trainer, as in a local hook
         try:
             getattr(callback.callback, data["hook"])(trainer, module)
-        except Exception as error:  # noqa: BLE001 - it ends the run, and fit raises it at the end
+        # SystemExit too: ray.tune.report exits the trainable's thread once Tune stopped the trial (ASHA),
+        # and the run's workers must stop first (gpu_proxy_lightning/tune.py).
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - it ends the run, and fit raises it at the end
             self.home_error = error
             self._stop_run(f"the home callback {type(callback.callback).__name__} raised "
                            f"{type(error).__name__}: {error}")

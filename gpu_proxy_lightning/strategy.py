@@ -21,11 +21,17 @@ from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy.runs.pool import check_keep_warm
+from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.secrets import conceal
 from gpu_proxy_lightning import sharding as sharding_
 from gpu_proxy_lightning.checkpointing import check_run_name
 from gpu_proxy_lightning.environment import RemoteWorkerEnvironment
 from gpu_proxy_lightning.remote_accelerator import RemoteCUDAAccelerator
+
+
+#: The warm-worker pool of Lightning runs, and what its processes import before a first run.
+WORKER_POOL = "lightning"
+WORKER_MODULES = ("torch", "lightning.pytorch", "gpu_proxy_lightning")
 
 
 class RemoteStrategy(DDPStrategy):
@@ -138,6 +144,13 @@ class RemoteStrategy(DDPStrategy):
         self._check_gpu_settings()
         self._reconcile_world_size()
         self._launcher = RemoteLauncher(self)
+        if not self.detach and self.keep_warm > 0:
+            # Devices are known now: the embedded cluster's workers start and import torch and
+            # Lightning while the script goes on to fit (a detached run gets its own on the cluster).
+            start_early(self.cluster, RunSpec(payload=None, num_workers=self.worker_count(),
+                                              resources_per_worker=self.worker_resources(),
+                                              worker_pool=WORKER_POOL, keep_warm_s=self.keep_warm),
+                        modules=WORKER_MODULES)
 
     @contextlib.contextmanager
     @override
@@ -248,6 +261,16 @@ class RemoteStrategy(DDPStrategy):
         self.num_nodes = ctx.num_nodes
         self.cluster_environment = RemoteWorkerEnvironment(ctx)
         self.set_world_ranks()
+        if ctx.world_size == 1:
+            self._skip_one_rank_broadcasts()
+
+    def _skip_one_rank_broadcasts(self) -> None:
+        """A one-worker run has nobody to broadcast to, but DDP still copies the whole state through
+        gloo at wrap time and every buffer at each forward: 2 GB of state cost ~8 s a fit. Lightning's
+        own one-device run has no DDP at all. The user's explicit DDP arguments win."""
+        self._ddp_kwargs.setdefault("init_sync", False)
+        if "broadcast_buffers" not in self._ddp_kwargs:
+            self._ddp_kwargs.setdefault("forward_sync_buffers", False)
 
     @property
     def is_remote_worker(self) -> bool:

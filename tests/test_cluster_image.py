@@ -98,9 +98,12 @@ def test_versions_come_from_build_args_and_match_this_environment(dockerfile):
         sys.path.remove(str(IMAGE))
     here = build_args.build_args()
     for name, value in here.items():
-        if name in args and name != "INSTALL_TENSORFLOW":
+        if name in args and name not in ("INSTALL_TENSORFLOW", "GPU_PROXY_SOURCE"):  # the source: this tree's digest
             assert args[name] == value, f"ARG {name}={args[name]} but this environment has {value}"
     assert here["RAY_VERSION"] == metadata.version("ray")
+    from gpu_proxy.clouds.runpod.versions import source_digest
+
+    assert here["GPU_PROXY_SOURCE"] == source_digest(ROOT) and here["GPU_PROXY_VERSION"] == metadata.version("gpu-proxy")
 
 
 def test_entrypoint_the_dockerfile_names_exists_in_the_project(dockerfile):

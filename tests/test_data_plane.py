@@ -67,7 +67,7 @@ def test_an_ssh_transfer_killed_halfway_leaves_nothing_a_run_would_use(sshd, tmp
 
     def kill_ssh_soon() -> None:  # the ssh client dies mid-stream, as on a lost connection
         threading.Event().wait(0.3)
-        subprocess.run(["pkill", "-KILL", "-f", f"cat > {plane.folder}"], check=False)
+        subprocess.run(["pkill", "-KILL", "-f", f"tee {plane.folder}"], check=False)
 
     killer = threading.Thread(target=kill_ssh_soon)
     killer.start()

@@ -116,6 +116,30 @@ def test_ddp_kwargs_reach_the_workers(tmp_path):
     assert load_record(tmp_path, "fit", 1)["find_unused_parameters"] is True
 
 
+class RecordDDPSync(L.Callback):
+    """On the worker: whether its DDP wrapper broadcasts the state (plain attributes come home)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        kwargs = trainer.strategy._ddp_kwargs
+        self.init_sync = kwargs.get("init_sync", True)
+        self.forward_sync_buffers = bool(trainer.strategy.model.forward_sync_buffers)
+
+
+@pytest.mark.parametrize("num_workers, user_kwargs, expected", [
+    (1, {}, (False, False)),  # nobody to broadcast to: the whole state would be copied for nothing
+    (1, {"init_sync": True, "broadcast_buffers": True}, (True, True)),  # the user's explicit choice wins
+    (2, {}, (True, True)),  # several ranks keep DDP's own broadcasts
+])
+def test_a_one_worker_run_skips_ddps_broadcasts_of_the_state(tmp_path, num_workers, user_kwargs, expected):
+    from tests.lightning_project import big_models
+
+    record = RecordDDPSync()
+    trainer = big_models.trainer(RemoteStrategy(num_workers=num_workers, **user_kwargs), callbacks=[record],
+                                 devices=num_workers)
+    trainer.fit(big_models.BigModel(0.01), train_dataloaders=big_models.loader())
+    assert (record.init_sync, record.forward_sync_buffers) == expected
+
+
 def test_seeded_runs_are_identical_and_fit_twice_on_one_trainer(tmp_path):
     weights = []
     for _ in range(2):

@@ -349,3 +349,24 @@ def test_an_idle_cluster_member_deletes_its_whole_cluster_with_its_pod_scoped_ke
     assert requests.delete(f"{fake.url}/v2/clusters/{third.id}", headers={"Authorization": f"Bearer {key}"},
                            timeout=10).status_code == 403  # another cluster: refused
     assert {c.id for c in fake.live_clusters()} == {other.id, third.id}
+
+
+def test_teardown_retries_through_the_one_transport_and_reports_what_it_could_not_end(client, fake):
+    """terminate_instances has no retry loop of its own: a DELETE answered 503 is retried by the transport
+    (with its backoff), and one that keeps failing is reported once, not retried 3 x 6 times."""
+    from gpu_proxy.clouds.runpod.provision import terminate_instances
+
+    pod = client.create_pod(CreatePodRequest("gp-test-teardown", "img:1", "NVIDIA RTX A4000", 1))
+    fake.fail_next(503, times=2, path_prefix=f"/v2/pods/{pod.id}")
+    before = len(fake.requests)
+    assert terminate_instances(client, [pod.id]) == [] and pod.id in fake.terminated
+    deletes = [status for method, _, status in fake.requests[before:] if method == "DELETE"]
+    assert deletes == [503, 503, 200] or deletes == [503, 503, 204], deletes
+    other = client.create_pod(CreatePodRequest("gp-test-teardown-2", "img:1", "NVIDIA RTX A4000", 1))
+    fake.fail_next(500, times=50, path_prefix=f"/v2/pods/{other.id}")
+    before = len(fake.requests)
+    (failure,) = terminate_instances(client, [other.id])
+    assert failure.startswith(f"{other.id}: ") and "status.runpod.io" in failure
+    assert len([m for m, _, _ in fake.requests[before:] if m == "DELETE"]) == client.max_retries + 1
+    fake._injected.clear()
+    client.terminate_pod(other.id)

@@ -207,11 +207,23 @@ def test_up_runpod_with_only_the_api_key_reaches_ray_and_down_ends_it(fake, tmp_
         return subprocess.run([sys.executable, "-m", "gpu_proxy.cli", *args], capture_output=True, text=True,
                               env=env, timeout=240, stdin=subprocess.DEVNULL)
 
-    up = cli("up", "runpod", "--gpu", "RTX A4000", "--free-ports", "--yes", "--name", "stock")
+    from importlib import metadata
+
+    # Extras the pod installs with home's versions (already in the stand-in's stack: pip has nothing to fetch).
+    psutil, requests = metadata.version("psutil"), metadata.version("requests")
+    (tmp_path / "requirements.txt").write_text(f"# the project's extras\npsutil=={psutil}  # pinned\n")
+    up = cli("up", "runpod", "--gpu", "RTX A4000", "--free-ports", "--yes", "--name", "stock",
+             "--requirements", str(tmp_path / "requirements.txt"), "--pip", f"requests=={requests}")
     assert up.returncode == 0, up.stderr[-3000:]
     assert "node 1/1: installing gpu-proxy" in up.stderr and "cluster 'stock' is up: 1 pod(s)" in up.stdout
+    assert f"psutil {psutil}, requests {requests} ..." in up.stderr  # --requirements and --pip reached the pods
     (pod_id,) = json.loads((tmp_path / "config" / "clusters.json").read_text())["stock"]["pod_ids"]
     assert fake.pods[pod_id].image == STOCK
     down = cli("down", "stock")
     assert down.returncode == 0, down.stderr[-3000:]
     assert pod_id in fake.terminated
+    # With an image, the pods install nothing: the extras are refused before anything is read from RunPod.
+    before = len(fake.requests)
+    refused = cli("up", "runpod", "--gpu", "RTX A4000", "--image", "ghcr.io/you/node:1", "--pip", "einops", "--yes",
+                  "--name", "refused")
+    assert refused.returncode == 1 and "put them in the image" in refused.stderr and fake.requests[before:] == []

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -16,6 +17,8 @@ from gpu_proxy.errors import RunStoppedError
 from gpu_proxy.runs import RunSpec, execute, values
 from gpu_proxy.runs.pool import current_pool
 from gpu_proxy.runs.process_state import ProcessState
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(fn, num_workers=1, kind="warm-test", on_event=None, **spec_args):
@@ -209,3 +212,35 @@ def test_the_embedded_cluster_outlives_the_thread_that_started_it(tmp_path, how)
         "cluster.stop()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert "RESULT ran" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_fresh_scripts_first_fit_finds_its_workers_started_at_trainer_time(tmp_path):
+    """Issue 14: Trainer(...) starts the embedded cluster's workers, importing torch and Lightning,
+    while the script goes on; its fit takes them instead of starting its own."""
+    import subprocess
+
+    script = tmp_path / "fresh.py"
+    script.write_text(
+        "import time\n"
+        "import lightning as L\n"
+        "import ray\n"
+        "from gpu_proxy_lightning import RemoteStrategy\n"
+        "from gpu_proxy.runs.pool import current_pool\n"
+        "from tests.lightning_project import big_models\n"
+        "trainer = big_models.trainer(RemoteStrategy(num_workers=1), callbacks=[])\n"
+        "groups, deadline = [], time.monotonic() + 150\n"
+        "while time.monotonic() < deadline and not (groups and groups[0]['state'] == 'idle'):\n"
+        "    time.sleep(0.2)\n"
+        "    groups = current_pool().describe() if ray.is_initialized() else []\n"
+        "print('BEFORE', groups)\n"
+        "trainer.fit(big_models.BigModel(0.01), train_dataloaders=big_models.loader())\n"
+        "print('AFTER', current_pool().describe())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path, env=env)
+    lines = {line.split(" ", 1)[0]: eval(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+             if line.startswith(("BEFORE", "AFTER"))}
+    assert "AFTER" in lines, done.stderr[-3000:]
+    (before,), (after,) = lines["BEFORE"], lines["AFTER"]
+    assert (before["kind"], before["state"], before["runs"]) == ("lightning", "idle", 0)  # ready before fit
+    assert (after["kind"], after["runs"]) == ("lightning", 1)  # the fit ran on it: no second group

@@ -121,6 +121,24 @@ class LocalCluster(Cluster):
             self._background = threading.Thread(target=self._start_quietly, name="gpu-proxy-ray-start", daemon=True)
             self._background.start()
 
+    def warm_in_background(self, spec: "RunSpec", modules: tuple[str, ...] = ()) -> None:
+        """Start worker processes for runs like ``spec`` on a thread of their own, once the cluster
+        is up, and import ``modules`` in them: the first run then finds them warm (see
+        :meth:`gpu_proxy.runs.pool.WorkerPool.prewarm`). Only for a cluster this process starts in
+        the background: a Ray the user or a test session started has its own plans for its CPUs."""
+        self.start_in_background()
+        if self._background is None:
+            return
+
+        def warm() -> None:
+            from gpu_proxy.runs.pool import current_pool
+
+            self._start_quietly()
+            if ray.is_initialized():
+                current_pool().prewarm(spec, modules)
+
+        threading.Thread(target=warm, name="gpu-proxy-prewarm", daemon=True).start()
+
     def _start_quietly(self) -> None:
         try:
             self.start()  # on a keeper thread: this one may end

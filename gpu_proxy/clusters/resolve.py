@@ -8,10 +8,13 @@ set, else the embedded local cluster.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from gpu_proxy.runs.spec import RunSpec
 
 ClusterSpec = Union[Cluster, str, None]
 
@@ -105,13 +108,20 @@ def check_cluster_spec(spec: ClusterSpec) -> None:
                              f"{providers.known_names()}")
 
 
-def start_early(spec: ClusterSpec) -> None:
+def start_early(spec: ClusterSpec, warm: "RunSpec | None" = None, modules: tuple[str, ...] = ()) -> None:
     """Start the embedded cluster in the background if ``spec`` means it (a strategy or RemoteFit was
-    just made; its first run comes soon). Other clusters start on the first run, where errors show."""
+    just made; its first run comes soon), and with ``warm`` the worker processes for runs like it,
+    importing ``modules`` there. Other clusters start on the first run, where errors show."""
     from gpu_proxy.clusters import providers
     from gpu_proxy.clusters.local import LocalCluster, default_local_cluster
 
     if spec is None and providers.from_environment() is None:
-        default_local_cluster().start_in_background()
+        cluster = default_local_cluster()
     elif isinstance(spec, LocalCluster):
-        spec.start_in_background()
+        cluster = spec
+    else:
+        return
+    if warm is None:
+        cluster.start_in_background()
+    else:
+        cluster.warm_in_background(warm, modules)

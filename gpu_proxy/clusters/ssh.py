@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
-from gpu_proxy.clusters.ray_node import (RayNodeError, RayNodeSpec, RayPorts, check_node_ip, generate_token,
-                                         wait_for_nodes)
+from gpu_proxy.clusters.ray_bootstrap import (deliver_token, detached_script, open_dashboard_tunnel,
+                                              wait_for_nodes_and_gpus)
+from gpu_proxy.clusters.ray_node import RayNodeError, RayNodeSpec, RayPorts, check_node_ip, generate_token
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
-from gpu_proxy.ssh import SSHError, SSHTarget, SSHTunnel, put_file, run_remote
+from gpu_proxy.ssh import SSHError, SSHTarget, SSHTunnel, run_remote
 from gpu_proxy.ssh.target import HostKeyPolicy
 
 log = logging.getLogger(__name__)
@@ -38,27 +39,12 @@ class _Node:
         return f"{self.spec.role} {self.target.destination}"
 
 
-_SSH_SESSION_VARIABLES = ("SSH_CLIENT", "SSH_CONNECTION", "SSH_TTY", "SSH_AUTH_SOCK")
-
-
 def _launch_script(node: _Node) -> str:
     """Shell that starts the node's ``ray start`` detached, in its own session, and prints its pid."""
     spec = node.spec
-    assignments = [f"{name}={shlex.quote(value)}" for name, value in spec.environment_overrides().items()]
-    if spec.bin_dir:
-        assignments.append(f'PATH={shlex.quote(spec.bin_dir)}:"$PATH"')
-    # The ssh session's own variables must not reach Ray: with SSH_CLIENT set, bash believes it runs
-    # under sshd and sources ~/.bashrc for every Ray Job entrypoint, which can put another Python first.
-    removals = " ".join(f"-u {name}" for name in (*spec.environment_removals, *_SSH_SESSION_VARIABLES))
-    log_file = shlex.quote(f"{node.folder}/{spec.role}.log")
-    pid_file = shlex.quote(f"{node.folder}/{spec.role}.pid")
-    # In a non-interactive shell a background job is not a process-group leader, so setsid makes
-    # the new session in place and $! is the pid of ray start, which is also its session id.
-    # (A simple command, not an && list: a backgrounded list would run in a subshell with its own pid.)
-    return (f"cd {shlex.quote(node.folder)} || exit 1\n"
-            f"setsid env {removals} {' '.join(assignments)} {shlex.join(spec.command())} "
-            f"> {log_file} 2>&1 < /dev/null &\n"
-            f"echo $! > {pid_file}; cat {pid_file}")
+    return f"cd {shlex.quote(node.folder)} || exit 1\n" + detached_script(
+        spec.command(), spec.environment_overrides(), f"{node.folder}/{spec.role}.log",
+        removals=spec.environment_removals, path_prefix=spec.bin_dir or "", pid_file=f"{node.folder}/{spec.role}.pid")
 
 
 def _stop_script(node: _Node, grace_s: int = 40) -> str:
@@ -205,14 +191,13 @@ class SSHCluster(SSHReachedCluster):
         for node in self._nodes:  # everything that can be wrong is found before anything starts
             self._prepare(node)
         self._token = generate_token()
-        for node in self._nodes:
-            put_file(node.target, node.spec.token_file, self._token)
+        deliver_token([(node.target, node.spec.token_file) for node in self._nodes], self._token)
         head = self._nodes[0]
         if not self.keep_running:  # nodes must not outlive this process by accident
             self._finalizer = weakref.finalize(self, _end_all, self._nodes, None)
         self._launch(head)
-        self._tunnel = SSHTunnel(head.target, head.spec.dashboard_port, ready_timeout_s=self.start_timeout_s)
-        self._tunnel.open()
+        open_dashboard_tunnel(head.target, head.spec.dashboard_port, self.start_timeout_s, self._failed_node,
+                              opened=lambda tunnel: setattr(self, "_tunnel", tunnel))
         self._wait(1)
         for node in self._nodes[1:]:
             self._launch(node)
@@ -256,11 +241,8 @@ class SSHCluster(SSHReachedCluster):
         return None
 
     def _wait(self, count: int) -> None:
-        checks = iter(range(10**9))
-        # Asking the nodes over SSH costs a round trip: do it every ~5 s of waiting, not every poll.
-        failure = lambda: self._failed_node() if next(checks) % 10 == 9 else None  # noqa: E731
-        wait_for_nodes(f"http://{self._tunnel.local_address}", self._token, count,
-                       timeout_s=self.start_timeout_s, failure=failure)
+        wait_for_nodes_and_gpus(f"http://{self._tunnel.local_address}", self._token, count, 0,
+                                self.start_timeout_s, self._failed_node)
 
     def endpoint(self) -> Endpoint:
         if not self.started:

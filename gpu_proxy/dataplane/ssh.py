@@ -1,19 +1,23 @@
 """The data plane of clusters reached over SSH: files streamed over ``ssh`` to a folder on the head.
 
-The payload is piped into ``cat`` on the head and renamed into place when the stream ends; the
-run's supervisor (the Ray Job's driver, which Ray starts on the head) checks its size and hash
-before any worker reads it. Results come back the same way, into a local file that is hashed as
-it arrives. No size limit but the head's disk; nothing passes through the dashboard.
+The payload is piped into ``tee`` on the head, which writes the file while ``sha256sum`` hashes
+the same stream beside it; home compares that digest with its own before the file is used, and
+the file is renamed into place only once whole. The run's supervisor (on the head) then checks
+its size alone. Results come back over ``ssh cat`` into a local file that is hashed as it grows.
+Hashing on either end thus runs beside the transfer, not after it. No size limit but the head's
+disk; nothing passes through the dashboard.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import subprocess
 import tempfile
+import time
 
 from gpu_proxy.dataplane.base import PAYLOAD, RETENTION_DAYS, ClusterTransport, DataPlane, SharedFolder
-from gpu_proxy.dataplane.package import Package, PackageError, StoredFile, read_file, write
+from gpu_proxy.dataplane.package import CHUNK, Package, PackageError, StoredFile, check_digest, read_file, write
 from gpu_proxy.ssh import SSHTarget, run_remote
 from gpu_proxy.ssh.errors import SSHError
 
@@ -37,39 +41,49 @@ class SSHPlane(DataPlane):
     def send(self, payload: Package) -> StoredFile:
         final = f"{self.folder}/{PAYLOAD}"
         root = shlex.quote(self.folder.rsplit("/", 1)[0])
-        # Also removes the folders of detached runs nobody attached to within the retention.
+        part, status = shlex.quote(final + ".part"), shlex.quote(final + ".tee")
+        # Also removes the folders of detached runs nobody attached to within the retention. tee's own
+        # exit status goes to a file: a pipeline's status is its last command's (sh has no pipefail).
         script = (f"find {root} -mindepth 1 -maxdepth 1 -type d -mtime +{RETENTION_DAYS} -exec rm -rf {{}} + "
-                  f"2>/dev/null; umask 077 && mkdir -p {shlex.quote(self.folder)} && cat > {shlex.quote(final)}.part "
-                  f"&& mv -f {shlex.quote(final)}.part {shlex.quote(final)}")
+                  f"2>/dev/null; umask 077 && mkdir -p {shlex.quote(self.folder)} && "
+                  f"{{ tee {part}; echo $? > {status}; }} | sha256sum && [ \"$(cat {status})\" = 0 ] "
+                  f"&& rm -f {status} && mv -f {part} {shlex.quote(final)}")
         process = subprocess.Popen(self.target.ssh_command(remote_command=script), stdin=subprocess.PIPE,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             size, sha256 = write(payload, process.stdin)
             process.stdin.close()
         except BrokenPipeError:
             pass  # the remote side failed: its stderr says why
         finally:
+            received = process.stdout.read().decode(errors="replace")
             error = process.stderr.read().decode(errors="replace")
             code = process.wait()
         if code != 0:
             raise SSHError(f"Could not send the run's payload to {self.target.destination}:{final} "
                            f"(ssh exited {code}): {error.strip()[-2000:]}")
+        if received.split()[:1] != [sha256]:
+            raise PackageError(f"{self.target.destination}:{final} does not have the content that was sent "
+                               f"(SHA-256 {received.strip()[:64]!r} there, {sha256} here)")
         return StoredFile(final, size, sha256)
 
     def transport(self) -> ClusterTransport:
-        return SharedFolder(self.folder)
+        return SharedFolder(self.folder, arrived_checked=True)  # hashed on the head as it arrived (send)
 
     def fetch(self, result: StoredFile) -> Package:
         descriptor, local = tempfile.mkstemp(prefix="gpu-proxy-result-")
+        where = StoredFile(f"{self.target.destination}:{result.location}", result.size, result.sha256)
         try:
             with os.fdopen(descriptor, "wb") as file:  # ssh writes the file itself: no copy through Python
-                done = subprocess.run(self.target.ssh_command(remote_command=f"cat {shlex.quote(result.location)}"),
-                                      stdout=file, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            if done.returncode != 0:
-                raise PackageError(f"Could not fetch {self.target.destination}:{result.location}: "
-                                   f"{done.stderr.decode(errors='replace').strip()}")
-            return read_file(local, StoredFile(f"{self.target.destination}:{result.location}", result.size,
-                                               result.sha256))  # size and hash checked before use
+                process = subprocess.Popen(
+                    self.target.ssh_command(remote_command=f"cat {shlex.quote(result.location)}"),
+                    stdout=file, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                size, sha256 = _hash_while_written(local, process)
+                error = process.stderr.read().decode(errors="replace")
+            if process.wait() != 0:
+                raise PackageError(f"Could not fetch {where.location}: {error.strip()}")
+            check_digest(where, size, sha256)
+            return read_file(local, where, checked=True)
         finally:
             os.unlink(local)  # a mapped file stays readable until it is unmapped
 
@@ -78,3 +92,19 @@ class SSHPlane(DataPlane):
             run_remote(self.target, f"rm -rf -- {shlex.quote(self.folder)}", timeout_s=60)
         except SSHError:
             pass  # best effort: the folder is private, and gone with the cluster's own folder
+
+
+def _hash_while_written(path: str, process: subprocess.Popen) -> tuple[int, str]:
+    """Size and SHA-256 of the file ``process`` writes at ``path``, read as it grows."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while True:
+            finished = process.poll() is not None  # before the read: a last write is then seen
+            chunk = file.read(CHUNK)
+            if chunk:
+                digest.update(chunk)
+                size += len(chunk)
+            elif finished:
+                return size, digest.hexdigest()
+            else:
+                time.sleep(0.005)

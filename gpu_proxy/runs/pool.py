@@ -15,7 +15,9 @@ Invariants, and where the code keeps them:
    run (a broken CUDA context, a half-torn process group) never meets the next run (``release``).
 4. Between runs a process puts back what the run changed: environment, working directory,
    ``sys.path``, project modules imported by name, and what frameworks register
-   (:mod:`gpu_proxy.runs.process_state`).
+   (:mod:`gpu_proxy.runs.process_state`). It does so after its run's result went home, as the
+   actor's next call (``release``), so the reset is off the run's critical path; a group whose
+   reset failed is never handed out again (``WorkerGroup.alive``).
 5. An idle group lives ``keep_warm_s`` (the last run's setting) and is then killed; ``0`` kills it
    at release (:meth:`WorkerPool._reap`).
 6. A run whose resources idle groups hold takes them: idle groups are killed, least recently used
@@ -23,9 +25,19 @@ Invariants, and where the code keeps them:
    supervising processes on the cluster (another home's run server, a detached run's driver) give
    way too: a placement that still waits posts a request in the cluster's key-value store, and
    every pool with idle groups watches it (:meth:`WorkerPool._reap`).
+7. A group may start before its first run (:meth:`WorkerPool.prewarm`, when the embedded cluster's
+   Trainer is made): it joins the idle list once its processes imported the framework, and a run of
+   its kind that comes meanwhile waits for it instead of starting a second group.
+8. A run whose supervising process is itself inside a placement group (a Ray Tune trial, whose
+   resources Tune reserved, workers included) makes no group of its own, which would wait for
+   resources Tune already holds: its workers go in that group's last ``num_workers`` bundles
+   (:meth:`WorkerPool._borrow`). Such a group never takes idle groups, is never kept warm and never
+   removes the placement group it borrowed: that belongs to Tune, which frees it with the trial.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 import os
 import threading
@@ -34,13 +46,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gpu_proxy.errors import ClusterResourceError, ConfigurationError
 from gpu_proxy.runs.process_state import ProcessState
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.runs.worker import RunFiles, WorkerPlacement, run_rank
+
+log = logging.getLogger(__name__)
 
 EVICT_POLL_S = 0.2  # how long a placement waits before an idle group gives way
 YIELD_POLL_S = 0.5  # how often a pool with idle groups looks for another process's request
@@ -79,10 +93,20 @@ class PoolWorker:
 
     def run(self, files: RunFiles, placement: WorkerPlacement, channel: Any,
             secrets: dict[str, str] | None = None) -> dict[str, Any]:
-        try:
-            return run_rank(files, placement, channel, secrets)
-        finally:
-            self._state.restore()
+        return run_rank(files, placement, channel, secrets)
+
+    def preload(self, modules: tuple[str, ...]) -> bool:
+        """Import what runs of this kind import (torch, Lightning: seconds) before the first run needs it."""
+        for name in modules:
+            importlib.import_module(name)
+        self._state = ProcessState.snapshot()  # what was imported belongs to the warm process
+        return True
+
+    def reset(self) -> bool:
+        """Put back what the last run changed (invariant 4); an actor runs its calls in order, so
+        the next run starts after it. Freeing a 2 GB run's memory alone takes seconds."""
+        self._state.restore()
+        return True
 
 
 @dataclass(frozen=True)
@@ -106,17 +130,23 @@ class WorkerGroup:
     key: GroupKey
     pg: Any
     actors: list[Any]
+    bundles: list[int] = field(default_factory=list)  # each worker's bundle of ``pg``
+    borrowed: bool = False  # ``pg`` is the supervising process's own (a Tune trial's): never removed here
     runs: int = 0
     idle_since: float = 0.0
     keep_warm_s: float = 0.0
+    resets: list[Any] = field(default_factory=list, repr=False)  # the last run's resets, pending
     _killed: bool = field(default=False, repr=False)
 
     def alive(self) -> bool:
+        """Every process answers and put back what the last run changed."""
         try:
-            ray.get([actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
+            ray.get(self.resets + [actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
             return True
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return False
+        finally:
+            self.resets = []
 
     def kill(self) -> None:
         """End the group's processes and give its resources back (idempotent, never raises)."""
@@ -130,6 +160,8 @@ class WorkerGroup:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone, or the cluster is
                 pass
+        if self.borrowed:
+            return
         try:
             remove_placement_group(self.pg)
         except Exception:  # noqa: BLE001
@@ -150,6 +182,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[WorkerGroup] = []  # least recently used first
         self._busy: list[WorkerGroup] = []
+        self._warming: dict[GroupKey, threading.Event] = {}  # groups prewarm is starting
         self._wake = threading.Event()
         self._reaper: threading.Thread | None = None
         self._yield_seen = _yield_request()
@@ -158,6 +191,12 @@ class WorkerPool:
     def acquire(self, spec: RunSpec) -> WorkerGroup:
         """A group for ``spec``: an idle one of its kind, else a new one (idle groups giving way)."""
         key = GroupKey.of(spec)
+        enclosing = get_current_placement_group()
+        if enclosing is not None:  # invariant 8: inside a Tune trial, in the trial's own bundles
+            return self._borrow(spec, key, enclosing)
+        warming = self._warming.get(key)
+        if warming is not None:  # a group for runs like this one is starting (prewarm): take it when ready
+            warming.wait(spec.placement_timeout_s)
         while True:
             with self._lock:
                 group = next((g for g in reversed(self._idle) if g.key == key), None)
@@ -169,8 +208,55 @@ class WorkerPool:
             if group.alive():
                 return group
             self._forget(group)  # a process died while idle (node lost, OOM): try the next, or make one
+        return self._start_group(spec)
+
+    def prewarm(self, spec: RunSpec, modules: tuple[str, ...] = ()) -> None:
+        """Start an idle group for runs like ``spec`` before the first one comes, importing ``modules``
+        in it; that run's ``acquire`` waits for it rather than starting a second. Only for a pool that
+        has no group yet (a fresh process's first run: later runs find their groups warm anyway, and
+        a guess would take resources from them). Never raises: the run itself then starts its
+        workers, and says what went wrong."""
+        key = GroupKey.of(spec)
+        with self._lock:
+            if self.closed or self._warming or self._idle or self._busy:
+                return
+            ready = self._warming[key] = threading.Event()
+        group = None
+        try:
+            group = self._start_group(spec)
+            ray.get([actor.preload.remote(modules) for actor in group.actors], timeout=spec.placement_timeout_s)
+            with self._lock:
+                self._busy.remove(group)
+                keep = spec.keep_warm_s > 0 and not self.closed
+                if keep:
+                    group.idle_since, group.keep_warm_s = time.monotonic(), spec.keep_warm_s
+                    self._idle.append(group)
+            if keep:
+                self._start_reaper()
+                self._wake.set()
+            else:
+                group.kill()
+        except Exception:  # noqa: BLE001
+            log.debug("prewarming %s workers failed", key.worker_pool, exc_info=True)
+            if group is not None:
+                self._forget(group)
+        finally:
+            with self._lock:
+                self._warming.pop(key, None)
+            ready.set()
+
+    def _start_group(self, spec: RunSpec) -> WorkerGroup:
         pg = self._place(spec)
-        group = WorkerGroup(key, pg, [self._start_worker(spec, pg, bundle) for bundle in range(spec.num_workers)])
+        bundles = list(range(spec.num_workers))
+        group = WorkerGroup(GroupKey.of(spec), pg, [self._start_worker(spec, pg, b) for b in bundles], bundles)
+        with self._lock:
+            self._busy.append(group)
+        return group
+
+    def _borrow(self, spec: RunSpec, key: GroupKey, pg: Any) -> WorkerGroup:
+        holds_one = bool(ray.get_runtime_context().get_assigned_resources())  # a trainable of {"CPU": 1}, say
+        bundles = borrowed_bundles(spec.num_workers, spec.resources_per_worker, pg.bundle_specs, holds_one)
+        group = WorkerGroup(key, pg, [self._start_worker(spec, pg, b) for b in bundles], bundles, borrowed=True)
         with self._lock:
             self._busy.append(group)
         return group
@@ -181,8 +267,9 @@ class WorkerPool:
         with self._lock:
             if group in self._busy:
                 self._busy.remove(group)
-            keep = reusable and keep_warm_s > 0 and not self.closed
+            keep = reusable and keep_warm_s > 0 and not self.closed and not group.borrowed
             if keep:
+                group.resets = [actor.reset.remote() for actor in group.actors]
                 group.idle_since, group.keep_warm_s = time.monotonic(), keep_warm_s
                 self._idle.append(group)
         if not keep:
@@ -294,6 +381,27 @@ class WorkerPool:
                 self.clear()
             self._wake.wait(min(min(waits, default=0.0), YIELD_POLL_S) if not expired else 0.0)
             self._wake.clear()
+
+
+def borrowed_bundles(num_workers: int, per_worker: dict[str, float], bundle_specs: list[dict[str, float]],
+                     holds_first: bool) -> list[int]:
+    """The last ``num_workers`` bundles of an enclosing placement group, each able to hold one worker.
+
+    The first bundle holds the supervising process itself (a Tune trial's trainable, see
+    ``gpu_proxy_lightning.tune.trial_resources``), which no worker may share when the process holds
+    resources there (``holds_first``); a group too small, or bundles too small for the run's
+    ``resources_per_worker``, is a :class:`ConfigurationError` before any worker starts.
+    """
+    wanted = {k: float(v) for k, v in per_worker.items() if v}
+    bundles = list(range(len(bundle_specs) - num_workers, len(bundle_specs)))
+    if bundles and bundles[0] >= int(holds_first) and all(
+            all(bundle_specs[b].get(k, 0.0) >= v for k, v in wanted.items()) for b in bundles):
+        return bundles
+    raise ConfigurationError(
+        f"This run is inside a placement group (a Ray Tune trial's?) with bundles {bundle_specs}; its "
+        f"{num_workers} worker(s) of {wanted} each need one bundle of their own after the trainable's. "
+        f"Give the trainable tune.with_resources(fn, gpu_proxy_lightning.tune.trial_resources("
+        f"num_workers={num_workers}, ...)) matching the strategy's num_workers and resources_per_worker.")
 
 
 def check_keep_warm(value: object, owner: str) -> float:

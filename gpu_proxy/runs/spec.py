@@ -39,7 +39,6 @@ class RunSpec:
     #: About how large rank 0's result will be (the trained weights), so a plane with a limit can say
     #: so before the run starts.
     result_bytes_hint: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
     #: Values the payload refers to but does not contain (see :mod:`gpu_proxy.secrets`); never pickled.
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     #: Set by home's data plane: the sent payload, and the supervisor's half of the plane.

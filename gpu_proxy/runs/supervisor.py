@@ -41,9 +41,10 @@ class StopSignal:
             self.requests += 1
 
 
-def _placements(spec: RunSpec, pg: Any) -> list[WorkerPlacement]:
-    """Ranks in node order, so that the workers of one node have consecutive ranks."""
-    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+def _placements(spec: RunSpec, pg: Any, bundles: list[int]) -> list[WorkerPlacement]:
+    """Ranks in node order, so that the workers of one node have consecutive ranks (worker i in ``bundles[i]``)."""
+    nodes_of = placement_group_table(pg)["bundles_to_node_id"]
+    bundle_nodes = [nodes_of[bundle] for bundle in bundles]
     node_order: list[str] = []
     for index in range(spec.num_workers):
         if bundle_nodes[index] not in node_order:
@@ -76,7 +77,7 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | N
     reusable = False
     transport = spec.transport
     try:
-        placements = _placements(spec, group.pg)
+        placements = _placements(spec, group.pg, group.bundles)
         files = _run_files(spec, group.pg)
         channel = _open_channel(spec.name)
         secrets_ref = ray.put(spec.secrets)  # in the object store for the run only; never in a file

@@ -16,7 +16,9 @@ def add_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--resource-group", help="azure: resource group (default gpu-proxy-NAME)")
     up.add_argument("--instance-type", help="aws/gcp/azure: the cloud's instance type, instead of choosing it from --gpu")
     up.add_argument("--pip", action="append", help="aws/gcp/azure: what the nodes pip install instead of the Ray, "
-                                                   "gpu-proxy and framework versions installed here (repeat)")
+                                                   "gpu-proxy and framework versions installed here (repeat); "
+                                                   "runpod (no --image): one more requirement installed on the pods "
+                                                   "besides home's versions, e.g. einops==0.8.1 (repeat)")
     up.add_argument("--dry-run", action="store_true", help="aws/gcp/azure: print the launcher config, launch nothing")
 
 

@@ -20,9 +20,10 @@
    ``idle_timeout``, beats a home heartbeat into the head's GCS so the pods' idle watcher knows
    home is here.
 
-The pieces: :mod:`.launch` creates, waits for, queries and tears down the pods (one object per
-mode), :mod:`.ray_bootstrap` brings Ray up over SSH, :mod:`.meter` meters the cost; this module
-validates the arguments, sequences the steps and is the :class:`Cluster` users hold.
+The pieces: :mod:`.options` checks the arguments, :mod:`.preflight` the catalog and the price,
+:mod:`.launch` creates, waits for, queries and tears down the pods (one object per mode),
+:mod:`.bring_up` brings Ray up over SSH, :mod:`.meter` meters the cost; this module sequences the
+steps and is the :class:`Cluster` users hold.
 
 ``stop()`` terminates every pod this object created (an Instant Cluster is deleted as a whole,
 which terminates its pods). A launch that fails at any step terminates what it created before the
@@ -31,79 +32,38 @@ error reaches the caller; so does the end of this Python process unless ``keep=T
 from __future__ import annotations
 
 import logging
-import math
 import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gpu_proxy.clouds.runpod.catalog import (CLOUDS, CostEstimate, check_count, check_money, choose_gpu, estimate_cost,
-                                             expand_choices, resolve_gpu)
+from gpu_proxy.clouds.runpod.bring_up import PodAccess, bootstrap_stock_pods, bring_up_ray
+from gpu_proxy.clouds.runpod.catalog import CostEstimate
+from gpu_proxy.clouds.runpod.cost_state import CostState
 from gpu_proxy.clouds.runpod.client import RunPodClient
+from gpu_proxy.clouds.runpod.held import HeldPods, _teardown
 from gpu_proxy.clouds.runpod.launch import InstantClusterLaunch, Launch, NodePlan, PodsLaunch
-from gpu_proxy.clouds.runpod.meter import CostMeter
 from gpu_proxy.clouds.runpod.models import Pod
+from gpu_proxy.clouds.runpod.options import (IMAGE_ENV, check_money_limits, check_place, check_shape, gpu_choices,
+                                             node_image, parse_duration)
+from gpu_proxy.clouds.runpod.preflight import Ask, choose_and_estimate, stock_image_plan
 from gpu_proxy.clouds.runpod.provision import LaunchError
-from gpu_proxy.clouds.runpod.ray_bootstrap import (deliver_token, open_dashboard_tunnel, wait_for_nodes_and_gpus,
-                                                   wait_for_ssh)
 from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.clusters.ray_node import DEFAULT_DASHBOARD_PORT, RayPorts, generate_token
-from gpu_proxy.errors import ConfigurationError, GpuProxyError
+from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.ssh import SSHTarget, SSHTunnel
 
 log = logging.getLogger(__name__)
 
-IMAGE_ENV = "GPU_PROXY_RUNPOD_IMAGE"
-
-
-def parse_duration(value: "str | float | int | None", what: str = "idle_timeout") -> float | None:
-    """``600``, ``"600"``, ``"90s"``, ``"10m"``, ``"1h"`` -> seconds; None -> None."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        seconds = -1
-    if not math.isfinite(seconds) or seconds <= 0:  # "nan" and "inf" parse as floats, and would crash later
-        raise ConfigurationError(f"{what}={value!r}: give a positive duration, e.g. 600, '90s', '10m' or '1h'.")
-    return seconds
-
-
-def _requirement_list(value: "Sequence[str] | str") -> tuple[str, ...]:
-    """Requirements as given, or read from a requirements.txt path (comments and blank lines dropped)."""
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise ConfigurationError(f"requirements={value!r}: give a list of requirements (['einops==0.8.1']) or "
-                                     f"the path of a requirements.txt.")
-        value = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    return tuple(item.strip() for item in value if item and item.strip())
+__all__ = ["IMAGE_ENV", "RunPodCluster", "parse_duration"]  # the last two: importable from here before the split
 
 
 def _print_progress(message: str) -> None:
     print(f"gpu-proxy runpod: {message}", file=sys.stderr, flush=True)
 
 
-def _teardown(launch: Launch | None, tunnel_box: list, folder: str | None, quiet: bool = False) -> list[str]:
-    """Close the tunnel, end what the launch made, delete the key folder once nothing is left. Never
-    references the cluster object (it also runs as a finalizer at interpreter exit)."""
-    for tunnel in tunnel_box:
-        tunnel.close()
-    tunnel_box.clear()
-    failures = launch.teardown(quiet=quiet) if launch is not None else []
-    if folder and (launch is None or (not launch.pod_ids and not launch.cluster_ids)):
-        shutil.rmtree(folder, ignore_errors=True)
-    return failures
-
-
-class RunPodCluster(SSHReachedCluster):
+class RunPodCluster(CostState, HeldPods, SSHReachedCluster):
     """Ray on RunPod GPU pods, launched by this object and torn down by it.
 
     Args:
@@ -158,36 +118,11 @@ class RunPodCluster(SSHReachedCluster):
                  budget_grace_s: float = 180.0, checkpoint_margin_s: float = 60.0, state_dir: str | None = None,
                  progress: Callable[[str], None] | None = None, requirements: "Sequence[str] | str" = (),
                  pip_options: Sequence[str] = ()) -> None:
-        import os
-
-        if isinstance(gpu, (list, tuple)) and gpu and all(isinstance(g, str) and g.strip() for g in gpu):
-            choices = tuple(g.strip() for g in gpu)  # the cheapest available of these, chosen at launch
-        elif isinstance(gpu, str) and gpu.strip():
-            choices = tuple(p.strip() for p in gpu.split(",") if p.strip())
-        else:
-            raise ConfigurationError(f"gpu={gpu!r}: give a RunPod GPU type, e.g. 'NVIDIA H100 80GB HBM3', a list "
-                                     f"(['H100 SXM', 'A100 80GB']: the cheapest available) or 'any-80gb'.")
-        if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
-            raise ConfigurationError(f"gpus_per_node={gpus_per_node!r} must be a whole number >= 1.")
-        if not isinstance(nodes, int) or nodes < 1:
-            raise ConfigurationError(f"nodes={nodes!r} must be a whole number >= 1.")
-        if instant_cluster and nodes < 2:
-            raise ConfigurationError(f"instant_cluster=True needs nodes >= 2 (got nodes={nodes}): one node is one pod.")
-        if instant_cluster and cloud != "SECURE":
-            raise ConfigurationError(f"instant_cluster=True with cloud={cloud!r}: RunPod's Instant Clusters run on its "
-                                     f"secure cloud only (their create request has no cloud); use cloud='SECURE'.")
-        check_money(budget_usd, "budget_usd")
-        self.max_usd_per_hour = check_money(max_usd_per_hour, "max_usd_per_hour")
-        if cloud not in CLOUDS:
-            raise ConfigurationError(f"cloud={cloud!r}: use 'SECURE' or 'COMMUNITY'.")
-        if isinstance(data_centers, str):
-            raise ConfigurationError(f"data_centers={data_centers!r}: pass a list, e.g. ['US-TX-3'].")
-        image = image or os.environ.get(IMAGE_ENV) or None
-        self.requirements = _requirement_list(requirements)
-        self.pip_options = tuple(pip_options)
-        if (self.requirements or self.pip_options) and image is not None:
-            raise ConfigurationError("requirements=/pip_options= are installed on pods started from RunPod's stock "
-                                     "image; with image= put them in the image instead (or drop image=).")
+        choices = gpu_choices(gpu)
+        check_shape(gpus_per_node, nodes, instant_cluster, cloud)
+        self.max_usd_per_hour = check_money_limits(budget_usd, max_usd_per_hour)
+        check_place(cloud, data_centers)
+        image, self.requirements, self.pip_options = node_image(image, requirements, pip_options)
         self.gpu_choices = choices
         self.gpu = choices[0]  # the chosen type's id once check() ran
         self.gpus_per_node = gpus_per_node
@@ -227,8 +162,6 @@ class RunPodCluster(SSHReachedCluster):
         self._key_file: str | None = None
         self._token_file = ""
         self._finalizer: weakref.finalize | None = None
-        self._meter: CostMeter | None = None
-        self._heartbeat = None
         self._bootstrapped: list = []  # the stock image's node bootstraps (node_install.NodeBootstrap)
         self._node_log = ""
         self.bootstrap_s: float | None = None  # how long installing home's versions on the pods took
@@ -250,110 +183,20 @@ class RunPodCluster(SSHReachedCluster):
             self._client = RunPodClient(self._api_key, base_url=self._base_url)
         return self._client
 
-    @property
-    def _pod_ids(self) -> list[str]:
-        return self._launch.pod_ids if self._launch is not None else []
-
-    @property
-    def _cluster_ids(self) -> list[str]:
-        return self._launch.cluster_ids if self._launch is not None else []
-
-    @property
-    def _launched_at(self) -> float | None:
-        """Wall clock of the first pod's creation, so a saved cluster can go on metering."""
-        return self._launch.launched_at if self._launch is not None else None
-
-    @property
-    def pod_ids(self) -> list[str]:
-        return list(self._pod_ids)
-
-    @property
-    def cluster_id(self) -> str | None:
-        """The Instant Cluster's id (``instant_cluster=True``), once RunPod made it."""
-        return self._cluster_ids[0] if self._cluster_ids else None
-
-    @property
-    def started(self) -> bool:
-        return self._token is not None and bool(self._tunnel_box) and self._tunnel_box[0].is_open
-
-    @property
-    def token(self) -> str | None:
-        return self._token
-
-    @property
-    def head(self) -> SSHTarget:
-        if not self._pods:
-            raise GpuProxyError(f"{self!r} has no pod yet: call start().")
-        return self._ssh_target(self._pods[0])
-
-    def cost_per_hour(self) -> float:
-        """What the pods cost per hour, as RunPod last reported them (the catalog estimate before launch)."""
-        if self._meter is not None:
-            return self._meter.usd_per_hour
-        if self._pods:
-            return sum(pod.cost_per_hour for pod in self._pods)
-        return self.estimate.per_hour if self.estimate else 0.0
-
-    def spent_usd(self) -> float:
-        """Metered spend since the first pod was created (RunPod bills per second)."""
-        if self._meter is not None:
-            return self._meter.spent_usd()
-        if self._launched_at is None:
-            return 0.0
-        return self.cost_per_hour() * (time.time() - self._launched_at) / 3600
-
-    def cost(self) -> dict[str, float | None]:
-        """The cost meter: ``spent_usd``, ``usd_per_hour``, ``budget_usd`` (``gpu-proxy status`` shows it)."""
-        return {"spent_usd": self.spent_usd(), "usd_per_hour": self.cost_per_hour(), "budget_usd": self.budget_usd}
-
-    def _query(self) -> dict[str, Pod | None]:
-        """Every pod of this cluster as RunPod reports it now (None: gone). An Instant Cluster's pods are
-        read through the cluster (``/v2/clusters/{id}/pods``)."""
-        return self._launch.query() if self._launch is not None else {}
-
-    def _pods_rate(self) -> float:
-        """USD per hour of the pods now, from RunPod (a pod gone or stopped costs nothing); every member of
-        an Instant Cluster counts."""
-        return sum(pod.cost_per_hour for pod in self._query().values() if pod is not None and pod.status != "EXITED")
-
     # -- start ----------------------------------------------------------------------------------------------
 
     def check(self) -> CostEstimate:
         """Everything checkable before money is spent: key, GPU name, count, budget. Returns the estimate."""
+        ask = Ask(self.gpu_choices, self.gpus_per_node, self.nodes, self.cloud, self.max_usd_per_hour,
+                  self.budget_usd, self.expected_hours)
+        estimate = choose_and_estimate(self.client, ask, self._progress)
         if len(self.gpu_choices) > 1 or self.gpu_choices[0].lower().startswith("any"):
-            # A choice: the live catalog, read with availability for this many GPUs per pod.
-            catalog = self.client.gpu_types(availability=True, count=self.gpus_per_node, cloud=self.cloud)
-            gpu = choose_gpu(expand_choices(self.gpu_choices, catalog, self.cloud), self.gpus_per_node, self.nodes,
-                             self.cloud, self.max_usd_per_hour)
-            self._progress(f"cheapest available of {', '.join(self.gpu_choices)}: {gpu.id} "
-                           f"(${gpu.price(self.cloud):.2f}/GPU-hour)")
-            self.gpu = gpu.id
-        else:
-            gpu = resolve_gpu(self.gpu, self.client.gpu_types(), self.cloud)
-        check_count(gpu, self.gpus_per_node, self.cloud)
-        estimate = estimate_cost(gpu, self.gpus_per_node, self.nodes, self.expected_hours, self.cloud)
-        if self.max_usd_per_hour is not None and estimate.per_hour > self.max_usd_per_hour:
-            raise ConfigurationError(f"{estimate} is above max_usd_per_hour={self.max_usd_per_hour:g}: raise it, use "
-                                     f"fewer GPUs, or give several types (gpu=[...]) to pick the cheapest available.")
-        if self.budget_usd is not None:
-            if estimate.total is not None and estimate.total > self.budget_usd:
-                raise ConfigurationError(
-                    f"The expected cost, {estimate}, is above budget_usd={self.budget_usd:g}: raise the budget, "
-                    f"shorten the run or use fewer/cheaper GPUs.")
+            self.gpu = estimate.gpu  # the one chosen
         if self.image is None:
-            self._check_stock_image()
+            self.node_image, self._install = stock_image_plan(self.client, self.requirements, self.pip_options,
+                                                              self._progress)
         self.estimate = estimate
         return estimate
-
-    def _check_stock_image(self) -> None:
-        """Choose the stock image from RunPod's catalog and build what the pods get installed: before any pod."""
-        from gpu_proxy.clouds.runpod.node_install import install_plan
-        from gpu_proxy.clouds.runpod.stock_images import choose_stock_image
-
-        self._install = install_plan(self.requirements, self.pip_options)
-        self.node_image = choose_stock_image(self._install.home.get("torch"), self.client.templates())
-        self._progress(f"no image given: pods start from RunPod's {self.node_image} and get home's versions "
-                       f"installed over SSH (pass image= for a faster start)")
 
     def start(self) -> None:
         if self.started:
@@ -383,17 +226,8 @@ class RunPodCluster(SSHReachedCluster):
     def _start(self) -> None:
         estimate = self.check()
         self._progress(f"estimated cost: {estimate}")
-        if self.state_dir:
-            Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._folder = self.state_dir
-        else:
-            self._folder = tempfile.mkdtemp(prefix="gprp-")
-        key = Path(self._folder, "id_ed25519")
-        key.unlink(missing_ok=True)
-        key.with_suffix(".pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.name, "-f", str(key)], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
-        self._key_file = str(key)
+        access = PodAccess.create(self.state_dir, self.name)
+        self._folder, self._key_file = access.folder, access.key_file
         suffix = self.name.rsplit("-", 1)[-1]
         self._token_file = f"/tmp/gp-{suffix}/token"  # on the pod; short: Ray's socket paths are length-limited
         self._node_log = f"/tmp/gp-{suffix}/node.log"  # a stock image's node: its output (the image's: pod logs)
@@ -410,55 +244,27 @@ class RunPodCluster(SSHReachedCluster):
         self._bring_up_ray()
 
     def _bootstrap_stock_pods(self) -> None:
-        """Install home's versions on every pod and start the node there (the node image's entrypoint does
-        this itself). The node's environment is what the pod was created with (RunPod echoes it), with
-        sshd left to the stock image."""
-        from gpu_proxy.clouds.runpod.node_install import bootstrap_nodes
-
-        targets, envs = [], []
-        for pod in self._pods:
-            target = self._ssh_target(pod)
-            self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
-            wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure)
-            targets.append(target)
-            env = {k: v for k, v in dict(pod.raw.get("env") or {}).items() if k != "PUBLIC_KEY"}
-            if self.instant_cluster:
-                # RunPod sets these in the container only (a stock image's ssh sessions get RUNPOD_* alone);
-                # its API reports them, and the node's Instant Cluster rules read them (node/runpod_env.py).
-                env.update(NODE_RANK=str(pod.cluster_rank), NODE_ADDR=pod.cluster_ip or "",
-                           MASTER_ADDR=self._pods[0].cluster_ip or "", NUM_NODES=str(self.nodes))
-            envs.append({**env, "SSHD": "off"})
-        started = time.monotonic()
-        self._bootstrapped = bootstrap_nodes(targets, envs, self._install, self._progress, self._node_log)
-        self.bootstrap_s = time.monotonic() - started
+        self._bootstrapped, self.bootstrap_s = bootstrap_stock_pods(
+            self._pods, self._access, self._install, self.instant_cluster, self.ssh_timeout_s, self._pod_failure,
+            self._progress, self._node_log)
 
     def _bring_up_ray(self) -> None:
-        """Token to every pod over SSH, the dashboard tunnel, then every node and GPU joined."""
         self._token = generate_token()
-        for pod in self._pods:
-            target = self._ssh_target(pod)
-            self._progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
-            wait_for_ssh(target, self.ssh_timeout_s, self._pod_failure,
-                         hint="Is the image built from cluster_image/Dockerfile (it starts sshd from PUBLIC_KEY)?")
-            deliver_token([target], self._token_file, self._token)
-        self._progress("Ray token delivered over SSH; waiting for the Ray head")
-        tunnel = open_dashboard_tunnel(self._ssh_target(self._pods[0]),
-                                       self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT, self.ray_timeout_s,
-                                       self._pod_failure, self._tunnel_box.append)
-        wanted = float(self.gpus_per_node * self.nodes)
-        wait_for_nodes_and_gpus(f"http://{tunnel.local_address}", self._token, self.nodes, wanted,
-                                self.ray_timeout_s, self._pod_failure,
-                                gpus_seen=lambda: self.resources().get("GPU", 0.0))
-        self._progress(f"all {self.nodes} node(s) and {wanted:g} GPU(s) joined")
+        tunnel = bring_up_ray(self._pods, self._access, self._token, self._token_file,
+                              self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
+                              float(self.gpus_per_node * self.nodes), self.ssh_timeout_s, self.ray_timeout_s,
+                              self._pod_failure, lambda: self.resources().get("GPU", 0.0), self._tunnel_box.append,
+                              self._progress)
         self._watch()
         self._progress(f"Ray is up on {self.nodes} pod(s); dashboard tunnelled to http://{tunnel.local_address} "
                        f"(${self.cost_per_hour():.2f}/hour while up)")
 
+    @property
+    def _access(self) -> PodAccess:
+        return PodAccess(self._key_file, self._folder)
+
     def _ssh_target(self, pod: Pod) -> SSHTarget:
-        direct = pod.ssh_direct
-        # A new pod has a new host key: record it on first contact in this cluster's own known_hosts.
-        return SSHTarget(direct.host, user=direct.username, port=direct.port, identity_file=self._key_file,
-                         known_hosts_file=str(Path(self._folder, "known_hosts")), host_key_policy="accept-new")
+        return self._access.target(pod)
 
     def _pod_failure(self) -> str | None:
         for pod_id, pod in self._query().items():
@@ -467,34 +273,6 @@ class RunPodCluster(SSHReachedCluster):
                 return f"RunPod pod {pod_id}{member} is {pod.status if pod else 'gone'}: its container stopped."
         # A stock image's pod outlives the node started in it (its sshd keeps it up): ask the node too.
         return next((why for node in self._bootstrapped if (why := node.failure())), None)
-
-    # -- while up: cost meter, budget, home heartbeat ---------------------------------------------------------
-
-    def _watch(self, spent_usd: float = 0.0) -> None:
-        """Start the cost meter and (with ``idle_timeout``) the home heartbeat."""
-        self._meter = CostMeter(self, self._pods_rate, interval_s=self.meter_interval_s, spent_usd=spent_usd,
-                                budget_usd=self.budget_usd, grace_s=self.budget_grace_s,
-                                checkpoint_margin_s=self.checkpoint_margin_s, end=self._end_for_budget,
-                                progress=self._progress).start()
-        if self.idle_timeout_s is not None:
-            from gpu_proxy.runs.heartbeat import HomeHeartbeat
-
-            # While this process holds the cluster, the head's idle watcher sees home (gpu_proxy/runs/heartbeat.py).
-            self._heartbeat = HomeHeartbeat(Endpoint(f"http://{self._tunnel_box[0].local_address}", self._token),
-                                            f"cluster-{self.name}").start()
-
-    def _end_for_budget(self) -> None:
-        self.budget_exceeded = True
-        failures = self._end(from_meter=True)
-        if failures:
-            self._progress("could not terminate: " + "; ".join(failures))
-
-    def _unwatch(self, from_meter: bool = False) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.close()
-            self._heartbeat = None
-        if self._meter is not None and not from_meter:
-            self._meter.close()
 
     # -- the Cluster interface ------------------------------------------------------------------------------
 
@@ -533,30 +311,3 @@ class RunPodCluster(SSHReachedCluster):
                 "budget_usd": self.budget_usd, "idle_timeout_s": self.idle_timeout_s, "gpu": self.gpu,
                 "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "base_url": self._base_url,
                 "meter_interval_s": self.meter_interval_s}
-
-    def detach(self) -> None:
-        """Leave the pods running (``gpu-proxy up``): close the tunnel, stop metering, keep the key folder."""
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        self._unwatch()
-        for tunnel in self._tunnel_box:
-            tunnel.close()
-        self._tunnel_box.clear()
-        self._launch = None
-        self._pods = []
-        self._token = None
-
-    def _end(self, from_meter: bool = False) -> list[str]:
-        self._unwatch(from_meter)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        failures = []
-        if self._pod_ids or self._tunnel_box or self._cluster_ids:
-            failures = _teardown(self._launch, self._tunnel_box, self._folder)
-        elif self._folder:
-            shutil.rmtree(self._folder, ignore_errors=True)
-        self._token = None
-        self._pods = []
-        return failures

@@ -30,7 +30,8 @@ from typing import Callable, Mapping, Sequence
 
 from gpu_proxy.clouds.runpod.provision import LaunchError
 from gpu_proxy.clouds.runpod.versions import (PROBE_SCRIPT, check_same_versions, home_versions, mismatches,
-                                              public_version)
+                                              project_root, public_version, source_digest)
+from gpu_proxy.clusters.ray_bootstrap import detached_script
 from gpu_proxy.ssh import SSHError, SSHTarget, run_remote
 
 # Source the pod's environment, then find its Python.
@@ -66,21 +67,9 @@ class InstallPlan:
         return digest.hexdigest()[:16]
 
 
-def project_root() -> Path | None:
-    """The source tree home's gpu-proxy is imported from, when it is one (a checkout, an editable install)."""
-    import gpu_proxy
-
-    root = Path(gpu_proxy.__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").is_file() else None
-
-
 def build_project_wheel(root: Path, cache: Path | None = None) -> Path:
     """A wheel of the gpu-proxy source at ``root`` (pure Python, no dependencies bundled), cached by content."""
-    files = sorted(p for p in [root / "pyproject.toml", *root.glob("gpu_proxy*/**/*.py")] if p.is_file())
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    folder = (cache or Path(tempfile.gettempdir()) / "gpu-proxy-wheels") / digest.hexdigest()[:16]
+    folder = (cache or Path(tempfile.gettempdir()) / "gpu-proxy-wheels") / source_digest(root)
     wheels = sorted(folder.glob("gpu_proxy-*.whl")) if folder.is_dir() else []
     if wheels:
         return wheels[0]
@@ -186,15 +175,9 @@ class NodeBootstrap:
 
     def start_node(self, env: Mapping[str, str], log_file: str) -> None:
         """Start the node detached in its own session, with ``env`` over the pod's own environment."""
-        assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         log = shlex.quote(log_file)
-        # The ssh session's own variables must not reach Ray (see gpu_proxy/clusters/ssh.py).
-        removals = "-u SSH_CLIENT -u SSH_CONNECTION -u SSH_TTY -u SSH_AUTH_SOCK"
-        # A simple backgrounded command, not an && list: a backgrounded list runs in a subshell that keeps
-        # the ssh session's output open, and the session would never end.
-        script = (f'mkdir -p "$(dirname {log})" || exit 1\n'
-                  f'setsid env {removals} {assignments} "$py" -m gpu_proxy.clouds.runpod.node '
-                  f'> {log} 2>&1 < /dev/null &\necho $!')
+        script = f'mkdir -p "$(dirname {log})" || exit 1\n' + detached_script(
+            '"$py" -m gpu_proxy.clouds.runpod.node', env, log_file)
         try:
             self.pid = int(self._run(script).stdout.strip().splitlines()[-1])
         except (SSHError, ValueError, IndexError) as error:

@@ -2,7 +2,7 @@
 
 ``run_instances`` (launch), ``query_instances``, ``wait_instances``, ``terminate_instances``: plain
 functions over a :class:`RunPodClient`, no Ray and no SSH here (those are cloud-independent and live
-in :mod:`gpu_proxy.clouds.runpod.cluster`). The same four for an Instant Cluster, whose pods RunPod
+in :mod:`gpu_proxy.clouds.runpod.bring_up` and :mod:`gpu_proxy.clusters.ray_bootstrap`). The same four for an Instant Cluster, whose pods RunPod
 creates, reports and deletes as one: ``run_cluster``, ``query_cluster``, ``wait_cluster``,
 ``delete_clusters``.
 """
@@ -72,26 +72,21 @@ def wait_instances(client: RunPodClient, pod_ids: Sequence[str], timeout_s: floa
         time.sleep(poll_s)
 
 
-def terminate_instances(client: RunPodClient, pod_ids: Sequence[str], attempts: int = 3) -> list[str]:
+def terminate_instances(client: RunPodClient, pod_ids: Sequence[str]) -> list[str]:
     """Terminate every pod; returns those that could not be terminated (with why). A pod already gone is fine."""
-    return _each_with_retries(pod_ids, client.terminate_pod, "terminated RunPod pod %s", attempts)
+    return _each(pod_ids, client.terminate_pod, "terminated RunPod pod %s")
 
 
-def _each_with_retries(resource_ids: Sequence[str], action: Callable[[str], Any], done: str,
-                       attempts: int) -> list[str]:
-    """``action(id)`` for every id, retried with backoff; returns '<id>: <error>' for those that failed."""
+def _each(resource_ids: Sequence[str], action: Callable[[str], Any], done: str) -> list[str]:
+    """``action(id)`` for every id; '<id>: <error>' for those that failed. No retry loop here: each call is a
+    DELETE, which the client's one transport already retries with backoff (:mod:`.transport`)."""
     failures = []
     for resource_id in resource_ids:
-        for attempt in range(attempts):
-            try:
-                action(resource_id)
-                log.info(done, resource_id)
-                break
-            except RunPodError as error:
-                if attempt == attempts - 1:
-                    failures.append(f"{resource_id}: {error}")
-                else:
-                    time.sleep(2 ** attempt)
+        try:
+            action(resource_id)
+            log.info(done, resource_id)
+        except RunPodError as error:
+            failures.append(f"{resource_id}: {error}")
     return failures
 
 
@@ -144,6 +139,6 @@ def wait_cluster(client: RunPodClient, cluster_id: str, count: int, timeout_s: f
         time.sleep(poll_s)
 
 
-def delete_clusters(client: RunPodClient, cluster_ids: Sequence[str], attempts: int = 3) -> list[str]:
+def delete_clusters(client: RunPodClient, cluster_ids: Sequence[str]) -> list[str]:
     """Delete every cluster (RunPod terminates its pods); returns those that could not be deleted (with why)."""
-    return _each_with_retries(cluster_ids, client.delete_cluster, "deleted RunPod Instant Cluster %s", attempts)
+    return _each(cluster_ids, client.delete_cluster, "deleted RunPod Instant Cluster %s")

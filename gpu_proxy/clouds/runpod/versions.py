@@ -7,9 +7,11 @@ stdlib-only script, so it runs on a node before anything of ours is installed th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Mapping
 
 from gpu_proxy.errors import ConfigurationError
@@ -56,6 +58,23 @@ def home_versions() -> dict[str, str]:
             except metadata.PackageNotFoundError:
                 continue
     return found
+
+
+def project_root() -> Path | None:
+    """The source tree home's gpu-proxy is imported from, when it is one (a checkout, an editable install)."""
+    import gpu_proxy
+
+    root = Path(gpu_proxy.__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def source_digest(root: Path) -> str:
+    """Names the gpu-proxy code of the source tree at ``root`` (``pyproject.toml`` and every ``gpu_proxy*``
+    module): two trees of one version number with other code get other digests."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in [root / "pyproject.toml", *root.glob("gpu_proxy*/**/*.py")] if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def mismatches(home: Mapping[str, str], node: Mapping[str, str]) -> list[str]:
