@@ -29,7 +29,9 @@ and runs every measurement in a fresh child process of this script, so that a ch
   ``BigModel(SIZE)`` (``tests/lightning_project/big_models.py``: its bulk is a buffer, so compute
   is negligible), each followed by a timed tiny fit. Transfer = median big fit - median tiny fit:
   the payload out once and the weights home once. The timed fits carry no ``StateDigest``
-  callback (hashing the whole state on the worker is not moving bytes); instead home checks, after
+  callback (hashing the whole state on the worker is not moving bytes), and an untimed tiny fit
+  between a big fit and its timed tiny one takes the workers' reset after the big run (freeing its
+  memory, which the next run waits for: not moving bytes either); instead home checks, after
   the timing, that 200,000 evenly spaced elements of its bulk are what rank 0's ``on_train_start``
   made of them (the suite's tests check the whole state bit for bit). The child's peak RSS after
   the first tiny fit is the baseline (a home that fitted only the tiny model); the peak after a
@@ -157,6 +159,9 @@ def child_fit(path: str, size_mb: float, repeats: int) -> dict:
             ok &= same
             del model
             saved = dict(timers.totals)
+            # Untimed: the workers put back what the big run left (gc, heap trim) before their next run
+            # starts, which the next run waits for; a tiny fit would otherwise time that, not itself.
+            fit(TINY_MB)
             tiny.append(fit(TINY_MB)[0])
             timers.totals = saved  # the parts of the big fits only
         parts = {k: v / repeats for k, v in timers.totals.items()}
@@ -203,7 +208,7 @@ def child_raw(path: str, size_mb: float, repeats: int) -> dict:
             return [result], got - start, time.perf_counter() - got
 
         LocalCluster().start()
-        ray.get(worker_round.remote([ray.put(np.zeros(1 << 20, dtype=np.uint8))])[0])  # warm-up
+        ray.get(ray.get(worker_round.remote([ray.put(np.zeros(1 << 20, dtype=np.uint8))]))[0][0])  # warm-up
         array = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
         for _ in range(repeats):
             start = time.perf_counter()
