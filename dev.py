@@ -61,6 +61,11 @@ def main(argv: list[str]) -> int:
     if command == "test":
         ensure_venv()
         ensure_apt_packages()
+        if not argv[1:]:  # the whole suite: the lint first (seconds), configured in pyproject.toml
+            lint = subprocess.call([str(PYTHON), "-m", "ruff", "check", "."], cwd=ROOT)
+            if lint != 0:
+                print("error: ruff check found problems (fix them, or `ruff check --fix .`)", file=sys.stderr)
+                return lint
         code = subprocess.call([str(PYTHON), "-m", "pytest", *argv[1:]], cwd=ROOT)
         if code == 5:  # pytest: no test was collected; an empty selection is not a pass
             print("error: no test was collected", file=sys.stderr)

@@ -69,6 +69,10 @@ def fit_ray_train() -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from gpu_proxy.runs.pool import current_pool
+
+    current_pool().clear()  # remote_gpu's warm workers hold the CPUs, and only our own runs make them yield
+
     storage = Path("/tmp/gpu-proxy-bench-ray-train")
     trainer = TorchTrainer(_ray_train_loop, scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
                            run_config=RunConfig(storage_path=str(storage), name=f"bench-{os.getpid()}"))

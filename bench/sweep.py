@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import optuna  # noqa: E402
 
-import gpu_proxy  # noqa: E402
-
 from examples.lightning_digits import DigitsClassifier, DigitsData  # noqa: E402
 from gpu_proxy.sweeps import optimize  # noqa: E402
 from gpu_proxy_lightning import RemoteStrategy  # noqa: E402

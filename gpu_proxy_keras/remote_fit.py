@@ -313,7 +313,7 @@ def _joined(resumed: Committed | None, result: dict[str, Any]) -> tuple[dict[str
     """The committed epochs' History record, then the (resumed) run's own."""
     if resumed is None:
         return result["history"], result["epoch"]
-    history = {key: list(values) for key, values in resumed.history.items()}
-    for key, values in result["history"].items():
-        history.setdefault(key, []).extend(values)
+    history = {key: list(series) for key, series in resumed.history.items()}
+    for key, series in result["history"].items():
+        history.setdefault(key, []).extend(series)
     return history, list(resumed.epochs) + list(result["epoch"])

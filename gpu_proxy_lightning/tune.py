@@ -17,7 +17,6 @@ trainable a checkpoint, and ``fit(ckpt_path=checkpoint_path())`` resumes from it
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import weakref

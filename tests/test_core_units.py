@@ -112,3 +112,16 @@ def test_endpoint_never_pickles_its_token():
     assert "secret-token" not in repr(endpoint)
     with pytest.raises(TypeError, match="secret"):
         pickle.dumps(endpoint)
+
+
+def test_import_gpu_proxy_loads_no_cloud_until_one_is_used():
+    """issue 19: RunPod's client, serverless and Ray's launcher load on first use, not on import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gpu_proxy\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('gpu_proxy.clouds', 'runpod'))))\n"
+            "gpu_proxy.RunPodCluster\n"
+            "print('gpu_proxy.clouds.runpod' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stdout

@@ -67,7 +67,7 @@ def test_an_ssh_transfer_killed_halfway_leaves_nothing_a_run_would_use(sshd, tmp
 
     def kill_ssh_soon() -> None:  # the ssh client dies mid-stream, as on a lost connection
         threading.Event().wait(0.3)
-        subprocess.run(["pkill", "-KILL", "-f", f"tee {plane.folder}"], check=False)
+        subprocess.run(["pkill", "-KILL", "-f", "tee .*/cut-run/payload.part"], check=False)
 
     killer = threading.Thread(target=kill_ssh_soon)
     killer.start()
@@ -203,8 +203,27 @@ def test_results_nobody_attached_to_are_removed_after_the_retention(sshd, tmp_pa
         (folder / "result-0").write_bytes(b"x")
     long_ago = __import__("time").time() - (RETENTION_DAYS + 1) * 86400
     os.utime(old, (long_ago, long_ago))
-    SSHPlane("run-new", sshd.target(), root).send(shipping.pack(1))
+    # A detached run's folder stays on the head's disk: its results may wait days for attach.
+    SSHPlane("run-new", sshd.target(), root, in_memory=False).send(shipping.pack(1))
     assert not old.exists() and recent.exists() and (tmp_path / "runs" / "run-new" / "payload").exists()
+
+
+def test_a_followed_runs_folder_on_the_head_is_in_private_shared_memory(sshd, tmp_path):
+    import pwd
+    import stat
+
+    from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root
+
+    plane = SSHPlane("run-shm", sshd.target(), resolve_root(sshd.target(), str(tmp_path / "runs")))
+    package = shipping.pack(torch.arange(1000))
+    plane.check(package, expected_result_bytes=1000)
+    stored = plane.send(package)
+    shm = f"/dev/shm/gpu-proxy-{pwd.getpwnam(sshd.user).pw_uid}"
+    assert stored.location == f"{shm}/run-shm/payload" and plane.folder == f"{shm}/run-shm"
+    assert stat.S_IMODE(os.stat(shm).st_mode) == 0o700 and os.stat(shm).st_uid == pwd.getpwnam(sshd.user).pw_uid
+    assert torch.equal(plane.fetch(stored).loads(), package.loads())
+    plane.clean()
+    assert not os.path.exists(f"{shm}/run-shm")
 
 
 def test_a_cluster_by_address_refuses_more_workers_than_it_has_before_sending_anything(ray_head, monkeypatch):

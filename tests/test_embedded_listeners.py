@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import psutil
-import pytest
 import ray
 
 import gpu_proxy_lightning  # noqa: F401

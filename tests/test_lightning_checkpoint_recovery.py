@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from gpu_proxy.storage import STAGING_DIR, latest_committed, list_committed
 from gpu_proxy.storage.removals import REMOVALS_DIR

@@ -5,7 +5,6 @@ import time
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from ray.util.placement_group import placement_group_table
 

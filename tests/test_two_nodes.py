@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import lightning as L
-import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import gpu_proxy_lightning  # noqa: F401

@@ -225,4 +225,4 @@ class SSHReachedCluster(JobsCluster):
         if resolved is None or resolved[0] != target:
             resolved = (target, resolve_root(target, self.data_root))
             self._resolved_data_root = resolved
-        return SSHPlane(spec.name, target, resolved[1])
+        return SSHPlane(spec.name, target, resolved[1], in_memory=spec.home_grace_s is not None)  # not detached

@@ -1,6 +1,7 @@
 """The embedded local Ray cluster: started in this process on first use, reused after."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -104,6 +105,14 @@ class LocalCluster(Cluster):
                 os.environ.pop(_LOOPBACK_ONLY_ENV, None)
             else:
                 os.environ[_LOOPBACK_ONLY_ENV] = saved
+        # Runs before Ray's own exit hook (registered when Ray was imported; atexit is last-in first-out),
+        # which first sleeps 0.5 s "so that log messages finish printing": this cluster prints none
+        # (log_to_driver=False), and every script's exit paid it.
+        atexit.register(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self._started_here and ray.is_initialized():
+            self.stop()
 
     def __getstate__(self) -> dict[str, Any]:
         # Threads and events cannot travel (clusters ride in strategies).
