@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.runs.pool import ask_idle_workers_to_yield
 from gpu_proxy_lightning.home_callbacks import HomeCallback
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ def trial_resources(num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per
     Give the same numbers to ``RemoteStrategy(num_workers=..., resources_per_worker=...)``: its
     workers take the last ``num_workers`` bundles, each of ``{"CPU": cpus_per_worker, "GPU":
     gpus_per_worker, **resources_per_worker}``. ``trainable_cpus=0`` reserves nothing for the
-    trainable (it mostly waits on its workers' events).
+    trainable (it mostly waits on its workers' events). With Ray connected, it also asks warm gpu-proxy
+    workers idle on the cluster to give their resources back (``gpu_proxy.runs.pool.ask_idle_workers_to_yield``):
+    only gpu-proxy runs make them yield, and the trials' placement groups would wait for them.
     """
     from ray import tune
 
@@ -60,6 +63,9 @@ def trial_resources(num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per
         raise ConfigurationError("trial_resources(...): a worker must reserve something (cpus_per_worker > 0, "
                                  "gpus_per_worker > 0 or resources_per_worker); Ray places no empty bundle.")
     head = {"CPU": float(trainable_cpus)} if trainable_cpus else {}
+    # Warm gpu-proxy workers left idle on this cluster by earlier fits would hold what the trials'
+    # placement groups need, and only gpu-proxy runs make them yield: ask now, once Ray is up.
+    ask_idle_workers_to_yield()
     return tune.PlacementGroupFactory([head] + [dict(worker) for _ in range(num_workers)], strategy=strategy)
 
 

@@ -98,4 +98,5 @@ def tuner(folder: str, storage: str, cases: list[dict] = CASES, max_failures: in
 if __name__ == "__main__":  # python -m tests.tune_project FOLDER STORAGE: a sweep as a Ray Job's driver
     ray.init()
     results = tuner(sys.argv[1], sys.argv[2], cases=CASES[:2], max_failures=0).fit()
-    print(json.dumps({"trials": [{"val_loss": r.metrics.get("val_loss"), "error": bool(r.error)} for r in results]}))
+    print(json.dumps({"trials": [{"val_loss": r.metrics.get("val_loss"), "error": bool(r.error),
+                                  "trial_id": r.metrics.get("trial_id")} for r in results]}))

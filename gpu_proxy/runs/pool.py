@@ -81,6 +81,14 @@ def _post_yield_request() -> bytes:
     return request
 
 
+def ask_idle_workers_to_yield() -> None:
+    """Have every pool on the connected cluster end its idle groups now (invariant 6's request), for
+    Ray work that is not a gpu-proxy run (a Ray Tune sweep, Ray Train) and would otherwise wait for
+    their resources until ``keep_warm`` ends. Nothing without a connected cluster."""
+    if ray.is_initialized():
+        _post_yield_request()
+
+
 @ray.remote(max_restarts=0, max_task_retries=0)
 class PoolWorker:
     """One worker process of a group: runs one rank of each run its group serves."""
