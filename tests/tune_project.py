@@ -99,4 +99,5 @@ if __name__ == "__main__":  # python -m tests.tune_project FOLDER STORAGE: a swe
     ray.init()
     results = tuner(sys.argv[1], sys.argv[2], cases=CASES[:2], max_failures=0).fit()
     print(json.dumps({"trials": [{"val_loss": r.metrics.get("val_loss"), "error": bool(r.error),
-                                  "trial_id": r.metrics.get("trial_id")} for r in results]}))
+                                  "trial_id": r.metrics.get("trial_id"),
+                                  "iteration": r.metrics.get("training_iteration")} for r in results]}))
