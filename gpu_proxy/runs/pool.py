@@ -233,17 +233,7 @@ class WorkerPool:
         try:
             group = self._start_group(spec)
             ray.get([actor.preload.remote(modules) for actor in group.actors], timeout=spec.placement_timeout_s)
-            with self._lock:
-                self._busy.remove(group)
-                keep = spec.keep_warm_s > 0 and not self.closed
-                if keep:
-                    group.idle_since, group.keep_warm_s = time.monotonic(), spec.keep_warm_s
-                    self._idle.append(group)
-            if keep:
-                self._start_reaper()
-                self._wake.set()
-            else:
-                group.kill()
+            self._park(group, True, spec.keep_warm_s, reset=False)  # no run yet: nothing to put back
         except Exception:  # noqa: BLE001
             log.debug("prewarming %s workers failed", key.worker_pool, exc_info=True)
             if group is not None:
@@ -272,12 +262,17 @@ class WorkerPool:
     def release(self, group: WorkerGroup, reusable: bool, keep_warm_s: float) -> None:
         """Back to the idle list after a clean run (invariant 3), else killed."""
         group.runs += 1
+        self._park(group, reusable, keep_warm_s, reset=True)
+
+    def _park(self, group: WorkerGroup, reusable: bool, keep_warm_s: float, reset: bool) -> None:
+        """From busy to idle for ``keep_warm_s`` (a run's processes first put back what it changed), or killed."""
         with self._lock:
             if group in self._busy:
                 self._busy.remove(group)
             keep = reusable and keep_warm_s > 0 and not self.closed and not group.borrowed
             if keep:
-                group.resets = [actor.reset.remote() for actor in group.actors]
+                if reset:
+                    group.resets = [actor.reset.remote() for actor in group.actors]
                 group.idle_since, group.keep_warm_s = time.monotonic(), keep_warm_s
                 self._idle.append(group)
         if not keep:
@@ -368,6 +363,8 @@ class WorkerPool:
         with self._lock:
             if self._reaper is not None and self._reaper.is_alive():
                 return
+            # A request posted while this pool had nothing idle was for then, not for the group idle now.
+            self._yield_seen = _yield_request()
             self._reaper = threading.Thread(target=self._reap, name="gpu-proxy-pool-reaper", daemon=True)
             self._reaper.start()
 
