@@ -23,9 +23,11 @@ One connection::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
+import random
 import secrets
 import socket
 import time
@@ -50,10 +52,40 @@ def listen_address(ctx: Any) -> str:
     return LOOPBACK if ctx.num_nodes == 1 else ctx.master_addr
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+#: Where a rank's TensorFlow server port comes from: below Linux's ephemeral range (32768-60999), so no
+#: outgoing connection on the machine can take it between our pick and TensorFlow's bind (the CI saw
+#: "Could not start gRPC server" with kernel-chosen ports), and above Ray's worker ports (10002-19999).
+TENSORFLOW_PORTS = range(20000, 32768)
+
+
+def tensorflow_port(local_rank: int, local_world_size: int) -> int:
+    """A port for this rank's TensorFlow server, free on every interface (TensorFlow listens on all).
+    Ranks of one node draw from disjoint slots (port = local_rank mod local_world_size), so two of them
+    never pick the same one."""
+    slots = range(TENSORFLOW_PORTS.start + local_rank, TENSORFLOW_PORTS.stop, local_world_size)
+    for port in random.sample(slots, min(len(slots), 256)):
+        if is_free_everywhere(port):
+            return port
+    raise RuntimeError(f"No free port for TensorFlow's server in {TENSORFLOW_PORTS.start}-"
+                       f"{TENSORFLOW_PORTS.stop - 1} on this node; free some, or train on fewer workers per node.")
+
+
+def is_free_everywhere(port: int) -> bool:
+    """Whether nothing holds ``port`` on any interface (a dual-stack bind on ``::`` sees IPv4 too)."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        with sock:
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                if family == socket.AF_INET6 and error.errno == errno.EADDRNOTAVAIL:
+                    continue
+                return False
+            return True
+    return False
 
 
 def _mac(key: str, nonce: str, body: bytes) -> str:

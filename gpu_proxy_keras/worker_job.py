@@ -48,7 +48,8 @@ class KerasJob:
             if multi_worker_tf:
                 import ray
 
-                own = f"{ray.util.get_node_ip_address()}:{rendezvous.free_port()}"
+                port = rendezvous.tensorflow_port(ctx.local_rank, ctx.local_world_size)
+                own = f"{ray.util.get_node_ip_address()}:{port}"
                 addresses = rendezvous.all_gather_addresses(
                     ctx.rank, ctx.world_size, own, rendezvous.listen_address(ctx), ctx.master_port,
                     self.rendezvous_key)

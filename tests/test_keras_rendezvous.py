@@ -20,6 +20,12 @@ pytestmark = pytest.mark.timeout(60)
 KEY = rendezvous.new_key()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _gather_in_threads(world_size: int, port: int, keys: dict[int, str]) -> dict[int, object]:
     got: dict[int, object] = {}
 
@@ -38,13 +44,13 @@ def _gather_in_threads(world_size: int, port: int, keys: dict[int, str]) -> dict
 
 
 def test_ranks_with_the_key_gather_every_address_in_rank_order():
-    port = rendezvous.free_port()
+    port = _free_port()
     got = _gather_in_threads(3, port, {})
     assert got == {r: ["host0:1", "host1:1", "host2:1"] for r in range(3)}
 
 
 def test_a_client_without_the_key_is_dropped_and_gets_nothing():
-    port = rendezvous.free_port()
+    port = _free_port()
     intruder_saw: list[bytes] = []
     with rendezvous.Collector(port, "127.0.0.1", KEY) as collector:
         listening = [(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
@@ -74,7 +80,7 @@ def test_a_client_without_the_key_is_dropped_and_gets_nothing():
 
 
 def test_a_rank0_without_the_key_is_not_believed():
-    port = rendezvous.free_port()
+    port = _free_port()
     with rendezvous.Collector(port, "127.0.0.1", rendezvous.new_key()) as impostor:
         answers: list[object] = []
 
@@ -91,6 +97,16 @@ def test_a_rank0_without_the_key_is_not_believed():
             impostor.collect(1, timeout=3)  # it cannot read rank 1's message as valid
         thread.join(15)
     assert len(answers) == 1 and isinstance(answers[0], ConnectionError)
+
+
+def test_tensorflow_ports_are_free_on_every_interface_and_distinct_on_one_node():
+    # TensorFlow's server binds every interface; a port held on loopback alone is not free for it.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        assert not rendezvous.is_free_everywhere(held.getsockname()[1])
+    ports = [rendezvous.tensorflow_port(local_rank, 4) for local_rank in range(4)]
+    assert [port % 4 for port in ports] == [(rendezvous.TENSORFLOW_PORTS.start + r) % 4 for r in range(4)]
+    assert all(port in rendezvous.TENSORFLOW_PORTS and rendezvous.is_free_everywhere(port) for port in ports)
 
 
 def test_rank0_listens_on_loopback_for_one_node_and_on_its_address_for_several():

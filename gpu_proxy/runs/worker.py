@@ -49,6 +49,7 @@ class WorkerContext:
     rank = property(lambda self: self.placement.rank)
     local_rank = property(lambda self: self.placement.local_rank)
     node_rank = property(lambda self: self.placement.node_rank)
+    local_world_size = property(lambda self: self.placement.local_world_size)
     world_size = property(lambda self: self.placement.world_size)
     num_nodes = property(lambda self: self.placement.num_nodes)
     use_gpu = property(lambda self: self.placement.use_gpu)
