@@ -215,8 +215,8 @@ def test_the_embedded_cluster_outlives_the_thread_that_started_it(tmp_path, how)
 
 
 def test_a_fresh_scripts_first_fit_finds_its_workers_started_at_trainer_time(tmp_path):
-    """Issue 14: Trainer(...) starts the embedded cluster's workers, importing torch and Lightning,
-    while the script goes on; its fit takes them instead of starting its own."""
+    """Issue 14: Trainer(...) starts the embedded cluster and its workers, importing torch and Lightning,
+    in the background while the script goes on; its fit takes them instead of starting its own."""
     import subprocess
 
     script = tmp_path / "fresh.py"
@@ -228,6 +228,7 @@ def test_a_fresh_scripts_first_fit_finds_its_workers_started_at_trainer_time(tmp
         "from gpu_proxy.runs.pool import current_pool\n"
         "from tests.lightning_project import big_models\n"
         "trainer = big_models.trainer(RemoteStrategy(num_workers=1), callbacks=[])\n"
+        "print('TRAINER_WAITED_FOR_RAY', ray.is_initialized())\n"
         "groups, deadline = [], time.monotonic() + 150\n"
         "while time.monotonic() < deadline and not (groups and groups[0]['state'] == 'idle'):\n"
         "    time.sleep(0.2)\n"
@@ -239,8 +240,10 @@ def test_a_fresh_scripts_first_fit_finds_its_workers_started_at_trainer_time(tmp
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
                           cwd=tmp_path, env=env)
     lines = {line.split(" ", 1)[0]: eval(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
-             if line.startswith(("BEFORE", "AFTER"))}
+             if line.startswith(("BEFORE", "AFTER", "TRAINER_WAITED_FOR_RAY"))}
     assert "AFTER" in lines, done.stderr[-3000:]
     (before,), (after,) = lines["BEFORE"], lines["AFTER"]
     assert (before["kind"], before["state"], before["runs"]) == ("lightning", "idle", 0)  # ready before fit
     assert (after["kind"], after["runs"]) == ("lightning", 1)  # the fit ran on it: no second group
+    # Trainer(...) returned while Ray was still starting (it once waited on the start's lock: 4-8 s).
+    assert lines["TRAINER_WAITED_FOR_RAY"] is False

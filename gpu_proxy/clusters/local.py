@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     from gpu_proxy.runs.spec import RunSpec
 
 log = logging.getLogger(__name__)
+# Two locks, so that asking for the cluster or for a background start never waits for Ray's start
+# (seconds): ``_start_lock`` is held through ``ray.init``/``ray.shutdown``; ``_lock`` only for the
+# process-wide default and the background thread's handle.
 _lock = threading.Lock()
+_start_lock = threading.Lock()
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _default: "LocalCluster | None" = None
 
@@ -45,7 +49,7 @@ class LocalCluster(Cluster):
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        with _lock:
+        with _start_lock:
             if ray.is_initialized():
                 return
             if threading.current_thread() is threading.main_thread():
@@ -175,8 +179,9 @@ class LocalCluster(Cluster):
         return f"http://{url}" if url else None
 
     def stop(self) -> None:
-        with _lock:  # after a start under way (it holds the lock)
-            self._background = None
+        with _start_lock:  # after a start under way (it holds the lock)
+            with _lock:
+                self._background = None
             if self._started_here and ray.is_initialized():
                 ray.shutdown()
             self._started_here = False
