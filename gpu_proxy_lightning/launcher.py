@@ -28,7 +28,7 @@ from gpu_proxy.runs.restarts import Attempt, run_with_restarts
 from gpu_proxy_lightning import checkpointing, predictions, process_group_store, sharding, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 from gpu_proxy_lightning.home_events import HomeEventHandler
-from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
+from gpu_proxy_lightning.worker_events import RelayLogger, StopUnwind, WorkerEventCallback
 
 SEED_ENV_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
@@ -74,7 +74,7 @@ class WorkerJob:
             with checkpointing.run_storage_options(strategy.checkpoint_dir, strategy.storage_options):
                 try:
                     results = self.function(*self.args, **self.kwargs)
-                except StopRequested as stop:
+                except StopUnwind as stop:
                     interrupted, results = True, None
                     _stop_like_local_ctrl_c(trainer, stop)
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is a for a in added)]
