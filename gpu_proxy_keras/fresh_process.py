@@ -11,7 +11,8 @@ closes, and the child exits: no orphan keeps a port or a GPU.
 A child that dies before reporting a result (SIGKILL, the OOM killer, a segfault, ``os._exit``)
 is reported as :class:`~gpu_proxy.errors.WorkerLostError`, because without the child this is what
 Ray reports when the worker's own process dies that way: a lost worker, which home puts before the
-other ranks' errors and ``max_failures`` restarts from the last committed epoch (``home.py``). The
+other ranks' errors (``gpu_proxy/runs/home.py``) and ``max_failures`` restarts from the last
+committed epoch (``gpu_proxy/runs/restarts.py``). The
 Ray worker reports the loss rather than killing itself to mirror it, so that it still delivers the
 child's last output lines and events home and the message can name the signal.
 """

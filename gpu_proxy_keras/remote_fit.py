@@ -18,8 +18,10 @@ from gpu_proxy import shipping
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.clusters.resolve import ClusterSpec, check_cluster_spec, resolve_cluster, start_early
 from gpu_proxy.runs.pool import check_keep_warm
-from gpu_proxy.errors import ConfigurationError, RunStoppedError, WorkerLostError
+from gpu_proxy.errors import ConfigurationError, RunStoppedError
 from gpu_proxy.runs import RunSpec, execute, values
+from gpu_proxy.runs.resources import per_worker_resources
+from gpu_proxy.runs.restarts import Attempt, run_with_restarts
 from gpu_proxy.secrets import Concealed, conceal
 from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, rendezvous, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
@@ -195,28 +197,18 @@ class RemoteFit:
                            handler: HomeEventHandler, storage: RunCheckpoints | None,
                            resumed: Committed | None) -> tuple[Any, Committed | None]:
         """Run fit; when a worker dies, start again from the newest committed epoch, up to max_failures."""
-        failures: list[str] = []
-        while True:
+        def fit_from(attempt: Attempt[Committed]) -> tuple[Any, Committed | None]:
+            resumed = attempt.resume_from
             if resumed is not None and resumed.epoch + 1 >= kwargs["epochs"]:
                 return None, resumed
             run_kwargs = dict(kwargs, initial_epoch=resumed.epoch + 1) if resumed is not None else kwargs
-            try:
-                results = self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
-                                    archive=storage.read(resumed) if resumed is not None else None,
-                                    checkpoint=storage.worker_spec(resumed) if storage is not None else None)
-                return results[0], resumed
-            except WorkerLostError as lost:
-                failures.append(str(lost))
-                if len(failures) > self.max_failures:
-                    if not self.max_failures:
-                        raise
-                    listing = "\n".join(f"  {i + 1}. {text}" for i, text in enumerate(failures))
-                    raise WorkerLostError(f"The run failed {len(failures)} times, more than max_failures="
-                                          f"{self.max_failures}:\n{listing}") from lost
-                resumed = storage.latest() if storage is not None else None
-                start = f"epoch {resumed.epoch + 2} ({resumed.url})" if resumed else "the start"
-                print(f"gpu-proxy: {lost}; restarting from {start}, attempt {len(failures) + 1} of "
-                      f"{self.max_failures + 1}", file=sys.stderr, flush=True)
+            results = self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
+                                archive=storage.read(resumed) if resumed is not None else None,
+                                checkpoint=storage.worker_spec(resumed) if storage is not None else None)
+            return results[0], resumed
+
+        return run_with_restarts(fit_from, self.max_failures, storage.latest if storage is not None else None,
+                                 _say_restart, resume_from=resumed)
 
     def _run(self, method: str, data: dict[str, Any], kwargs: dict[str, Any],
              callbacks: list[Any], handler: HomeEventHandler, num_workers: int,
@@ -247,14 +239,19 @@ class RemoteFit:
         return self._resolved_cluster
 
     def _worker_resources(self) -> dict[str, float]:
-        resources = dict(self.resources_per_worker or {"CPU": 1.0})
-        if self.use_gpu:
-            resources.setdefault("GPU", 1.0)
-        elif self.use_gpu is False and resources.get("GPU", 0) > 0:
+        resources = per_worker_resources(self.resources_per_worker, bool(self.use_gpu))
+        if self.use_gpu is False and resources.get("GPU", 0) > 0:
             raise ConfigurationError(
                 f"use_gpu=False but resources_per_worker asks for {resources['GPU']} GPU per worker; "
                 "drop one of the two.")
         return resources
+
+
+def _say_restart(attempt: Attempt[Committed]) -> None:
+    resumed = attempt.resume_from
+    start = f"epoch {resumed.epoch + 2} ({resumed.url})" if resumed else "the start"
+    print(f"gpu-proxy: {attempt.after}; restarting from {start}, attempt {attempt.number} of {attempt.of}",
+          file=sys.stderr, flush=True)
 
 
 def _archive(model: keras.Model) -> bytes:

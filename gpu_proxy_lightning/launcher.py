@@ -19,15 +19,16 @@ from typing_extensions import override
 
 from gpu_proxy import events, shipping
 from gpu_proxy.dataplane.package import Package
-from gpu_proxy.errors import ShippingError, WorkerLostError
+from gpu_proxy.errors import ShippingError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import RunSpec, WorkerContext, execute, values
 from gpu_proxy.errors import RunInterrupted, RunStoppedError
 from gpu_proxy.runs.home import submit_detached
+from gpu_proxy.runs.restarts import Attempt, run_with_restarts
 from gpu_proxy_lightning import checkpointing, predictions, process_group_store, sharding, worker_output
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 from gpu_proxy_lightning.home_events import HomeEventHandler
-from gpu_proxy_lightning.worker_events import RelayLogger, StopRequested, WorkerEventCallback
+from gpu_proxy_lightning.worker_events import RelayLogger, StopUnwind, WorkerEventCallback
 
 SEED_ENV_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
@@ -73,7 +74,7 @@ class WorkerJob:
             with checkpointing.run_storage_options(strategy.checkpoint_dir, strategy.storage_options):
                 try:
                     results = self.function(*self.args, **self.kwargs)
-                except StopRequested as stop:
+                except StopUnwind as stop:
                     interrupted, results = True, None
                     _stop_like_local_ctrl_c(trainer, stop)
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is a for a in added)]
@@ -222,25 +223,21 @@ class RemoteLauncher(_Launcher):
     def _run_with_restarts(self, spec: RunSpec, handler: HomeEventHandler, storage: Any, trainer: Any,
                            function: Callable, args: tuple, kwargs: dict) -> list[Any]:
         """Run; when a worker dies, start again from the newest committed checkpoint, up to max_failures."""
-        failures: list[str] = []
-        while True:
-            try:
-                self._run_name = spec.name
-                return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
-            except WorkerLostError as lost:
-                failures.append(str(lost))
-                if len(failures) > self._strategy.max_failures:
-                    if not self._strategy.max_failures:
-                        raise
-                    listing = "\n".join(f"  {i + 1}. {text}" for i, text in enumerate(failures))
-                    raise WorkerLostError(f"The run failed {len(failures)} times, more than max_failures="
-                                          f"{self._strategy.max_failures}:\n{listing}") from lost
-                resume_from = storage.latest() if storage is not None else None
-                handler.handle(Event(events.RESTART, {"attempt": len(failures) + 1, "reason": str(lost),
-                                                      "resumed_from": resume_from}))
-                if getattr(function, "__name__", "") == "_fit_impl":
-                    args = checkpointing.resume_args(args, resume_from)
-                spec = self._spec(trainer, function, args, kwargs)
+        def run(attempt: Attempt[str]) -> list[Any]:
+            nonlocal spec
+            if attempt.number > 1:  # a fit resumes from the checkpoint; other functions run again as given
+                resumed = (checkpointing.resume_args(args, attempt.resume_from)
+                           if getattr(function, "__name__", "") == "_fit_impl" else args)
+                spec = self._spec(trainer, function, resumed, kwargs)
+            self._run_name = spec.name
+            return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
+
+        def announce(attempt: Attempt[str]) -> None:
+            handler.handle(Event(events.RESTART, {"attempt": attempt.number, "reason": attempt.after,
+                                                  "resumed_from": attempt.resume_from}))
+
+        return run_with_restarts(run, self._strategy.max_failures,
+                                 storage.latest if storage is not None else None, announce)
 
     @staticmethod
     def _ship(job: WorkerJob, trainer: Any, args: tuple, secrets: dict[str, str]) -> Package:

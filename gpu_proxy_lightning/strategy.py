@@ -21,6 +21,7 @@ from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs import WorkerContext
 from gpu_proxy.runs.heartbeat import MIN_GRACE_S
 from gpu_proxy.runs.pool import check_keep_warm
+from gpu_proxy.runs.resources import per_worker_resources
 from gpu_proxy.runs.spec import RunSpec
 from gpu_proxy.secrets import conceal
 from gpu_proxy_lightning import sharding as sharding_
@@ -190,10 +191,8 @@ class RemoteStrategy(DDPStrategy):
         return self.worker_resources().get("GPU", 0) > 0
 
     def worker_resources(self) -> dict[str, float]:
-        resources = dict(self.resources_per_worker or {"CPU": 1.0})
-        if "GPU" not in resources and (self.use_gpu or (self.use_gpu is None and self._accelerator_is_gpu())):
-            resources["GPU"] = 1.0
-        return resources
+        gpu = self.use_gpu or (self.use_gpu is None and self._accelerator_is_gpu())
+        return per_worker_resources(self.resources_per_worker, bool(gpu))
 
     def _check_gpu_settings(self) -> None:
         """Refuse a Trainer accelerator that contradicts use_gpu / resources_per_worker (see __init__)."""

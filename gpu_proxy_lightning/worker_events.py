@@ -35,8 +35,9 @@ RELAYED_BATCH_HOOKS = (
 )
 
 
-class StopRequested(KeyboardInterrupt):
-    """Raised on every rank at the same step once home asked the run to stop."""
+class StopUnwind(KeyboardInterrupt):
+    """Raised on every rank at the same step once the ranks agreed to stop: it unwinds Lightning's
+    loops as Ctrl-C does locally (a KeyboardInterrupt, so Lightning's own interrupt handling runs)."""
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +119,7 @@ class WorkerEventCallback(Callback):
     def _agree_on_stop(self, trainer: Any) -> None:
         # A collective: every rank calls it at the same batch count, so every rank stops at the same step.
         if trainer.strategy.reduce_boolean_decision(self._ctx.should_stop(), all=False):
-            raise StopRequested("home asked the run to stop")
+            raise StopUnwind("home asked the run to stop")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._emit(trainer, "on_train_batch_end", batch_idx)

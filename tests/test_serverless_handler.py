@@ -107,7 +107,7 @@ def test_the_sdk_local_server_runs_a_job_and_streams_its_events():
                 time.sleep(0.3)
         submitted = post(f"{base}/run", {"input": run_input()})
         assert submitted["status"] == "IN_PROGRESS"
-        with pytest.raises(urllib.error.HTTPError) as info:  # the SDK's server has POST only (DESIGN.md)
+        with pytest.raises(urllib.error.HTTPError) as info:  # the SDK's server has POST only (cluster_image/serverless/README.md)
             post(f"{base}/status/{submitted['id']}", method="GET")
         assert info.value.code == 405
         streamed = post(f"{base}/stream/{submitted['id']}")  # the job runs now, and all of it comes back

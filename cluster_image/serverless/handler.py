@@ -97,11 +97,11 @@ class _Run:
     """One run executing in a background thread; its events wait in a deque for the next batch."""
 
     def __init__(self, spec: RunSpec, job_in: dict[str, Any]) -> None:
-        from gpu_proxy.runs.supervisor import StopSignal
+        from gpu_proxy.runs.supervisor import StopRequestCount
 
         self.spec = spec
         self.job_in = job_in
-        self.stop = StopSignal()
+        self.stop = StopRequestCount()
         self.done = threading.Event()
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._last_seq = -1

@@ -1,6 +1,6 @@
 """Home -> cluster values through the Jobs HTTP API: the one channel home has to a remote cluster.
 
-The API has no message endpoint, but it stores runtime-env packages in the cluster's GCS key-value
+The API has no route for messages, but it stores runtime-env packages in the cluster's GCS key-value
 store by name (``PUT /api/packages/gcs/<name>``, token-checked like every dashboard route); the job
 driver reads them through ``ray.experimental.internal_kv``. Home's heartbeat and the run's secrets
 travel this way.

@@ -1,6 +1,6 @@
 """Home's heartbeat on the Ray Job path: a run whose home is gone stops after a grace period.
 
-The Jobs HTTP API is the one channel home has to the cluster, and it has no message endpoint; it
+The Jobs HTTP API is the one channel home has to the cluster, and it has no route for messages; it
 stores values in the cluster's key-value store (see :mod:`gpu_proxy.runs.cluster_kv`). Home overwrites one
 small "package" per run with a counter every few seconds; the job driver reads that key through
 ``ray.experimental.internal_kv`` and asks the run to stop when it has not changed for the grace

@@ -6,12 +6,12 @@ from typing import Any
 
 from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.spec import RunSpec
-from gpu_proxy.runs.supervisor import StopSignal, supervise
+from gpu_proxy.runs.supervisor import StopRequestCount, supervise
 
 
 def execute_in_process(spec: RunSpec, control: RunControl) -> list[dict[str, Any]]:
     """Supervise ``spec`` on the Ray cluster this process is connected to; events reach ``control``."""
-    stop = StopSignal()
+    stop = StopRequestCount()
     result: dict[str, Any] = {}
 
     def supervise_in_background() -> None:

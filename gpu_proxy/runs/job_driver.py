@@ -22,7 +22,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import cluster_kv, log_codec
 from gpu_proxy.runs.heartbeat import HeartbeatWatch
 from gpu_proxy.runs.spec import RunSpec
-from gpu_proxy.runs.supervisor import StopSignal, supervise
+from gpu_proxy.runs.supervisor import StopRequestCount, supervise
 from gpu_proxy.secrets import install
 
 HARD_STOP_AFTER_S = 60.0
@@ -54,7 +54,7 @@ class _LogSink:
 def main(argv: list[str]) -> int:
     run_pickle, run_name = argv[0], argv[1]
     spec_bytes = Path(run_pickle).read_bytes()  # before ray.init(), which may change the working directory
-    stop = StopSignal()
+    stop = StopRequestCount()
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     sink = _LogSink()
     watch = None
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _watch_for_abort(run_name: str, stop: StopSignal, done: threading.Event) -> None:
+def _watch_for_abort(run_name: str, stop: StopRequestCount, done: threading.Event) -> None:
     from ray.experimental import internal_kv
 
     key = cluster_kv.kv_key(run_name, ABORT_KEY)
@@ -106,7 +106,7 @@ def _watch_for_abort(run_name: str, stop: StopSignal, done: threading.Event) -> 
             return
 
 
-def _home_gone(spec: RunSpec, stop: StopSignal, gone: list[str]) -> None:
+def _home_gone(spec: RunSpec, stop: StopRequestCount, gone: list[str]) -> None:
     """Home stopped following: stop at the next step boundary, as Ctrl-C would; abort if that hangs."""
     gone.append(f"no heartbeat from home for {spec.home_grace_s:g} s")
     print(f"gpu-proxy: {gone[0]}: stopping run {spec.name}", file=sys.stderr, flush=True)

@@ -1,11 +1,24 @@
-"""Checking a run's request against what a Ray cluster has, before anything is placed."""
+"""What a run's workers ask Ray for, and checking that request against what the cluster has, before
+anything is placed."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 
 from gpu_proxy.errors import ClusterResourceError
+
+
+def per_worker_resources(resources_per_worker: Mapping[str, float] | None, gpu: bool) -> dict[str, float]:
+    """The Ray resources of one worker: the user's ``resources_per_worker`` (default one CPU), with
+    one GPU added when ``gpu`` and the user named no GPU amount (an explicit ``{"GPU": 0}`` stays).
+
+    Each framework decides ``gpu`` (Lightning from ``use_gpu`` or the Trainer's accelerator, Keras
+    from ``use_gpu``) and checks its own contradictions first, in its own argument names."""
+    resources = dict(resources_per_worker or {"CPU": 1.0})
+    if gpu:
+        resources.setdefault("GPU", 1.0)
+    return resources
 
 
 def _fmt(resources: dict[str, float]) -> str:

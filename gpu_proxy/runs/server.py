@@ -32,7 +32,7 @@ from gpu_proxy.events import Event
 from gpu_proxy.runs import wire
 from gpu_proxy.runs.cluster_kv import kv_key
 from gpu_proxy.runs.pool import WorkerPool, current_pool
-from gpu_proxy.runs.supervisor import StopSignal, supervise
+from gpu_proxy.runs.supervisor import StopRequestCount, supervise
 from gpu_proxy.secrets import installed
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class RunServer:
         self._lock = threading.Lock()
         self._active: dict[str, dict[str, Any]] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RUNS)
-        self._stops: dict[str, StopSignal] = {}  # the active runs' stop signals, for `gpu-proxy stop`
+        self._stops: dict[str, StopRequestCount] = {}  # the active runs' stop request counts, for `gpu-proxy stop`
         self._last_activity = time.monotonic()
 
     def serve(self) -> None:
@@ -140,7 +140,7 @@ class RunServer:
                     self._last_activity = time.monotonic()
 
     def _supervise(self, conn: socket.socket, spec: Any, record: dict[str, Any]) -> None:
-        stop = StopSignal()
+        stop = StopRequestCount()
         with self._lock:
             self._stops[spec.name] = stop
         send_lock = threading.Lock()
@@ -182,7 +182,7 @@ class RunServer:
 class _HomeWatch:
     """Reads home's requests during a run (stop, beats) and stops the run when home is gone."""
 
-    def __init__(self, conn: socket.socket, spec: Any, stop: StopSignal) -> None:
+    def __init__(self, conn: socket.socket, spec: Any, stop: StopRequestCount) -> None:
         self._conn, self._spec, self._stop = conn, spec, stop
         self._last_beat = time.monotonic()
         self._closed = threading.Event()

@@ -1,8 +1,9 @@
 """The supervisor of a run: place workers, start them, relay their events, collect their outcomes.
 
 This one function runs in the user's process (embedded cluster), in a cluster's run server
-(:mod:`gpu_proxy.runs.server`) or as a detached run's Ray Job driver (DESIGN decision 2). It talks to Ray only; it never unpickles the payload,
-so it needs no framework installed beside it.
+(:mod:`gpu_proxy.runs.server`) or as a detached run's Ray Job driver (docs/decisions.md, "One
+supervisor, three places"). It talks to Ray only; it never unpickles the payload, so it needs no
+framework installed beside it.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ POLL_S = 0.05
 
 
 @dataclass
-class StopSignal:
-    """Home's wish to stop: the first request is graceful, the second aborts at once."""
+class StopRequestCount:
+    """How many times the run was asked to stop, counted where the requests arrive (home's
+    :class:`~gpu_proxy.runs.control.StopRequest`, SIGTERM, the abort key, a silent heartbeat) and
+    read by :func:`supervise`: the first request stops every rank at its next step, the second aborts."""
 
     requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -62,14 +65,14 @@ def _placements(spec: RunSpec, pg: Any, bundles: list[int]) -> list[WorkerPlacem
     return placements  # type: ignore[return-value]
 
 
-def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopSignal | None = None,
+def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopRequestCount | None = None,
               pool: WorkerPool | None = None) -> list[dict[str, Any]]:
     """Run ``spec`` on the connected Ray cluster; return each rank's outcome, in rank order.
 
     The workers come from ``pool`` (this process's, by default): warm ones of the run's kind when
     there are, and they go back to it after a clean run (:mod:`gpu_proxy.runs.pool`).
     """
-    stop = stop or StopSignal()
+    stop = stop or StopRequestCount()
     pool = pool or current_pool()
     check_fits(spec.num_workers, spec.resources_per_worker)
     group = pool.acquire(spec)
@@ -148,7 +151,7 @@ def _relay(run: str, channel: Any, sink: Callable[[Event], None], wait_s: float)
 
 
 def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
-            sink: Callable[[Event], None], stop: StopSignal, kill: Callable[[], None]) -> list[dict[str, Any]]:
+            sink: Callable[[Event], None], stop: StopRequestCount, kill: Callable[[], None]) -> list[dict[str, Any]]:
     outcomes: dict[int, dict[str, Any]] = {}
     pending = list(refs)
     stop_sent = 0
