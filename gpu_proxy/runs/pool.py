@@ -124,13 +124,11 @@ class GroupKey:
     worker_pool: str
     num_workers: int
     resources: tuple[tuple[str, float], ...]
-    env: tuple[tuple[str, str], ...]
 
     @classmethod
     def of(cls, spec: RunSpec) -> "GroupKey":
         return cls(spec.worker_pool, spec.num_workers,
-                   tuple(sorted((k, float(v)) for k, v in spec.resources_per_worker.items() if v)),
-                   tuple(sorted(spec.env.items())))
+                   tuple(sorted((k, float(v)) for k, v in spec.resources_per_worker.items() if v)))
 
 
 @dataclass(eq=False)
@@ -355,8 +353,6 @@ class WorkerPool:
         }
         if resources:
             options["resources"] = resources
-        if spec.env:
-            options["runtime_env"] = {"env_vars": dict(spec.env)}
         return PoolWorker.options(**options).remote()
 
     def _start_reaper(self) -> None:

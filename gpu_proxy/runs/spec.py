@@ -24,7 +24,6 @@ class RunSpec:
     num_workers: int
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     name: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}")
-    env: dict[str, str] = field(default_factory=dict)
     #: Runs of different pools never share a worker process (gpu_proxy.runs.pool): a process that
     #: imported TensorFlow crashes (SIGSEGV in LLVM) when it later runs torch. One pool per framework.
     worker_pool: str = "default"
