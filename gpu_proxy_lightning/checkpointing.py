@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import inspect
 import os
 import uuid
 import warnings
@@ -22,7 +23,6 @@ from gpu_proxy.storage import check_writable, latest_committed
 from gpu_proxy.storage.location import protocol_of
 from gpu_proxy_lightning.checkpoint_io import AsyncFsspecCheckpointIO
 
-FIT_CKPT_PATH_ARG = 4  # Trainer.fit calls _fit_impl(model, train_dl, val_dl, datamodule, ckpt_path, ...)
 
 
 def new_run_name() -> str:
@@ -65,20 +65,39 @@ class RunStorage:
         if os.path.abspath(str(trainer._default_root_dir)) == os.getcwd():
             trainer._default_root_dir = self.run_url
 
-    def resolve_ckpt_path(self, function: Any, args: tuple, continue_run: bool) -> tuple:
+    def resolve_ckpt_path(self, function: Any, args: tuple, kwargs: dict, continue_run: bool) -> tuple[tuple, dict]:
         """``fit(ckpt_path="last")``, or a named run that exists, means the newest committed checkpoint."""
-        if getattr(function, "__name__", "") != "_fit_impl" or len(args) <= FIT_CKPT_PATH_ARG:
-            return args
-        requested = args[FIT_CKPT_PATH_ARG]
+        if not is_fit(function):
+            return args, kwargs
+        requested = fit_arguments(function, args, kwargs).arguments.get("ckpt_path")
         if requested is None and continue_run:
             latest = self.latest()
-            return resume_args(args, latest) if latest else args
+            return with_ckpt_path(function, args, kwargs, latest) if latest else (args, kwargs)
         if requested != "last":
-            return args
+            return args, kwargs
         latest = self.latest()
         if latest is None:
             warnings.warn(f'ckpt_path="last": no committed checkpoint under {self.checkpoints_url}; starting afresh.')
-        return resume_args(args, latest)
+        return with_ckpt_path(function, args, kwargs, latest)
+
+
+def is_fit(function: Any) -> bool:
+    """Whether the launcher was given ``Trainer.fit``'s body (Lightning launches ``Trainer._fit_impl``)."""
+    from lightning.pytorch import Trainer
+
+    return getattr(function, "__func__", None) is Trainer._fit_impl
+
+
+def fit_arguments(function: Any, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    # By name, from the signature: Lightning passes them positionally, in an order that may change.
+    return inspect.signature(function).bind_partial(*args, **kwargs)
+
+
+def with_ckpt_path(function: Any, args: tuple, kwargs: dict, ckpt_path: str | None) -> tuple[tuple, dict]:
+    """The launcher's arguments for ``fit`` with ``ckpt_path`` in place of the given one."""
+    bound = fit_arguments(function, args, kwargs)
+    bound.arguments["ckpt_path"] = ckpt_path
+    return bound.args, bound.kwargs
 
 
 @contextlib.contextmanager
@@ -110,7 +129,3 @@ def run_storage_options(checkpoint_dir: str | None, storage_options: dict[str, A
             fsspec.config.conf.pop(protocol, None)
         with contextlib.suppress(ImportError, ValueError):
             fsspec.get_filesystem_class(protocol).clear_instance_cache()
-
-
-def resume_args(args: tuple, ckpt_path: str | None) -> tuple:
-    return args[:FIT_CKPT_PATH_ARG] + (ckpt_path,) + args[FIT_CKPT_PATH_ARG + 1:]

@@ -125,7 +125,7 @@ class RemoteLauncher(_Launcher):
         continue_run = strategy.run_name is not None  # a run named by the user continues where it stopped
         storage = self._prepare_storage(trainer, function)  # fails here, before any worker starts
         if storage is not None:
-            args = storage.resolve_ckpt_path(function, args, continue_run)
+            args, kwargs = storage.resolve_ckpt_path(function, args, kwargs, continue_run)
         if strategy.sharded is not None:
             strategy.home_memory_bytes = sharding.home_memory_bytes()  # for return_weights="auto", now
         spec = self._spec(trainer, function, args, kwargs)
@@ -212,7 +212,7 @@ class RemoteLauncher(_Launcher):
         strategy = self._strategy
         if not strategy.checkpoint_dir or trainer is None:
             return None
-        if getattr(function, "__name__", "") == "_fit_impl" and strategy.run_name is None:
+        if checkpointing.is_fit(function) and strategy.run_name is None:
             strategy.run_name = checkpointing.new_run_name()
         storage = checkpointing.RunStorage(strategy.checkpoint_dir, strategy.run_name or "default",
                                            strategy.storage_options)
@@ -226,9 +226,9 @@ class RemoteLauncher(_Launcher):
         def run(attempt: Attempt[str]) -> list[Any]:
             nonlocal spec
             if attempt.number > 1:  # a fit resumes from the checkpoint; other functions run again as given
-                resumed = (checkpointing.resume_args(args, attempt.resume_from)
-                           if getattr(function, "__name__", "") == "_fit_impl" else args)
-                spec = self._spec(trainer, function, resumed, kwargs)
+                resumed = (checkpointing.with_ckpt_path(function, args, kwargs, attempt.resume_from)
+                           if checkpointing.is_fit(function) else (args, kwargs))
+                spec = self._spec(trainer, function, *resumed)
             self._run_name = spec.name
             return values(execute(self._strategy.resolved_cluster(), spec, handler.handle))
 
