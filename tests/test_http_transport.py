@@ -156,6 +156,30 @@ def test_the_dashboard_client_retries_a_busy_dashboard_but_says_a_wrong_address_
     assert "tok" not in str(refused.value)
 
 
+def test_waiting_for_nodes_rides_out_a_busy_dashboard_and_says_a_refused_token_at_once(server):
+    from gpu_proxy.clusters.ray_node import RayNodeError, wait_for_nodes
+
+    nodes = {"data": {"result": {"result": [{"state": "ALIVE", "resources_total": {"CPU": 2.0}}]}}}
+    server.then("GET", "/api/v0/nodes?detail=1", {"status": 503}, {"json": nodes}, {"status": 403})
+    assert wait_for_nodes(server.url, "tok", 1, timeout_s=5)[0]["resources_total"] == {"CPU": 2.0}
+    started = time.monotonic()
+    with pytest.raises(RayNodeError, match="refused the token"):
+        wait_for_nodes(server.url, "wrong", 1, timeout_s=30)
+    assert time.monotonic() - started < 2
+
+
+def test_the_node_idle_watcher_counts_jobs_through_the_dashboard_client(server, tmp_path):
+    from gpu_proxy.clouds.runpod.node.idle_watch import Activity
+
+    token = tmp_path / "ray_token"
+    token.write_text("node-token\n")
+    activity = Activity(server.url + "/", "127.0.0.1:1", str(token))
+    server.then("GET", "/api/jobs/", {"json": [{"status": "RUNNING"}, {"status": "PENDING"}, {"status": "SUCCEEDED"}]},
+                {"status": 401, "json": {"detail": "bad token"}})
+    assert activity.running_jobs() == 2 and server.seen[-1][2] == "Bearer node-token"
+    assert activity.running_jobs() is None  # a refusal, like no answer, counts as busy
+
+
 def test_a_transport_refuses_to_be_pickled(server):
     import pickle
 
