@@ -174,7 +174,7 @@ class HTTPTransport:
         self._headers = headers or dict
         self._error_for = error_for
         self._gave_up_for = gave_up_for
-        self._sessions = {mode: retrying_session(policy, mode) for mode in ("all", "unsent")}
+        self._sessions: dict[str, requests.Session] = {}  # per retry mode, made when first used
 
     def __repr__(self) -> str:  # never a header
         return f"HTTPTransport({self.base_url!r})"
@@ -225,6 +225,8 @@ class HTTPTransport:
         timeout = timeout_s or self.timeout_s
         headers = {"Accept": "application/json", **self._headers()}
         try:
+            if mode not in self._sessions:
+                self._sessions[mode] = retrying_session(self.policy, mode)
             response = self._sessions[mode].request(method, self.base_url + path, params=params, json=body,
                                                     data=data, headers=headers, timeout=timeout)
         except (requests.Timeout, requests.ConnectionError) as error:
