@@ -370,3 +370,18 @@ def test_teardown_retries_through_the_one_transport_and_reports_what_it_could_no
     assert len([m for m, _, _ in fake.requests[before:] if m == "DELETE"]) == client.max_retries + 1
     fake._injected.clear()
     client.terminate_pod(other.id)
+
+
+def test_a_pod_ending_itself_rides_out_an_outage_through_the_transport_alone(client, fake):
+    """The node's self-end (node/pod_self.py) has no retry loop of its own: its client retries each call
+    longer than home's, with the transport's backoff, and a pod already gone counts as ended."""
+    from gpu_proxy.clouds.runpod.node.pod_self import SELF_END_RETRIES, PodSelf
+
+    pod = client.create_pod(CreatePodRequest("gp-test-self-end", "img:1", "NVIDIA RTX A4000", 1))
+    sleeps: list[float] = []
+    me = PodSelf(pod.id, fake.pods[pod.id].scoped_key, fake.url, sleep=sleeps.append)
+    fake.fail_next(503, times=SELF_END_RETRIES, retry_after=None, path_prefix=f"/v2/pods/{pod.id}")
+    said: list[str] = []
+    assert me.end(said.append) is True and fake.terminated_by[pod.id] == "pod key"
+    assert len(sleeps) == SELF_END_RETRIES and sleeps[-1] > sleeps[0], sleeps  # 8 waits, growing
+    assert said == [f"pod {pod.id} terminated itself"]

@@ -4,7 +4,7 @@ Each cloud folder follows the same shape (modelled on SkyPilot's per-cloud provi
 a cloud touches one folder:
 
 * ``client.py``: a thin typed client of the cloud's own API (keys, retries, errors that say what to do);
-* ``catalog.py``: machine/GPU names, prices, ``estimate_cost``;
+* ``gpu_types.py`` (or ``instance_types.py``): machine/GPU names, prices, ``estimate_cost``;
 * ``provision.py``: the few functions every cloud implements: ``run_instances`` (launch),
   ``query_instances``, ``wait_instances``, ``terminate_instances``;
 * ``cluster.py``: the :class:`~gpu_proxy.clusters.base.Cluster` that strings them together with the

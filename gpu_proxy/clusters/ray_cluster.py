@@ -1,11 +1,10 @@
 """An existing Ray cluster, reached through its dashboard address; runs are Ray Jobs on it."""
 from __future__ import annotations
 
-import urllib.error
 from typing import Any, Callable
 
 from gpu_proxy.clusters.base import Endpoint, JobsCluster
-from gpu_proxy.clusters.dashboard import DashboardClient
+from gpu_proxy.clusters.dashboard import DashboardClient, HTTPCallError
 from gpu_proxy.clusters.ray_token import find_ray_token
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
 
@@ -47,17 +46,17 @@ class RayCluster(JobsCluster):
         """``call`` on the dashboard, its failures said in the user's terms."""
         try:
             return call(DashboardClient(self.endpoint(), self.timeout_s))
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
+        except HTTPCallError as exc:
+            if exc.status in (401, 403):
                 raise ClusterUnreachableError(
-                    f"The Ray cluster at {self.address} {'needs' if exc.code == 401 else 'rejected'} an auth "
+                    f"The Ray cluster at {self.address} {'needs' if exc.status == 401 else 'rejected'} an auth "
                     "token. Pass RayCluster(address, token=...) or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH "
                     "to the cluster's token (`ray get-auth-token` on the head node prints it).") from None
-            raise ClusterUnreachableError(f"The Ray dashboard at {self.address} answered {exc.code} to {path}.") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            if exc.status is not None:
+                raise ClusterUnreachableError(
+                    f"The Ray dashboard at {self.address} answered {exc.status} to {path}.") from None
             raise ClusterUnreachableError(
-                f"No Ray dashboard answers at {self.address} ({reason}). Is the cluster up, and is the "
+                f"No Ray dashboard answers at {self.address} ({exc.problem}). Is the cluster up, and is the "
                 "address the dashboard's (port 8265 by default), through your SSH tunnel if remote?") from None
 
     def start(self) -> None:

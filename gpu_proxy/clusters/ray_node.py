@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Mapping
@@ -375,7 +374,7 @@ def start_node(spec: RayNodeSpec, log_path: str | None = None,
 
 
 def alive_nodes(dashboard_url: str, token: str, timeout_s: float = 5.0) -> list[dict]:
-    """The ALIVE nodes the dashboard reports (raises ``urllib`` errors when it does not answer)."""
+    """The ALIVE nodes the dashboard reports (raises ``HTTPCallError`` when it does not answer)."""
     from gpu_proxy.clusters.base import Endpoint
     from gpu_proxy.clusters.dashboard import DashboardClient
 
@@ -385,6 +384,8 @@ def alive_nodes(dashboard_url: str, token: str, timeout_s: float = 5.0) -> list[
 def wait_for_nodes(dashboard_url: str, token: str, count: int, timeout_s: float = 120.0,
                    failure: Callable[[], str | None] | None = None) -> list[dict]:
     """Wait until ``count`` nodes are ALIVE; ``failure()`` returns why waiting is pointless, if it is."""
+    from gpu_proxy.http_transport import HTTPCallError
+
     deadline = time.monotonic() + timeout_s
     last = "the dashboard did not answer"
     while time.monotonic() < deadline:
@@ -393,12 +394,13 @@ def wait_for_nodes(dashboard_url: str, token: str, count: int, timeout_s: float 
             if len(nodes) >= count:
                 return nodes
             last = f"{len(nodes)} of {count} nodes alive"
-        except urllib.error.HTTPError as error:
-            if error.code in (401, 403):
-                raise RayNodeError(f"The Ray dashboard refused the token ({error.code}): the nodes were started "
+        except HTTPCallError as error:
+            if error.status in (401, 403):
+                raise RayNodeError(f"The Ray dashboard refused the token ({error.status}): the nodes were started "
                                    f"with a different token.") from None
-            last = f"the dashboard answered {error.code}"
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            if error.status is not None:
+                last = f"the dashboard answered {error.status}"
+        except (OSError, ValueError, KeyError):
             pass
         reason = failure() if failure else None
         if reason:

@@ -1,5 +1,5 @@
 """RunPod: Ray clusters on RunPod GPU pods, through RunPod's REST API v2. See docs/runpod.md."""
-from gpu_proxy.clouds.runpod.catalog import CostEstimate, estimate_cost, resolve_gpu
+from gpu_proxy.clouds.runpod.gpu_types import CostEstimate, estimate_cost, resolve_gpu
 from gpu_proxy.clouds.runpod.client import (BillingRecord, BillingReport, CreateClusterRequest, CreatePodRequest,
                                             DataCenter, GpuType, InstantCluster, Pod, RunPodAuthError,
                                             RunPodCapacityError, RunPodClient, RunPodError, RunPodNotFoundError,

@@ -4,7 +4,8 @@ Why REST v2 and not the ``runpod`` SDK: the SDK's pod functions use the GraphQL 
 retires in early 2027 (see DESIGN.md). This client covers only what gpu-proxy needs: pods, Instant
 Clusters (``/v2/clusters``), the GPU, data-centre and template catalog, and spend records
 (:mod:`.billing`). HTTP, retries and the "find by name before creating again" rule live in
-:mod:`.transport`; errors in :mod:`.errors`; the key in :mod:`.auth`; the models in :mod:`.models`.
+:mod:`gpu_proxy.http_transport` (RunPod's key and errors on it: :mod:`.transport`); errors in
+:mod:`.errors`; the key in :mod:`.auth`; the models in :mod:`.models`.
 
 Secrets: the API key lives in one private attribute and travels only in the ``Authorization``
 header. It is never part of a repr, a log line, an exception message or a pickle (the client
@@ -24,7 +25,7 @@ from gpu_proxy.clouds.runpod.errors import (RunPodAuthError, RunPodCapacityError
                                             RunPodRateLimitError, RunPodUnavailableError, rest_error)
 from gpu_proxy.clouds.runpod.models import (CLUSTER_TYPE, CreateClusterRequest, CreatePodRequest, DataCenter, GpuType,
                                             InstantCluster, Pod, SSHEndpoint, Template)
-from gpu_proxy.clouds.runpod.transport import HTTPTransport, RetryMode
+from gpu_proxy.clouds.runpod.transport import RetryMode, RetryPolicy, runpod_transport
 from gpu_proxy.errors import ConfigurationError
 
 # Re-exported: these names were importable from this module before it was split.
@@ -65,9 +66,9 @@ class RunPodClient(BillingQueries):
         self.base_url = rest_base_url(base_url)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self._http = HTTPTransport(self.base_url, APIKey(load_api_key(api_key)), error_for=rest_error,
-                                   timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
-                                   max_backoff_s=max_backoff_s, sleep=sleep)
+        policy = RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s, sleep=sleep)
+        self._http = runpod_transport(self.base_url, APIKey(load_api_key(api_key)), error_for=rest_error,
+                                      timeout_s=timeout_s, policy=policy)
 
     def __repr__(self) -> str:  # never the key
         return f"RunPodClient(base_url={self.base_url!r})"
@@ -78,7 +79,7 @@ class RunPodClient(BillingQueries):
     def call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
              body: Mapping[str, Any] | None = None, what: str = "", retry: RetryMode | None = None) -> Any:
         """Any REST v2 call (``client.call("GET", "/v2/serverless")``), with this client's key, retries
-        (see :mod:`.transport`: a POST is repeated only when RunPod certainly did not act on it) and
+        (see :mod:`gpu_proxy.http_transport`: a POST is repeated only when RunPod certainly did not act on it) and
         errors; returns the decoded JSON. For endpoints without a typed method here."""
         return self._http.request(method, path, params=params, body=body, what=what, retry=retry)
 

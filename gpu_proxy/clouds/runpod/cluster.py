@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gpu_proxy.clouds.runpod.bring_up import PodAccess, bootstrap_stock_pods, bring_up_ray
-from gpu_proxy.clouds.runpod.catalog import CostEstimate
+from gpu_proxy.clouds.runpod.gpu_types import CostEstimate
 from gpu_proxy.clouds.runpod.cost_state import CostState
 from gpu_proxy.clouds.runpod.client import RunPodClient
 from gpu_proxy.clouds.runpod.held import HeldPods, _teardown

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from gpu_proxy.clouds.runpod.catalog import CLOUDS, check_money
+from gpu_proxy.clouds.runpod.gpu_types import CLOUDS, check_money
 from gpu_proxy.errors import ConfigurationError
 
 IMAGE_ENV = "GPU_PROXY_RUNPOD_IMAGE"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from gpu_proxy.clouds.runpod.catalog import (CostEstimate, check_count, choose_gpu, estimate_cost, expand_choices,
+from gpu_proxy.clouds.runpod.gpu_types import (CostEstimate, check_count, choose_gpu, estimate_cost, expand_choices,
                                              resolve_gpu)
 from gpu_proxy.clouds.runpod.client import RunPodClient
 from gpu_proxy.errors import ConfigurationError

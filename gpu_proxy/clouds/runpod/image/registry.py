@@ -16,12 +16,16 @@ from typing import Any
 import requests
 
 from gpu_proxy.errors import GpuProxyError
+from gpu_proxy.http_transport import RetryPolicy, retrying_session
 
 DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API = "registry-1.docker.io"
 _INDEXES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 _MANIFESTS = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json")
 _MAX_BYTES = 4 << 20  # a manifest or config blob is KBs; never read a layer by mistake
+# Every call is a GET: a 429/5xx or a broken-off answer is tried again (the one transport's policy); a
+# registry name that does not resolve or refuses the connection is said at once.
+REGISTRY_RETRIES = RetryPolicy(max_retries=3, backoff_s=0.5, max_backoff_s=5.0, connect_errors=False)
 
 
 class RegistryError(GpuProxyError):
@@ -73,7 +77,7 @@ class RegistryReader:
     def __init__(self, ref: ImageRef, timeout_s: float = 20.0) -> None:
         self.ref = ref
         self.timeout_s = timeout_s
-        self._session = requests.Session()
+        self._session = retrying_session(REGISTRY_RETRIES)
         self._token: str | None = None
 
     def labels(self) -> dict[str, str]:

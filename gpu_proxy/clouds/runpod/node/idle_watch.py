@@ -9,7 +9,8 @@ to a pod.
 
 Idle means, on the head, all of these for ``IDLE_TIMEOUT_S`` seconds:
 
-* no Ray Job is PENDING or RUNNING (the Jobs API on the head's loopback, with the Ray token);
+* no Ray Job is PENDING or RUNNING (the Jobs API on the head's loopback, with the Ray token, through
+  :class:`~gpu_proxy.clusters.dashboard.DashboardClient`);
 * no home heartbeat: no key ``gcs://_gpu_proxy_heartbeat_*`` in the GCS key-value store changed
   (home beats there for each run it follows, and for the cluster itself while a home process
   holds it: see ``gpu_proxy/runs/heartbeat.py``).
@@ -20,13 +21,13 @@ Ending the pod is :mod:`.pod_self`'s (the caller's ``on_idle``).
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Callable
+
+from gpu_proxy.clusters.base import Endpoint
+from gpu_proxy.clusters.dashboard import DashboardClient
 
 HEARTBEAT_PREFIX = b"gcs://_gpu_proxy_heartbeat_"
 
@@ -59,12 +60,9 @@ class Activity:
 
     def running_jobs(self) -> int | None:
         """Ray Jobs PENDING or RUNNING; None when the Jobs API did not answer (counts as busy)."""
-        request = urllib.request.Request(self.dashboard_url + "/api/jobs/",
-                                         headers={"Authorization": f"Bearer {self._token()}"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                jobs = json.loads(answer.read())
-        except (urllib.error.URLError, OSError, ValueError):
+            jobs = DashboardClient(Endpoint(self.dashboard_url, self._token())).list_jobs()
+        except (OSError, ValueError):  # the dashboard's errors (HTTPCallError is an OSError), a token not readable
             return None
         return sum(1 for job in jobs if job.get("status") in ("PENDING", "RUNNING"))
 

@@ -23,8 +23,10 @@ from gpu_proxy.clusters.ray_node import start_node
 from gpu_proxy.errors import ConfigurationError
 
 
-class _Stop:
-    """Set by SIGTERM/SIGINT; the main loop polls it."""
+class _ShutdownFlag:
+    """The node shuts down once ``requested``: set by SIGTERM/SIGINT, or by the idle watch when this pod
+    cannot end itself through RunPod (or is not on RunPod). The main loop polls it. (Not a run's stop: that is
+    :class:`gpu_proxy.runs.control.StopRequest`.)"""
 
     def __init__(self) -> None:
         self.requested = False
@@ -35,14 +37,14 @@ class _Stop:
         self.requested = True
 
 
-def wait_for_token(path: str, wait_s: float, stop: _Stop) -> bool:
+def wait_for_token(path: str, wait_s: float, shutdown: _ShutdownFlag) -> bool:
     """True once the token file exists with private permissions; False if stopped or timed out."""
     token = Path(path)
     if not token.exists():
         say(f"waiting up to {wait_s:.0f} s for the Ray token at {path} (deliver it over SSH, mode 0600)")
     deadline = time.monotonic() + wait_s
     while not (token.is_file() and token.stat().st_size > 0):
-        if stop.requested or time.monotonic() > deadline:
+        if shutdown.requested or time.monotonic() > deadline:
             return False
         time.sleep(0.2)
     return True
@@ -58,23 +60,24 @@ def _end(process: subprocess.Popen | None) -> None:
 
 
 
-def _end_self(pod: "PodSelf | ClusterMemberSelf | None", stop: "_Stop") -> None:
+def _end_self(pod: "PodSelf | ClusterMemberSelf | None", shutdown: "_ShutdownFlag") -> None:
     if pod is None:
         say("idle: not on a RunPod pod (no RUNPOD_POD_ID/RUNPOD_API_KEY); stopping Ray and exiting instead")
-        stop.requested = True
+        shutdown.requested = True
         return
     if not pod.end(say):
         say("idle: could not end this pod through RunPod's API; stopping Ray (GPU billing continues until "
             "the pod is stopped: stop it in the RunPod console)")
-        stop.requested = True
+        shutdown.requested = True
 
 
-def _watch_idle(config: NodeConfig, pod: "PodSelf | ClusterMemberSelf | None", stop: "_Stop") -> IdleWatch | None:
+def _watch_idle(config: NodeConfig, pod: "PodSelf | ClusterMemberSelf | None",
+                shutdown: "_ShutdownFlag") -> IdleWatch | None:
     spec = config.node
     if config.idle_timeout_s is None or spec.role != "head":
         return None
     activity = Activity(f"http://127.0.0.1:{spec.dashboard_port}", spec.gcs_address, spec.token_file)
-    return IdleWatch(activity, config.idle_timeout_s, lambda: _end_self(pod, stop), say).start()
+    return IdleWatch(activity, config.idle_timeout_s, lambda: _end_self(pod, shutdown), say).start()
 
 
 def main(env: Mapping[str, str] = os.environ) -> int:
@@ -84,7 +87,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         say(f"bad configuration, not starting:\n{error}")
         return 2
     pod = private_environment(env)
-    stop = _Stop()
+    shutdown = _ShutdownFlag()
     sshd = None
     watch = None
     try:
@@ -92,8 +95,8 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         Path(config.node.token_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if config.sshd:
             sshd = start_sshd(config.sshd)
-        if not wait_for_token(config.node.token_file, config.token_wait_s, stop):
-            if stop.requested:
+        if not wait_for_token(config.node.token_file, config.token_wait_s, shutdown):
+            if shutdown.requested:
                 return 0
             say(f"no Ray token arrived at {config.node.token_file} within {config.token_wait_s:.0f} s; "
                 "copy it there (mode 0600) before the wait ends, or raise RAY_TOKEN_WAIT_S.")
@@ -103,14 +106,14 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         where = (f"on {spec.node_ip}, GCS {spec.gcs_address}, dashboard 127.0.0.1:{spec.dashboard_port}"
                  if spec.role == "head" else f"on {spec.node_ip}, joining {spec.head_address}")
         say(f"Ray {spec.role} starting {where} (token auth on)")
-        watch = _watch_idle(config, pod, stop)
+        watch = _watch_idle(config, pod, shutdown)
     except ConfigurationError as error:
         say(f"bad configuration, not starting:\n  - {error}")
         _end(sshd)
         return 2
     try:
         while True:
-            if stop.requested:
+            if shutdown.requested:
                 say("stopping Ray")
                 node.stop()
                 return 0
@@ -119,7 +122,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
                 say(f"Ray exited with status {code}")
                 if config.idle_timeout_s is not None and spec.role == "worker":
                     # The head is gone (ended itself when idle, or was terminated): so is this node's use.
-                    _end_self(pod, stop)
+                    _end_self(pod, shutdown)
                 return code or 1
             if sshd is not None and sshd.poll() is not None:
                 say(f"sshd exited with status {sshd.returncode}; stopping Ray")

@@ -5,7 +5,7 @@ a key per object without keeping it in a plain attribute, and raises bare ``Runt
 one is small, uses the same key loading and errors as :class:`~gpu_proxy.clouds.runpod.RunPodClient`,
 and never puts the key in a repr, a message or a pickle.
 
-Retries (the shared :mod:`gpu_proxy.clouds.runpod.transport`): reads (status, stream, health) and
+Retries (the shared :mod:`gpu_proxy.http_transport`): reads (status, stream, health) and
 cancel are retried on 429, 5xx and network errors. ``/run`` is retried only when RunPod certainly did
 not queue the job (429, a refused connection): after a timeout or a 5xx the job may exist, and running
 it twice would train twice.
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from gpu_proxy.clouds.runpod.auth import APIKey, load_api_key
 from gpu_proxy.clouds.runpod.errors import RunPodAuthError, RunPodError, RunPodNotFoundError, RunPodUnavailableError
-from gpu_proxy.clouds.runpod.transport import HTTPTransport
+from gpu_proxy.clouds.runpod.transport import RetryPolicy, runpod_transport
 from gpu_proxy.errors import ConfigurationError
 
 DEFAULT_ENDPOINT_BASE_URL = "https://api.runpod.ai/v2"
@@ -50,10 +50,10 @@ class EndpointAPI:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         # As before the shared transport: no jitter, Retry-After not read (RunPod's job API sends none).
-        self._http = HTTPTransport(f"{self.base_url}/{endpoint_id}", APIKey(load_api_key(api_key)),
-                                   error_for=self._error, timeout_s=timeout_s, max_retries=max_retries,
-                                   backoff_s=backoff_s, max_backoff_s=30.0, jitter=False, respect_retry_after=False,
-                                   sleep=sleep)
+        policy = RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=30.0, jitter=False,
+                             respect_retry_after=False, sleep=sleep)
+        self._http = runpod_transport(f"{self.base_url}/{endpoint_id}", APIKey(load_api_key(api_key)),
+                                      error_for=self._error, timeout_s=timeout_s, policy=policy)
 
     def __repr__(self) -> str:
         return f"EndpointAPI({self.endpoint_id!r}, base_url={self.base_url!r})"
@@ -84,7 +84,7 @@ class EndpointAPI:
     def purge_queue(self) -> dict[str, Any]:
         return self._request("POST", "purge-queue", what="purge the endpoint's queue")
 
-    # ---- HTTP (the shared transport: gpu_proxy/clouds/runpod/transport.py) ------------------------
+    # ---- HTTP (the shared transport: gpu_proxy/http_transport.py) ----------------------------------
     def _request(self, method: str, operation: str, *, body: Mapping[str, Any] | None = None, what: str,
                  retry_unsent_only: bool = False) -> Any:
         try:
