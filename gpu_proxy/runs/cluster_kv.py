@@ -20,7 +20,7 @@ def kv_key(run_name: str, what: str) -> bytes:
 
 
 def put_value(endpoint: Endpoint, run_name: str, what: str, value: bytes, timeout_s: float = 10.0) -> None:
-    """Store ``value`` under the run's ``what`` key (raises ``urllib.error.URLError`` on failure)."""
+    """Store ``value`` under the run's ``what`` key (raises ``HTTPCallError``, an ``OSError``, on failure)."""
     DashboardClient(endpoint).put_package(package_name(run_name, what), value, timeout_s)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
 from typing import Callable
 
 from gpu_proxy.clusters.base import Endpoint
@@ -40,7 +39,7 @@ class HomeHeartbeat:
         self._count += 1
         try:
             put_value(self._endpoint, self._run_name, "heartbeat", str(self._count).encode())
-        except (urllib.error.URLError, OSError):
+        except OSError:  # HTTPCallError is one
             pass  # a missed beat is what the grace period is for
 
     def _run(self) -> None:

@@ -1,7 +1,7 @@
 """A thin typed client of RunPod's REST API v2 (``https://api.runpod.io/v2``): :class:`RunPodClient`.
 
 Why REST v2 and not the ``runpod`` SDK: the SDK's pod functions use the GraphQL API, which RunPod
-retires in early 2027 (see DESIGN.md). This client covers only what gpu-proxy needs: pods, Instant
+retires in early 2027 (docs/decisions/runpod.md). This client covers only what gpu-proxy needs: pods, Instant
 Clusters (``/v2/clusters``), the GPU, data-centre and template catalog, and spend records
 (:mod:`.billing`). HTTP, retries and the "find by name before creating again" rule live in
 :mod:`gpu_proxy.http_transport` (RunPod's key and errors on it: :mod:`.transport`); errors in
