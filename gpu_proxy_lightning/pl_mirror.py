@@ -53,7 +53,7 @@ def install() -> None:
 
 def register_in_pytorch_lightning() -> bool:
     """Register ``"remote_gpu"`` in ``pytorch_lightning``'s registry too, when it is installed
-    (``gpu-proxy[pytorch-lightning]``); a version outside the tested range fails here, at import."""
+    (``lightning`` 2.6 installs it); a version outside the tested range fails here, at import."""
     if importlib.util.find_spec("pytorch_lightning") is None:
         return False
     version_gates.check("pytorch_lightning")
