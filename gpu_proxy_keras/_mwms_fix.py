@@ -11,14 +11,17 @@ Two places break, both in ``keras/src/backend/tensorflow/trainer.py``:
   which is wrong for the scalar logs Keras produces; ``axis=None`` averages them across replicas.
 
 The fix replaces those two functions and changes nothing else. It is applied only on a worker of a
-multi-worker run, and only with the Keras and TensorFlow versions it was tested with
-(``tests/test_keras_multi_worker.py`` proves it: a 2-worker History equals a 1-worker, 2-replica one).
+multi-worker run, and only with the Keras and TensorFlow versions of ``gpu_proxy.version_gates``, the
+pins of pyproject.toml (``tests/test_keras_multi_worker.py`` proves it: a 2-worker History equals a
+1-worker, 2-replica one).
 """
 from __future__ import annotations
 
 from typing import Any
 
-TESTED_VERSIONS = {("3.15.1", "2.21")}  # (keras, tensorflow major.minor)
+from gpu_proxy import version_gates
+
+ONE_WORKER = "or use num_workers=1 (one worker can still use several GPUs through MirroredStrategy)"
 
 _applied = False
 
@@ -27,11 +30,12 @@ def versions() -> tuple[str, str]:
     import keras
     import tensorflow as tf
 
-    return keras.__version__, ".".join(tf.__version__.split(".")[:2])
+    return keras.__version__, tf.__version__
 
 
 def is_tested_version() -> bool:
-    return versions() in TESTED_VERSIONS
+    keras_version, tf_version = versions()
+    return version_gates.in_range("keras", keras_version) and version_gates.in_range("tensorflow", tf_version)
 
 
 def apply() -> None:
@@ -39,13 +43,9 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    if not is_tested_version():
-        keras_version, tf_version = versions()
-        raise RuntimeError(
-            f"gpu_proxy_keras runs several TensorFlow workers only with Keras/TensorFlow "
-            f"{sorted(TESTED_VERSIONS)}; this worker has Keras {keras_version} and TensorFlow "
-            f"{tf_version}. Install a tested pair on the cluster, or use num_workers=1 (one worker "
-            "can still use several GPUs through MirroredStrategy).")
+    keras_version, tf_version = versions()  # this worker's: the cluster may have other versions than home
+    version_gates.check("keras", keras_version, hint=ONE_WORKER)
+    version_gates.check("tensorflow", tf_version, hint=ONE_WORKER)
     import tensorflow as tf
     from keras.src.backend.tensorflow import trainer as tf_trainer
 

@@ -15,6 +15,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from gpu_proxy import version_gates
+
 PACKAGE = "gpu_proxy_lightning"
 MIRROR = f"{PACKAGE}.pl"
 _REWRITES = (("lightning.pytorch", "pytorch_lightning"), ("lightning.fabric", "lightning_fabric"),
@@ -50,9 +52,11 @@ def install() -> None:
 
 
 def register_in_pytorch_lightning() -> bool:
-    """Register ``"remote_gpu"`` in ``pytorch_lightning``'s registry too, when it is installed."""
+    """Register ``"remote_gpu"`` in ``pytorch_lightning``'s registry too, when it is installed
+    (``lightning`` 2.6 installs it); a version outside the tested range fails here, at import."""
     if importlib.util.find_spec("pytorch_lightning") is None:
         return False
+    version_gates.check("pytorch_lightning")
     install()
     from pytorch_lightning.strategies import StrategyRegistry
 

@@ -27,7 +27,11 @@ from typing_extensions import override
 
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.runs.pool import ask_idle_workers_to_yield
+from gpu_proxy.version_gates import require_extra
 from gpu_proxy_lightning.home_callbacks import HomeCallback
+
+# Ray Tune needs pandas and pyarrow, which gpu-proxy's own Ray (ray[default]) does not bring.
+require_extra("tune", "ray.tune", "gpu_proxy_lightning.tune (Ray Tune sweeps)")
 
 if TYPE_CHECKING:
     from ray.tune import Checkpoint, PlacementGroupFactory

@@ -8,6 +8,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import ray
+from gpu_proxy import version_gates
+
+version_gates.check("ray")  # `import gpu_proxy` passes here before any use of Ray's private parts
 from ray._private import ray_constants  # private (Ray is pinned to 2.60): see start()
 
 from gpu_proxy.clusters.base import Cluster
