@@ -5,7 +5,7 @@ Those change without deprecation between minor releases, and a change would surf
 worker, as an AttributeError far from its cause. So each library has one gate, called where the
 package that uses its private parts is imported: outside the range the tests ran on, the import
 fails with the range and the fix. The ranges are the pins of ``pyproject.toml``
-(tests/test_version_gates.py keeps the two equal). ``GPU_PROXY_SKIP_VERSION_CHECK=1`` turns the
+(tests/core/test_version_gates.py keeps the two equal). ``GPU_PROXY_SKIP_VERSION_CHECK=1`` turns the
 failure into a warning, for trying a newer release.
 
 No framework is imported here: versions come from the already imported module or the installed

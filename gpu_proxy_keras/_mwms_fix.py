@@ -12,7 +12,7 @@ Two places break, both in ``keras/src/backend/tensorflow/trainer.py``:
 
 The fix replaces those two functions and changes nothing else. It is applied only on a worker of a
 multi-worker run, and only with the Keras and TensorFlow versions of ``gpu_proxy.version_gates``, the
-pins of pyproject.toml (``tests/test_keras_multi_worker.py`` proves it: a 2-worker History equals a
+pins of pyproject.toml (``tests/keras/test_keras_multi_worker.py`` proves it: a 2-worker History equals a
 1-worker, 2-replica one).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A tiny Optuna objective whose trials are remote Lightning fits (tests/test_optuna_sweep.py).
+"""A tiny Optuna objective whose trials are remote Lightning fits (tests/lightning/test_optuna_sweep.py).
 
 A linear regression trained with SGD: the learning rate decides how fast ``val_loss`` falls, so a
 tiny rate is pruned after its first epoch by ``ThresholdPruner``; ``fail=True`` raises mid-run.

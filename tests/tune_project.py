@@ -1,4 +1,4 @@
-"""A tiny Ray Tune trainable whose trials are remote Lightning fits (tests/test_ray_tune.py).
+"""A tiny Ray Tune trainable whose trials are remote Lightning fits (tests/lightning/test_ray_tune.py).
 
 A linear regression trained with SGD, one validation batch, so the value the module computes is the
 value Lightning logs. Each trial notes in ``<folder>/<trial id>.jsonl``: the trainable's placement

@@ -1,4 +1,4 @@
-"""A user's script on the JAX backend, run by tests/test_keras_jax.py in its own process (the test
+"""A user's script on the JAX backend, run by tests/keras/test_keras_jax.py in its own process (the test
 process has Keras on TensorFlow, and a Keras backend is fixed at import).
 
     python -m tests.keras_project.jax_fit reference   one process, 2 JAX devices, DataParallel
