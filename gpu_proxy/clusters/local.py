@@ -119,6 +119,7 @@ class LocalCluster(Cluster):
 
     def _stop_at_exit(self) -> None:
         if self._started_here and ray.is_initialized():
+            _end_ray_processes_without_grace()
             self.stop()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -203,3 +204,19 @@ def default_local_cluster() -> LocalCluster:
         if _default is None:
             _default = LocalCluster()
         return _default
+
+
+def _end_ray_processes_without_grace() -> None:
+    """At interpreter exit, let ``ray.shutdown`` kill the cluster's processes at once.
+
+    ``ray.shutdown`` sends each kind of process (raylet, GCS, log monitor...) SIGTERM and waits up
+    to a second for it, one kind after the other: ~3 s at the end of every script, for processes
+    whose state ends with the script anyway (the object store is in memory, workers die with their
+    raylet). Ray's own call is kept (the driver disconnects first, the node's files are cleaned);
+    only its grace is skipped.
+    """
+    node = getattr(ray._private.worker, "_global_node", None)  # private (Ray is pinned): version_gates
+    if node is None:
+        return
+    kill_all = node.kill_all_processes
+    node.kill_all_processes = lambda **kwargs: kill_all(**{**kwargs, "allow_graceful": False})
