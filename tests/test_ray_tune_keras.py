@@ -12,11 +12,16 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from typing_extensions import override
 from ray.util.placement_group import placement_group_table
 
 from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.runs.pool import current_pool
+from gpu_proxy_keras import RemoteFit
 from gpu_proxy_keras.tune import TuneReportCallback, restore_checkpoint
 from tests import tune_keras_project
+from tests.keras_project.callbacks import SlowEpochs
+from tests.keras_project.models import blobs
 from tests.tune_keras_project import CASES, CPUS_PER_WORKER, MAX_EPOCHS, STEPS_PER_EPOCH, model_for
 
 pytestmark = [pytest.mark.tf, pytest.mark.timeout(300)]
@@ -57,10 +62,6 @@ def test_an_asha_sweep_of_keras_trials_reports_their_epochs_restores_a_failed_on
     results = tune_keras_project.tuner(str(tmp_path), str(tmp_path / "storage")).fit()
     print(f"{len(CASES)} Keras trials in {time.monotonic() - started:.1f} s")
     by_case = {r.config["case"]: r for r in results}
-    for r in results:  # DEBUG timeline
-        for line in (tmp_path / f"{r.metrics['trial_id']}.jsonl").read_text().splitlines():
-            e = json.loads(line)
-            print("TL", r.config["case"], round(e["t"] - started, 1), e["kind"], e.get("epoch", ""))
     assert sorted(by_case) == list(range(len(CASES))) and all(r.error is None for r in results), \
         [str(r.error) for r in results]
     restored, stopped = by_case[0], by_case[1]
@@ -109,6 +110,27 @@ def test_an_asha_sweep_of_keras_trials_reports_their_epochs_restores_a_failed_on
     assert restore_checkpoint(model, best.checkpoint) == MAX_EPOCHS
     assert_same_weights(model.get_weights(), weights(tmp_path, f"{restored_id}-fit"))
     assert int(model.optimizer.iterations.numpy()) == STEPS_PER_EPOCH * MAX_EPOCHS
+
+
+class ExitsLikeTune(keras.callbacks.Callback):
+    """A home callback doing what ray.tune.report does once Tune stopped the trial (ASHA)."""
+
+    @override
+    def on_epoch_end(self, epoch, logs=None):
+        raise SystemExit(0)
+
+
+def test_a_stop_from_tune_ends_the_remote_fit_at_its_next_epoch_end_with_the_epochs_done(local_cluster):
+    model = model_for(0.05)
+    x, y = blobs(n=64)
+    with pytest.raises(SystemExit):
+        RemoteFit(model, cluster=local_cluster, home_callbacks=[ExitsLikeTune()]).fit(
+            x, y, batch_size=16, epochs=8, shuffle=False, verbose=0, callbacks=[SlowEpochs(0.3)])
+    # The workers stopped first (the one more epoch they train before they see the stop), and the model
+    # holds what they trained, as a local fit that tune.report ended does.
+    epochs = len(model.history.epoch)
+    assert 1 <= epochs < 8 and int(model.optimizer.iterations.numpy()) == STEPS_PER_EPOCH * epochs
+    assert [group for group in current_pool().describe() if group["state"] == "busy"] == []
 
 
 def test_the_report_callback_refuses_bad_values_and_the_workers_before_anything_runs():

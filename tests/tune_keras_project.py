@@ -6,7 +6,9 @@ in ``<folder>/<trial id>.jsonl``: the trainable's placement group and the epoch 
 process and placement group (``worker``) and each epoch's logs (``epoch``); and the weights at each
 epoch end (``<trial id>-epoch<N>.npz``), after the fit (``-fit.npz``) and after a restore
 (``-restored.npz``). ``fail_once``: the first attempt raises at the start of epoch 1, after epoch 0's
-report; Tune restores the trial from that checkpoint. ``epoch_s`` makes each epoch last a while.
+report; Tune restores the trial from that checkpoint (and the trainable then leaves a ``restored``
+file). ``after_restore``: rank 0 reports epoch 0 only once that file is there, so that ASHA compares
+it with the other trial's first report. ``epoch_s`` makes each epoch last a while.
 Lightning is never imported here: a trial's processes import Keras (TensorFlow) only.
 """
 from __future__ import annotations
@@ -30,10 +32,11 @@ MAX_EPOCHS = 4
 BATCH_SIZE = 16
 STEPS_PER_EPOCH = 4  # 64 samples
 CPUS_PER_WORKER = 0.5
-CASES = [  # one trial at a time, in this order (a restored trial before the next one)
+CASES = [  # both at once
     {"lr": 0.05, "fail_once": True},  # fails in epoch 1, is restored from epoch 0's checkpoint, ends at MAX_EPOCHS
-    {"lr": 1e-5, "epoch_s": 1.0},  # far worse at epoch 0: ASHA stops it at its first rung, mid-run
+    {"lr": 1e-5, "epoch_s": 1.0, "after_restore": True},  # far worse at epoch 0: ASHA stops it there, mid-run
 ]
+RESTORED = "restored"  # the file a restored trainable leaves in the folder
 
 
 def note(folder: str, trial: str, **entry) -> None:
@@ -54,9 +57,10 @@ def model_for(lr: float) -> keras.Model:
 class Notes(keras.callbacks.Callback):
     """Runs on the workers (rank 0 notes): what the trial's run did, epoch by epoch."""
 
-    def __init__(self, folder: str, trial: str, fail: bool, epoch_s: float) -> None:
+    def __init__(self, folder: str, trial: str, fail: bool, epoch_s: float, after_restore: bool) -> None:
         super().__init__()
         self.folder, self.trial, self.fail, self.epoch_s = folder, trial, fail, epoch_s
+        self.after_restore = after_restore
 
     def on_train_begin(self, logs=None):
         note(self.folder, self.trial, kind="worker", pid=os.getpid(),
@@ -70,6 +74,9 @@ class Notes(keras.callbacks.Callback):
         note(self.folder, self.trial, kind="epoch", epoch=epoch, logs={k: float(v) for k, v in logs.items()})
         save_weights(self.folder, f"{self.trial}-epoch{epoch}", self.model)
         time.sleep(self.epoch_s)
+        deadline = time.monotonic() + 120
+        while self.after_restore and not (Path(self.folder) / RESTORED).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # before this epoch goes home (the next callbacks save and send it)
 
 
 def train(config: dict) -> None:
@@ -82,13 +89,14 @@ def train(config: dict) -> None:
          initial_epoch=initial_epoch)
     if initial_epoch:
         save_weights(folder, f"{trial}-restored", model)
+        (Path(folder) / RESTORED).touch()
     remote = RemoteFit(model, num_workers=1, resources_per_worker={"CPU": CPUS_PER_WORKER},
                        home_callbacks=[TuneReportCallback(metrics=["loss", "val_loss"])])
     x, y = blobs(n=96)  # 64 to train on, 32 to validate
     history = remote.fit(x[:64], y[:64], validation_data=(x[64:], y[64:]), batch_size=BATCH_SIZE, epochs=MAX_EPOCHS,
                          initial_epoch=initial_epoch, shuffle=False, verbose=0,
                          callbacks=[Notes(folder, trial, config["fail_once"] and not initial_epoch,
-                                          config["epoch_s"])])
+                                          config["epoch_s"], config["after_restore"])])
     note(folder, trial, kind="history", history=history.history, epoch=history.epoch,
          iterations=int(model.optimizer.iterations.numpy()))
     save_weights(folder, f"{trial}-fit", model)
@@ -103,11 +111,11 @@ def tuner(folder: str, storage: str, cases: list[dict] = CASES) -> tune.Tuner:
         param_space={"case": tune.grid_search(list(range(len(cases)))), "folder": folder,
                      "lr": tune.sample_from(lambda config: cases[config["case"]]["lr"]),
                      "fail_once": tune.sample_from(lambda config: cases[config["case"]].get("fail_once", False)),
-                     "epoch_s": tune.sample_from(lambda config: cases[config["case"]].get("epoch_s", 0.0))},
-        # One at a time: the restored trial (first in the list) runs before the next, which ASHA then
-        # compares with it. Rungs at iterations 1 and 4 (reduction_factor=4), and max_t after the fit's
-        # last epoch: at its own end a trial is never stopped by Tune, and its fit returns a History.
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", max_concurrent_trials=1,
+                     "epoch_s": tune.sample_from(lambda config: cases[config["case"]].get("epoch_s", 0.0)),
+                     "after_restore": tune.sample_from(lambda config: cases[config["case"]].get("after_restore", False))},
+        # Rungs at iterations 1 and 4 (reduction_factor=4), and max_t after the fit's last epoch: at its
+        # own end a trial is not stopped by Tune, and its fit returns a History.
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", max_concurrent_trials=2,
                                     scheduler=ASHAScheduler(max_t=2 * MAX_EPOCHS, grace_period=1, reduction_factor=4)),
         run_config=tune.RunConfig(name="tune-keras-test", storage_path=storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)),
