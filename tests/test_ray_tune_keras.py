@@ -15,7 +15,7 @@ import pytest
 from typing_extensions import override
 from ray.util.placement_group import placement_group_table
 
-from gpu_proxy.errors import ConfigurationError
+from gpu_proxy.errors import ConfigurationError, ShippingError
 from gpu_proxy.runs.pool import current_pool
 from gpu_proxy_keras import RemoteFit
 from gpu_proxy_keras.tune import TuneReportCallback, restore_checkpoint
@@ -133,15 +133,17 @@ def test_a_stop_from_tune_ends_the_remote_fit_at_its_next_epoch_end_with_the_epo
     assert [group for group in current_pool().describe() if group["state"] == "busy"] == []
 
 
-def test_the_report_callback_refuses_bad_values_and_the_workers_before_anything_runs():
+def test_the_report_callback_refuses_bad_values_and_the_workers_before_anything_runs(local_cluster):
     with pytest.raises(ConfigurationError, match="metrics=3"):
         TuneReportCallback(metrics=3)
     with pytest.raises(ConfigurationError, match="'model.h5'"):
         TuneReportCallback(filename="model.h5")
     with pytest.raises(ConfigurationError, match="staging_dir=''"):
         TuneReportCallback(staging_dir="")
-    with pytest.raises(ConfigurationError, match="home_callbacks"):  # fit(callbacks=[...]) would ship it
+    with pytest.raises(ConfigurationError, match="home_callbacks"):
         pickle.dumps(TuneReportCallback())
+    with pytest.raises(ShippingError, match=r"callbacks.*RemoteFit\(model, home_callbacks="):  # not to the workers
+        RemoteFit(model_for(0.01), cluster=local_cluster).fit(*blobs(n=16), callbacks=[TuneReportCallback()])
     assert TuneReportCallback(save_checkpoint=False).worker_callback() is None
 
 
