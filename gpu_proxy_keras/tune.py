@@ -191,11 +191,13 @@ def restore_checkpoint(model: keras.Model, checkpoint: "Checkpoint | None" = Non
     epoch = checkpoint.get_metadata().get(EPOCH_KEY)
     if epoch is None:
         raise ConfigurationError(f"restore_checkpoint: {url} is not a gpu_proxy_keras.tune.TuneReportCallback "
-                                 f"checkpoint (its metadata has no {EPOCH_KEY!r}); load it with keras.saving.load_model.")
+                                 f"checkpoint (its metadata has no {EPOCH_KEY!r}); load it with "
+                                 "keras.saving.load_model.")
     import fsspec
 
     with fsspec.open(url, "rb") as file:
         archive = file.read()
-    trained_state.restore(model, trained_state.capture(_load_model(archive, dict(keras.saving.get_custom_objects()))))
+    saved = _load_model(archive, dict(keras.saving.get_custom_objects()))
+    trained_state.restore(model, trained_state.capture(saved))
     return int(epoch) + 1
 

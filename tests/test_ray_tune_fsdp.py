@@ -53,7 +53,8 @@ def train_sharded(config: dict) -> None:
                f"{config['folder']}/final.pt")
 
 
-def test_an_fsdp_trial_reports_to_tune_and_its_sharded_checkpoint_holds_the_model_it_ended_with(local_cluster, tmp_path):
+def test_an_fsdp_trial_reports_to_tune_and_its_sharded_checkpoint_holds_the_model_it_ended_with(local_cluster,
+                                                                                                 tmp_path):
     results = tune.Tuner(
         tune.with_resources(train_sharded, trial_resources(num_workers=2, cpus_per_worker=0.5, trainable_cpus=0.5)),
         param_space={"folder": str(tmp_path)},

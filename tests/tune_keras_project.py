@@ -102,6 +102,14 @@ def train(config: dict) -> None:
     save_weights(folder, f"{trial}-fit", model)
 
 
+CASE_DEFAULTS = {"lr": None, "fail_once": False, "epoch_s": 0.0, "after_restore": False}
+
+
+def from_case(cases: list[dict], key: str, default: object) -> object:
+    """``key`` of the trial's case, which Tune resolves per trial from the grid's ``case``."""
+    return tune.sample_from(lambda config: cases[config["case"]].get(key, default))
+
+
 def tuner(folder: str, storage: str, cases: list[dict] = CASES) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -109,10 +117,7 @@ def tuner(folder: str, storage: str, cases: list[dict] = CASES) -> tune.Tuner:
         tune.with_resources(train, trial_resources(num_workers=1, cpus_per_worker=CPUS_PER_WORKER,
                                                    trainable_cpus=0.5)),
         param_space={"case": tune.grid_search(list(range(len(cases)))), "folder": folder,
-                     "lr": tune.sample_from(lambda config: cases[config["case"]]["lr"]),
-                     "fail_once": tune.sample_from(lambda config: cases[config["case"]].get("fail_once", False)),
-                     "epoch_s": tune.sample_from(lambda config: cases[config["case"]].get("epoch_s", 0.0)),
-                     "after_restore": tune.sample_from(lambda config: cases[config["case"]].get("after_restore", False))},
+                     **{key: from_case(cases, key, default) for key, default in CASE_DEFAULTS.items()}},
         # Rungs at iterations 1 and 4 (reduction_factor=4), and max_t after the fit's last epoch: at its
         # own end a trial is not stopped by Tune, and its fit returns a History.
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", max_concurrent_trials=2,
