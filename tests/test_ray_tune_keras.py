@@ -149,6 +149,31 @@ def test_the_report_callback_refuses_bad_values_and_the_workers_before_anything_
     assert TuneReportCallback(save_checkpoint=False).worker_callback() is None
 
 
+def test_rank_0_on_another_host_than_the_trainable_is_refused_for_a_local_staging_folder(tmp_path):
+    saver = TuneReportCallback(staging_dir=str(tmp_path)).worker_callback()
+    saver.home_host = "the-trainables-host"  # as if the trainable ran elsewhere
+    with pytest.raises(ConfigurationError, match="staging_dir= an fsspec URL"):
+        saver.on_train_begin()
+    TuneReportCallback(staging_dir=f"file://{tmp_path}").worker_callback().on_train_begin()  # a URL: any host
+
+
+def test_a_checkpoint_staged_on_an_fsspec_url_restores_the_weights_and_the_optimizer_state(tmp_path):
+    from gpu_proxy.tune_support import staged_checkpoint
+    from gpu_proxy_keras.tune import EPOCH_KEY, staged_folder
+
+    report = TuneReportCallback(staging_dir=f"file://{tmp_path}/staging")
+    trained = model_for(0.05)
+    x, y = blobs(n=64)
+    trained.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[report.worker_callback()])  # as rank 0
+    checkpoint = staged_checkpoint(staged_folder(report.staging_dir, 1))  # what home reports for epoch 1
+    checkpoint.set_metadata({EPOCH_KEY: 1})
+    model = model_for(0.05)
+    assert restore_checkpoint(model, checkpoint) == 2
+    assert_same_weights(model.get_weights(), trained.get_weights())
+    assert_same_weights([np.asarray(v) for v in model.optimizer.variables],
+                        [np.asarray(v) for v in trained.optimizer.variables])
+
+
 def test_a_restore_without_a_checkpoint_leaves_the_model_and_one_not_ours_is_refused(tmp_path):
     from ray import tune
 
