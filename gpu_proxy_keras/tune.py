@@ -114,12 +114,8 @@ def staged_folder(staging_dir: str, epoch: int) -> str:
 
 
 class _SaveForTune(keras.callbacks.Callback):
-    """The workers' half: at each epoch end, the model into the folder home reports from.
-
-    Rank 0 saves there. With several workers every other rank saves to a scratch file that is
-    dropped: under MultiWorkerMirroredStrategy reading a model's variables may be a collective that
-    every rank must join (sync-on-read metric variables), as in TensorFlow's own multi-worker saving.
-    """
+    """The workers' half: at each epoch end, rank 0 saves the model into the folder home reports from
+    (alone, as ``epoch_checkpoint.EpochCheckpoint`` does: under MultiWorkerMirroredStrategy too, tested)."""
 
     def __init__(self, staging_dir: str, filename: str, home_host: str) -> None:
         super().__init__()
@@ -140,9 +136,6 @@ class _SaveForTune(keras.callbacks.Callback):
     @override
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if _rank() != 0:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                with tempfile.TemporaryDirectory(prefix="gpu-proxy-tune-") as scratch:
-                    self.model.save(os.path.join(scratch, self.filename))
             return
         folder = staged_folder(self.staging_dir, epoch)
         if "://" not in folder:

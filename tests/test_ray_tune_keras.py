@@ -21,7 +21,7 @@ from gpu_proxy_keras import RemoteFit
 from gpu_proxy_keras.tune import TuneReportCallback, restore_checkpoint
 from tests import tune_keras_project
 from tests.keras_project.callbacks import SlowEpochs
-from tests.keras_project.models import blobs
+from tests.keras_project.models import blobs, mlp
 from tests.tune_keras_project import CASES, CPUS_PER_WORKER, MAX_EPOCHS, STEPS_PER_EPOCH, model_for
 
 pytestmark = [pytest.mark.tf, pytest.mark.timeout(300)]
@@ -133,6 +133,37 @@ def test_a_stop_from_tune_ends_the_remote_fit_at_its_next_epoch_end_with_the_epo
     epochs = len(model.history.epoch)
     assert 1 <= epochs < 8 and int(model.optimizer.iterations.numpy()) == STEPS_PER_EPOCH * epochs
     assert [group for group in current_pool().describe() if group["state"] == "busy"] == []
+
+
+class StagedBeforeTheReport(keras.callbacks.Callback):
+    """A home callback before TuneReportCallback: the model rank 0 staged for this epoch's report."""
+
+    def __init__(self, report: TuneReportCallback) -> None:
+        super().__init__()
+        self.report, self.staged = report, []
+
+    @override
+    def on_epoch_end(self, epoch, logs=None):
+        from gpu_proxy_keras.tune import staged_folder
+
+        path = Path(staged_folder(self.report.staging_dir, epoch)) / "model.keras"
+        self.staged.append(keras.saving.load_model(path).get_weights())
+
+
+def test_with_two_workers_rank_0_stages_each_epochs_model_for_the_report(local_cluster):
+    """Outside a trial (tune.report only warns there): in a 2-worker TensorFlow fit rank 0 alone saves
+    at each epoch end, its peer not waiting on it, and the staged copy is the epoch's model."""
+    report = TuneReportCallback()
+    staged = StagedBeforeTheReport(report)
+    model = mlp(seed=1)  # compiled with a metric: its variables are sync-on-read under MultiWorkerMirroredStrategy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Tune's "report is meant to be called in a trial"
+        RemoteFit(model, cluster=local_cluster, num_workers=2, resources_per_worker={"CPU": 0.5},
+                  home_callbacks=[staged, report]).fit(*blobs(n=64), batch_size=16, epochs=2, shuffle=False,
+                                                       verbose=0)
+    assert len(staged.staged) == 2
+    assert_same_weights(staged.staged[-1], model.get_weights())  # the last epoch's is the trained model
+    assert list(Path(report.staging_dir).iterdir()) == []  # each staged copy removed after its report
 
 
 def test_the_report_callback_refuses_bad_values_and_the_workers_before_anything_runs(local_cluster):
