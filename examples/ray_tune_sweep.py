@@ -1,6 +1,6 @@
 """A Ray Tune sweep on the cluster: 4 trials of the digits MLP, ASHA stopping the poor ones early.
 
-    pip install "gpu-proxy[tune]"                # Ray Tune (pandas, pyarrow): not in gpu-proxy's own Ray
+    pip install "gpu-proxy[lightning,tune]"      # Ray Tune (pandas, pyarrow): not in gpu-proxy's own Ray
     python examples/ray_tune_sweep.py            # on the embedded cluster
     # on a remote cluster, as a Ray Job (docs/sweeps.md, "Ray Tune on the cluster"):
     ray job submit --address http://head:8265 --working-dir . -- python examples/ray_tune_sweep.py

@@ -26,6 +26,15 @@ from gpu_proxy.events import Event
 _BEGIN_HOOKS = ("on_train_begin", "on_test_begin", "on_predict_begin")
 
 
+def worker_halves(home_callbacks: list[Any]) -> list[Any]:
+    """The workers' part of home callbacks that have one (``worker_callback()``, e.g.
+    ``gpu_proxy_keras.tune.TuneReportCallback`` saves the model there before rank 0 sends its epoch's
+    end): shipped to the workers after the user's ``fit`` callbacks."""
+    halves = [callback.worker_callback() for callback in home_callbacks
+              if callable(getattr(callback, "worker_callback", None))]
+    return [half for half in halves if half is not None]
+
+
 class HomeEventHandler:
     def __init__(self, model: Any, verbose: Any, home_callbacks: list[Any], add_history: bool) -> None:
         self._model = model
@@ -34,7 +43,7 @@ class HomeEventHandler:
         self._add_history = add_history
         self.callbacks: keras.callbacks.CallbackList | None = None
         self.history: keras.callbacks.History | None = None
-        self.home_error: Exception | None = None  # the first exception a home callback raised
+        self.home_error: BaseException | None = None  # the first exception a home callback raised
         self.stopped_by_callback = False  # a home callback set model.stop_training
         self._fitting = False
 
@@ -71,7 +80,9 @@ class HomeEventHandler:
             self._start(data.get("params", {}))
         try:
             getattr(self.callbacks, hook)(*data["args"], logs=data["logs"] or None)
-        except Exception as error:  # noqa: BLE001 - it ends the run; fit raises it at the end
+        # SystemExit too: ray.tune.report exits the trainable's thread once Tune stopped the trial (ASHA),
+        # and the run's workers must stop first (gpu_proxy_keras/tune.py).
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - it ends the run; fit raises it at the end
             self.home_error = error
             self._stop_run(f"a home callback raised {type(error).__name__}: {error}")
             return

@@ -25,7 +25,7 @@ from gpu_proxy.runs.restarts import Attempt, run_with_restarts
 from gpu_proxy.secrets import Concealed, conceal
 from gpu_proxy_keras import arguments, callback_state, data_sources, native_data, rendezvous, trained_state
 from gpu_proxy_keras.epoch_checkpoint import Committed, RunCheckpoints, new_run_name
-from gpu_proxy_keras.home_events import HomeEventHandler
+from gpu_proxy_keras.home_events import HomeEventHandler, worker_halves
 from gpu_proxy_keras.worker_job import KerasJob
 
 
@@ -85,7 +85,7 @@ class RemoteFit:
             validation_steps: int | None = None, validation_batch_size: int | None = None,
             validation_freq: int = 1) -> keras.callbacks.History:
         arguments.check_compiled(self.model, "fit")
-        callbacks = list(callbacks or [])
+        callbacks = list(callbacks or []) + worker_halves(self.home_callbacks)
         data = self._checked_data({"x": x, "y": y, "validation_data": validation_data,
                                    "sample_weight": sample_weight})
         arguments.check_fit(x, epochs, initial_epoch, validation_split, callbacks, self.num_workers)
