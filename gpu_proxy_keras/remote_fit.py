@@ -106,6 +106,7 @@ class RemoteFit:
             # (model.history already holds the streamed epochs). A stop that carries no outcomes
             # (a second Ctrl-C, an abort) has nothing to bring.
             partial = _rank0_result(getattr(stopped, "outcomes", None))
+            resumed = getattr(stopped, "resumed_from", resumed)
             if partial is not None:
                 self._take_in(partial, callbacks, verbose, data)
                 history = self._record_history(handler, resumed, partial)  # the epochs the state holds
@@ -202,9 +203,14 @@ class RemoteFit:
             if resumed is not None and resumed.epoch + 1 >= kwargs["epochs"]:
                 return None, resumed
             run_kwargs = dict(kwargs, initial_epoch=resumed.epoch + 1) if resumed is not None else kwargs
-            results = self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
-                                archive=storage.read(resumed) if resumed is not None else None,
-                                checkpoint=storage.worker_spec(resumed) if storage is not None else None)
+            try:
+                results = self._run("fit", data, run_kwargs, callbacks, handler, self.num_workers,
+                                    archive=storage.read(resumed) if resumed is not None else None,
+                                    checkpoint=storage.worker_spec(resumed) if storage is not None else None)
+            except (KeyboardInterrupt, RunStoppedError) as stopped:
+                # The attempt's own starting point: a stop after a restart joins that one's History.
+                stopped.resumed_from = resumed  # type: ignore[union-attr]
+                raise
             return results[0], resumed
 
         return run_with_restarts(fit_from, self.max_failures, storage.latest if storage is not None else None,

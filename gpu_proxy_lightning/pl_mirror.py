@@ -61,6 +61,6 @@ def register_in_pytorch_lightning() -> bool:
     from pytorch_lightning.strategies import StrategyRegistry
 
     mirrored = importlib.import_module(f"{MIRROR}.strategy")
-    mirrored.register(StrategyRegistry)
+    mirrored.RemoteStrategy.register_strategies(StrategyRegistry)
     importlib.import_module(f"{MIRROR}.remote_accelerator").install()
     return True

@@ -135,6 +135,17 @@ class RemoteStrategy(DDPStrategy):
         self._resolved_cluster: Cluster | None = None
         start_early(cluster)  # the embedded cluster starts while the script builds its model and data
 
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Put ``"remote_gpu"`` (DDP) and ``"remote_fsdp"`` in Lightning's registry, as Lightning's own
+        strategies register themselves; ``import gpu_proxy_lightning`` calls it."""
+        for name, arguments in STRATEGY_NAMES.items():
+            if name not in strategy_registry:
+                what = "FSDP" if arguments else "DDP"
+                strategy_registry.register(name, cls, **arguments, description=(
+                    f"{what} on a Ray cluster: local embedded, existing, or launched by gpu-proxy"))
+
     # ----- home side --------------------------------------------------------------------------
     @override
     def _configure_launcher(self) -> None:
@@ -374,13 +385,5 @@ def _checked_loggers(home_loggers: Any) -> list[Any]:
 
 # Names for Trainer(strategy=...), with the RemoteStrategy arguments each stands for.
 STRATEGY_NAMES: dict[str, dict[str, Any]] = {RemoteStrategy.strategy_name: {}, "remote_fsdp": {"sharding": "fsdp"}}
-
-
-def register(registry: Any) -> None:
-    for name, arguments in STRATEGY_NAMES.items():
-        if name not in registry:
-            what = "FSDP" if arguments else "DDP"
-            registry.register(name, RemoteStrategy, **arguments,
-                              description=f"{what} on a Ray cluster: local embedded, existing, or launched by gpu-proxy")
 
 
