@@ -18,7 +18,7 @@ from gpu_proxy_keras import arguments, jax_distribution
 
 pytest.importorskip("jax")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def run_script(mode: str, **env: str) -> dict:

@@ -87,6 +87,30 @@ def test_two_workers_one_killed_restart_from_the_last_committed_epoch(tmp_path, 
     assert running(pids) == []
 
 
+class StopAtEpochEnd(keras.callbacks.Callback):
+    """A home callback: stops the fit at the end of `epoch`, as EarlyStopping would."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.model.stop_training = True
+
+
+def test_a_fit_stopped_after_a_restart_keeps_the_epochs_committed_before_it(tmp_path, capsys):
+    x, y = blobs(n=64)
+    model, marker, ckpts = mlp(), tmp_path / "killed", tmp_path / "ckpts"
+    remote = RemoteFit(model, num_workers=1, checkpoint_dir=str(ckpts), max_failures=1,
+                       home_callbacks=[StopAtEpochEnd(2)])
+    history = remote.fit(x, y, verbose=0, **FIT, callbacks=[
+        KillRankOnceAtEpoch(1, str(marker), rank=0, committed_in=str(ckpts))])
+    assert "restarting from epoch 2" in capsys.readouterr().err  # epoch 0 committed, 1 and 2 trained again
+    # The History joins the resumed checkpoint's epoch 0 and the restarted attempt's 1 and 2.
+    assert history.epoch == [0, 1, 2] and len(history.history["loss"]) == 3 and model.history is history
+
+
 def test_a_training_process_death_outranks_the_other_ranks_errors():
     # The peer of a dead rank may fail in its collective before home hears of the death.
     outcomes = [{"rank": 0, "error": pack_exception(RuntimeError("collective: peer unavailable"))},
