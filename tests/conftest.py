@@ -1,6 +1,8 @@
 """Shared fixtures: one embedded Ray cluster per test session (started on first use)."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 # Lightning (torch._dynamo, triton) before TensorFlow, whatever test files run: imported the other way
@@ -9,6 +11,20 @@ import lightning  # noqa: F401,E402
 
 from tests.support.ray_head import ray_head, ray_two_nodes  # noqa: F401  (session fixtures)
 from tests.support.sshd import sshd  # noqa: F401  (one sshd for the session)
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_SESSION_HANDLERS = {number: signal.getsignal(number) for number in _SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_the_session_began():
+    """Each test meets the signal handlers the session began with. Ray Tune installs its own SIGINT
+    handler and leaves it after the run (it only sets a flag), and Lightning sets SIGINT to ignored
+    after a Ctrl-C: either would make every later Ctrl-C test of this process wait for nothing."""
+    yield
+    for number, handler in _SESSION_HANDLERS.items():
+        if handler is not None and signal.getsignal(number) is not handler:
+            signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")
