@@ -63,14 +63,15 @@ def test_an_ssh_transfer_killed_halfway_leaves_nothing_a_run_would_use(sshd, tmp
     from gpu_proxy.ssh.errors import SSHError
 
     target = sshd.target()
-    plane = SSHPlane("cut-run", target, resolve_root(target, str(tmp_path / "runs")))
+    run = f"cut-run-{os.getpid()}-{time.monotonic_ns()}"  # the head's folder may be in /dev/shm: ours alone
+    plane = SSHPlane(run, target, resolve_root(target, str(tmp_path / "runs")))
     package = shipping.pack(torch.randn(256 * 2**20 // 4))  # 256 MB: ~1 s on loopback, time to cut it
 
     def kill_ssh_soon() -> None:  # the head's writer dies mid-stream, as on a lost connection
         # As soon as it exists (a fixed delay raced a quiet machine's transfer, which can end first).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if subprocess.run(["pkill", "-KILL", "-f", "tee .*/cut-run/payload.part"], check=False).returncode == 0:
+            if subprocess.run(["pkill", "-KILL", "-f", f"tee .*/{run}/payload.part"], check=False).returncode == 0:
                 return
             time.sleep(0.01)
 
