@@ -14,7 +14,7 @@ from gpu_proxy.runs import raise_for_outcomes
 from gpu_proxy.shipping import pack_exception
 from gpu_proxy.storage import list_committed
 from gpu_proxy_keras import RemoteFit
-from tests.keras_project.callbacks import KillRankOnceAtEpoch, RecordEpochBegins, SlowEpochs
+from tests.keras_project.callbacks import KillRankOnceAtEpoch, RecordEpochBegins, SlowEpochs, StopAtEpochEnd
 from tests.keras_project.models import blobs, mlp
 from tests.support import keras_reference
 
@@ -85,18 +85,6 @@ def test_two_workers_one_killed_restart_from_the_last_committed_epoch(tmp_path, 
     pids = [pid for rank in (0, 1) for pid in epoch_begins(begins, rank)]
     assert len(pids) == 4
     assert running(pids) == []
-
-
-class StopAtEpochEnd(keras.callbacks.Callback):
-    """A home callback: stops the fit at the end of `epoch`, as EarlyStopping would."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            self.model.stop_training = True
 
 
 def test_a_fit_stopped_after_a_restart_keeps_the_epochs_committed_before_it(tmp_path, capsys):

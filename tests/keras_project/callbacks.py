@@ -163,3 +163,15 @@ class RecordCalls(keras.callbacks.Callback):
 
     def on_predict_end(self, logs=None):
         self.ended += "predict "
+
+
+class StopAtEpochEnd(keras.callbacks.Callback):
+    """A home callback: stops the fit at the end of `epoch`, as EarlyStopping would."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.model.stop_training = True
