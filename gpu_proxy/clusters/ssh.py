@@ -18,7 +18,8 @@ from typing import Sequence
 from gpu_proxy.clusters.base import Endpoint, SSHReachedCluster
 from gpu_proxy.clusters.ray_bootstrap import (deliver_token, detached_script, open_dashboard_tunnel,
                                               wait_for_nodes_and_gpus)
-from gpu_proxy.clusters.ray_node import RayNodeError, RayNodeSpec, RayPorts, check_node_ip, generate_token
+from gpu_proxy.clusters.ray_node import (STOP_GRACE_S, RayNodeError, RayNodeSpec, RayPorts, check_node_ip,
+                                         generate_token)
 from gpu_proxy.errors import ConfigurationError, GpuProxyError
 from gpu_proxy.ssh import SSHError, SSHTarget, SSHTunnel, run_remote
 from gpu_proxy.ssh.target import HostKeyPolicy
@@ -47,12 +48,12 @@ def _launch_script(node: _Node) -> str:
         removals=spec.environment_removals, path_prefix=spec.bin_dir or "", pid_file=f"{node.folder}/{spec.role}.pid")
 
 
-def _stop_script(node: _Node, grace_s: int = 40) -> str:
+def _stop_script(node: _Node, grace_s: int = STOP_GRACE_S) -> str:
     """Shell that stops the node's ``ray start`` (SIGTERM, then SIGKILL its session) and deletes its folder."""
     return stop_node_script(node.folder, node.pid, grace_s)
 
 
-def stop_node_script(folder: str, pid: int | None, grace_s: int = 40) -> str:
+def stop_node_script(folder: str, pid: int | None, grace_s: int = STOP_GRACE_S) -> str:
     folder = shlex.quote(folder)
     pid = int(pid) if pid else 0
     kill_session = (f"pkill -KILL -s {pid} 2>/dev/null; kill -KILL -- -{pid} 2>/dev/null; " if pid else "")

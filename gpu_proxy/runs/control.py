@@ -14,6 +14,11 @@ from typing import Any, Callable, Iterator
 
 from gpu_proxy.events import Event
 
+# Python runs a signal handler on the main thread only, between bytecodes; a signal the kernel gave
+# another thread (``signal.raise_signal`` from a thread, a ``kill`` that landed on one) waits until
+# the main thread next runs. Waking up this often bounds how late Ctrl-C can be seen.
+SIGNAL_CHECK_S = 0.1
+
 
 @dataclass(frozen=True)
 class StopRequest:
@@ -68,7 +73,10 @@ class RunControl:
         everything else (an executor's own items, :class:`StopRequest` s) is yielded."""
         while True:
             try:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=SIGNAL_CHECK_S)
+                except queue.Empty:
+                    continue
                 if isinstance(item, Finished):
                     return
                 if isinstance(item, Event):
