@@ -37,11 +37,11 @@ Role = Literal["head", "worker"]
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": keep a 127.0.0.1 node IP (see above)
+_DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # "0": no drain on SIGTERM (see environment_overrides)
 
-# ``ray start --block`` answers SIGTERM by stopping its processes one kind at a time: an idle node
-# is gone in ~4 s, but one that had run a Ray Job sat ~30 s (measured) before anything ended. A
-# stop ends whatever runs on the node either way, and Ray keeps nothing a later start needs, so
-# after a few seconds of grace the node's session is killed.
+# ``ray start --block`` answers SIGTERM by stopping its processes one kind at a time (an idle node,
+# or one without the drain: ~4 s). A stop ends whatever runs on the node either way, and Ray keeps
+# nothing a later start needs, so after a few seconds of grace the node's session is killed.
 STOP_GRACE_S = 3
 
 
@@ -250,7 +250,11 @@ class RayNodeSpec:
     def environment_overrides(self) -> dict[str, str]:
         """Variables to set for the node process (PATH aside: see :meth:`bin_dir`)."""
         overrides = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_file,
-                     "RAY_USAGE_STATS_ENABLED": "0"}
+                     "RAY_USAGE_STATS_ENABLED": "0",
+                     # Ray drains a node on SIGTERM for up to 30 s until its worker leases are
+                     # returned (for Serve); gpu-proxy's pool workers hold theirs, so every stop after a run
+                     # waited the 30 s out. gpu-proxy ends its runs before it stops a node: stop at once.
+                     _DRAIN_ENV: "0"}
         if self.loopback_only:
             overrides[_LOOPBACK_ONLY_ENV] = "0"
         return overrides

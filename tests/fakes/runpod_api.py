@@ -48,6 +48,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -350,6 +351,7 @@ class EntrypointRuntime:
         self.python = python
         self.folder = Path(tempfile.mkdtemp(prefix="gpfr-", dir="/tmp"))
         self._processes: dict[str, subprocess.Popen] = {}
+        self._ssh_ports: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def pod_log(self, pod_id: str) -> str:
@@ -380,6 +382,9 @@ class EntrypointRuntime:
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         with self._lock:
             self._processes[pod.id] = process
+            self._ssh_ports[pod.id] = port
+        threading.Thread(target=_container_ends_with_its_main_process, args=(pod.id, port, process), daemon=True,
+                         name=f"container-{pod.id}").start()
         return "127.0.0.1", port
 
     def alive(self, pod: FakePod) -> bool:
@@ -389,8 +394,10 @@ class EntrypointRuntime:
     def stop(self, pod: FakePod) -> None:
         with self._lock:
             process = self._processes.pop(pod.id, None)
+            port = self._ssh_ports.pop(pod.id, None)
         if process is not None:
             _end_tree(process)
+            _kill_container(pod.id, port)
         # A terminated pod's container disk is gone: so are the token and Ray's files it held.
         for variable in ("RAY_TOKEN_FILE", "RAY_TEMP_DIR"):
             path = Path(pod.env.get(variable, "/nonexistent"))
@@ -405,6 +412,52 @@ class EntrypointRuntime:
         for process in processes:
             _end_tree(process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _container_pids(pod_id: str, ssh_port: int) -> list[int]:
+    """The processes of a fake pod's container: those that inherited the pod's ``RUNPOD_POD_ID`` (the node,
+    sshd, Ray's daemons, though in sessions of their own), and sshd's per-connection processes (sshd starts
+    them with an environment of their own), found by the pod's SSH port they serve."""
+    import psutil
+
+    marker = f"RUNPOD_POD_ID={pod_id}".encode()
+    pids = set()
+    for connection in psutil.net_connections("tcp"):  # the connections home made to the pod's sshd
+        if connection.pid and connection.laddr and connection.laddr.port == ssh_port and connection.raddr:
+            try:
+                if psutil.Process(connection.pid).name().startswith("sshd"):
+                    pids.add(connection.pid)
+            except psutil.Error:
+                continue
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker in environ.read().split(b"\0"):
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return sorted(pids - {os.getpid()})
+
+
+def _kill_container(pod_id: str, ssh_port: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL what is left of a pod's container until nothing is."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := _container_pids(pod_id, ssh_port)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def _container_ends_with_its_main_process(pod_id: str, ssh_port: int, process: subprocess.Popen) -> None:
+    """As in a container: once the entrypoint (PID 1 there) exits, whatever it left is killed. Without this a
+    node whose Ray failed would leave sshd's connection processes up, and home's tunnel would wait out its
+    timeout instead of seeing the pod go, as it does on RunPod."""
+    process.wait()
+    _kill_container(pod_id, ssh_port)
 
 
 def _end_tree(process: subprocess.Popen, grace_s: float = 30.0) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from gpu_proxy.clouds.runpod.client import (CreateClusterRequest, CreatePodRequest, InstantCluster, Pod, RunPodClient,
                                             RunPodError, RunPodNotFoundError)
@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 FAILED = ("EXITED", "ERROR", "TERMINATED")
+FIRST_POLL_S = 0.25
+
+
+def poll_pauses(poll_s: float) -> Iterator[float]:
+    """The pauses between reads of starting pods: from ``FIRST_POLL_S``, doubling up to ``poll_s``. A pod that
+    starts at once (a warm machine, a small image) is seen within a second, not after a whole ``poll_s``; a
+    slow one costs three more reads."""
+    pause = min(FIRST_POLL_S, poll_s)
+    while True:
+        yield pause
+        pause = min(poll_s, pause * 2)
 
 
 class LaunchError(GpuProxyError):
@@ -54,6 +65,7 @@ def wait_instances(client: RunPodClient, pod_ids: Sequence[str], timeout_s: floa
     """Wait until every pod is RUNNING with its 22/tcp published; fail fast when one fails."""
     deadline = time.monotonic() + timeout_s
     last: dict[str, str] = {}
+    pauses = poll_pauses(poll_s)
     while True:
         pods = query_instances(client, pod_ids)
         for pod_id, pod in pods.items():
@@ -69,7 +81,7 @@ def wait_instances(client: RunPodClient, pod_ids: Sequence[str], timeout_s: floa
             waiting = ", ".join(f"{pod_id} {pod.status}" for pod_id, pod in pods.items())
             raise LaunchError(f"RunPod pods were not RUNNING after {timeout_s:.0f} s ({waiting}). A large image "
                               f"takes minutes to pull the first time: raise launch_timeout_s, or try again.")
-        time.sleep(poll_s)
+        time.sleep(next(pauses))
 
 
 def terminate_instances(client: RunPodClient, pod_ids: Sequence[str]) -> list[str]:
@@ -114,6 +126,7 @@ def wait_cluster(client: RunPodClient, cluster_id: str, count: int, timeout_s: f
     rank order (rank 0, RunPod's primary, first). Fails fast when the cluster or one of its pods fails."""
     deadline = time.monotonic() + timeout_s
     last: dict[str, str] = {}
+    pauses = poll_pauses(poll_s)
     while True:
         pods = query_cluster(client, cluster_id)
         if pods is None:
@@ -136,7 +149,7 @@ def wait_cluster(client: RunPodClient, cluster_id: str, count: int, timeout_s: f
             raise LaunchError(f"RunPod Instant Cluster {cluster_id} was not RUNNING after {timeout_s:.0f} s "
                               f"({len(pods)} of {count} pods: {waiting}). A large image takes minutes to pull the "
                               f"first time: raise launch_timeout_s, or try again.")
-        time.sleep(poll_s)
+        time.sleep(next(pauses))
 
 
 def delete_clusters(client: RunPodClient, cluster_ids: Sequence[str]) -> list[str]:
