@@ -55,10 +55,13 @@ def test_attach_brings_a_finished_detached_runs_results_home(ssh_cluster):
     strategy = RemoteStrategy(cluster=ssh_cluster, num_workers=1, detach=True)
     big_models.trainer(strategy).fit(model, train_dataloaders=big_models.loader())
     folder = os.path.join(ssh_cluster.data_root, strategy.run_id)
+    def finished() -> bool:  # the result is written before the payload is removed: wait for both
+        return os.path.exists(os.path.join(folder, "result-0")) and not os.path.exists(os.path.join(folder, "payload"))
+
     deadline = time.monotonic() + 120
-    while not os.path.exists(os.path.join(folder, "result-0")) and time.monotonic() < deadline:
+    while not finished() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert os.path.exists(os.path.join(folder, "result-0")) and not os.path.exists(os.path.join(folder, "payload"))
+    assert finished()
     outputs = gpu_proxy.attach(strategy.run_id, cluster=ssh_cluster, on_event=lambda event: None)
     weights = outputs[0].weights
     assert weights["bulk"].shape == model.bulk.shape
