@@ -54,7 +54,7 @@ def open_dashboard_tunnel(head: SSHTarget, dashboard_port: int, timeout_s: float
     tunnel = SSHTunnel(head, dashboard_port, ready_timeout_s=timeout_s)
     opened(tunnel)
     try:
-        tunnel.open()
+        tunnel.open(gone=failure)  # a head that failed ends the wait with its cause, not a timeout
     except SSHError as ssh_error:
         raise error(f"The Ray head did not come up on {head.destination}: {failure() or ssh_error}") from None
     return tunnel

@@ -7,11 +7,13 @@ import subprocess
 import tempfile
 import time
 import weakref
+from typing import Callable
 
 from gpu_proxy.ssh.errors import SSHError, explain_ssh_failure
 from gpu_proxy.ssh.target import SSHTarget
 
 log = logging.getLogger(__name__)
+GONE_CHECK_S = 3.0  # a ``gone`` probe may cost a round trip (ssh, a cloud API): not every 0.2 s
 
 
 def free_local_port() -> int:
@@ -76,7 +78,10 @@ class SSHTunnel:
             raise SSHError("The tunnel is not open.")
         return f"127.0.0.1:{self.local_port}"
 
-    def open(self) -> "SSHTunnel":
+    def open(self, gone: Callable[[], str | None] | None = None) -> "SSHTunnel":
+        """Start forwarding and wait until it is ready (see the class). ``gone``, asked every few seconds
+        of that wait, says why the remote end will never answer (its machine failed), or ``None``: a
+        reason ends the wait at once, as an :class:`SSHError` carrying it."""
         if self.is_open:
             return self
         # A free port can be taken between our check and ssh's bind: try a few times.
@@ -84,7 +89,7 @@ class SSHTunnel:
         for attempt in range(attempts):
             try:
                 self._start_ssh(self.requested_local_port or free_local_port())
-                self._wait_ready()
+                self._wait_ready(gone)
                 return self
             except SSHError as error:
                 self.close()
@@ -109,10 +114,16 @@ class SSHTunnel:
         self._stderr_file.seek(0)
         return self._stderr_file.read()
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, gone: Callable[[], str | None] | None) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
+        next_gone_check = time.monotonic() + GONE_CHECK_S
         listening = False
         while time.monotonic() < deadline:
+            if gone is not None and time.monotonic() >= next_gone_check:
+                why = gone()
+                if why:
+                    raise SSHError(why)
+                next_gone_check = time.monotonic() + GONE_CHECK_S
             if self._process.poll() is not None:
                 raise explain_ssh_failure(
                     f"open a tunnel to {self.remote_host}:{self.remote_port}", self.target.destination,
