@@ -72,3 +72,19 @@ def test_a_cluster_stops_a_fit_gracefully_with_a_checkpoint_and_the_state_comes_
     assert any(url.endswith("interrupted.ckpt") for url in committed)
     resumed = DigitsModel.load_from_checkpoint(next(u for u in committed if u.endswith("interrupted.ckpt")))
     assert isinstance(resumed, DigitsModel)
+
+
+def test_a_sigint_raised_on_another_thread_is_a_stop_request_while_no_event_comes():
+    """The kernel gives a thread-raised SIGINT to that thread; Python runs the handler on the main thread,
+    which must not sleep in the queue until the run's next event (a stopping run sends few)."""
+    import signal
+
+    from gpu_proxy.runs.control import RunControl, StopRequest
+
+    control = RunControl(on_event=lambda event: None)
+    threading.Timer(0.3, signal.raise_signal, args=(signal.SIGINT,)).start()
+    threading.Timer(10, control.finish).start()  # without the wake-up, the first item would come only then
+    started = time.monotonic()
+    first = next(control.items())
+    assert isinstance(first, StopRequest) and first.reason is None and control.interrupted
+    assert time.monotonic() - started < 5
