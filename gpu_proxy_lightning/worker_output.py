@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerState
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from gpu_proxy_lightning.home_callbacks import HomeCallback
+
 
 
 _PLAIN = (type(None), bool, int, float, str, bytes, PurePath, torch.Tensor)
@@ -74,6 +76,8 @@ def collect(trainer: Any, results: Any, rank: int, predictions: Any = None) -> W
     if trainer.state.fn == TrainerFn.FITTING:
         output.fit_loop_state = trainer.fit_loop.state_dict()
     for index, callback in enumerate(trainer.callbacks):
+        if isinstance(callback, HomeCallback):  # a shell here; its state is the wrapped callback's, at home
+            continue
         output.callback_attributes[index] = {
             key: _to_cpu(value) for key, value in vars(callback).items() if _is_plain(value)}
     return output

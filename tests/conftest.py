@@ -12,6 +12,10 @@ import lightning  # noqa: F401,E402
 from tests.support.ray_head import ray_head, ray_two_nodes  # noqa: F401  (session fixtures)
 from tests.support.sshd import sshd  # noqa: F401  (one sshd for the session)
 
+# A suite started in the background of a shell without job control (`cmd &`, nohup, some CI runners)
+# inherits SIGINT ignored, and Python then keeps it so: every Ctrl-C test would wait for nothing.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 _SIGNALS = (signal.SIGINT, signal.SIGUSR1)  # what Ray Tune and Lightning change; not SIGTERM, which ray.init sets
 _SESSION_HANDLERS = {number: signal.getsignal(number) for number in _SIGNALS}
 

@@ -63,10 +63,18 @@ def _busy_groups() -> list[dict]:
 def test_should_stop_set_by_a_home_callback_ends_fit_normally_with_the_weights_so_far(local_cluster, tmp_path):
     note = tmp_path / "step"
     model, initial = _model(0.1, note)
-    trainer = make_trainer(local_cluster, [HomeCallback(StopAfterFirstEpoch())])
+    stopper = StopAfterFirstEpoch()
+    trainer = make_trainer(local_cluster, [HomeCallback(stopper)])
     trainer.fit(model, *loaders())  # returns, as a local fit that trainer.should_stop ended
     assert trainer.state.status == TrainerStatus.FINISHED and not trainer.interrupted and trainer.should_stop
     _check_trained_so_far(model, initial, trainer.global_step, note)
+    # The home callback is still there for the Trainer's next call (rank 0's shell, whose wrapped
+    # callback is None, must not be copied onto it when the run's state comes home).
+    assert [c.callback for c in trainer.callbacks if isinstance(c, HomeCallback)] == [stopper]
+    stopper.validations = 0
+    stopper.on_validation_end = lambda trainer, pl_module: setattr(stopper, "validations", stopper.validations + 1)
+    trainer.validate(model, loaders()[1])
+    assert stopper.validations == 1
 
 
 def test_trial_pruned_at_home_is_raised_after_the_run_stopped_and_freed_its_workers(local_cluster, tmp_path):
