@@ -91,10 +91,16 @@ class TuneReportCallback(HomeCallback):
         self.staging_dir = str(staging_dir).rstrip("/")
         super().__init__(_TuneReporter(self, metric_names(metrics)))
 
+    callback: Callback | None = None  # the workers' copy: a class attribute, so it is not in vars()
+
     @override
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
-                "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
+        state = {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
+                 "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
+        # worker_output.restore sets each plain attribute of rank 0's callbacks on home's after the run,
+        # which would set home's reporter to the workers' None before on_exception (the budget's report).
+        del state["callback"]
+        return state
 
     def staged_folder(self, trainer: Any) -> str:
         """Where the checkpoint of this report is staged: the same name on the workers and at home."""
@@ -161,7 +167,6 @@ class _TuneReporter(Callback):
             tune.report(metrics, checkpoint=staged_checkpoint(folder))  # Tune copies it to the run's storage
         finally:
             remove_staged(folder)
-
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
