@@ -156,7 +156,7 @@ def test_a_tune_sweep_reports_each_trials_cost_and_the_budget_stops_it_with_chec
     rate_usd_per_hour = 36.0  # $0.01 a second, while both trials train
     key = kv_key(*METER)
     meter = CostMeter(local_cluster, lambda: rate_usd_per_hour if trials_training() >= 2 else 0.0, interval_s=0.2,
-                      budget_usd=0.03, checkpoint_margin_s=0.0, grace_s=30,
+                      budget_usd=0.02, checkpoint_margin_s=0.0, grace_s=30,
                       publish=lambda value: internal_kv._internal_kv_put(key, value))
     meter.start()
     try:
@@ -178,7 +178,7 @@ def test_a_tune_sweep_reports_each_trials_cost_and_the_budget_stops_it_with_chec
         # The trial's share of the cluster's spend (both ran through all of it), within one meter tick
         # and one poll of the reading: the clocks of home and of the trainable differ by that much.
         assert costs[-1] == pytest.approx(share * spent[-1], abs=share * rate_usd_per_hour * 1.0 / 3600)
-        assert spent[-1] >= 0.025  # the budget's reading (0.03 minus a tick), then priced until the trial stopped
+        assert spent[-1] >= 0.015  # the budget's reading (0.02 minus a tick), then priced until the trial stopped
         last = result.metrics
         assert last["budget_reached"] is True and last["training_iteration"] < tune_cost_project.MAX_EPOCHS + 1
         # Its last checkpoint is the step where the budget stopped its run: the interrupted.ckpt saved then.
