@@ -52,7 +52,7 @@ class CostMeter:
                  progress: Callable[[str], None] = lambda message: None,
                  publish: Callable[[bytes], None] | None = None) -> None:
         self.cluster = cluster
-        self._publish_to = publish if publish is not None else lambda value: publish_reading(cluster, value, interval_s)
+        self._publish_to = publish if publish is not None else lambda value: publish_reading(cluster, value)
         self._rate_source = rate
         self.interval_s = interval_s
         self.budget_usd = budget_usd
@@ -83,7 +83,8 @@ class CostMeter:
     # -- running -----------------------------------------------------------------------------------------
 
     def start(self) -> "CostMeter":
-        self._read_rate()
+        rate = self._read_rate()
+        self._publish(self._reading(self.spent_usd(), rate))  # a new home's reading replaces any an earlier one left
         self._thread = threading.Thread(target=self._run, name="gpu-proxy-runpod-meter", daemon=True)
         self._thread.start()
         return self
@@ -122,17 +123,23 @@ class CostMeter:
             return
         self._stop_for_budget(spent, rate, margin)
 
-    def _publish(self, reading: dict) -> None:
-        try:
-            self._publish_to(json.dumps(reading).encode())
-        except (OSError, GpuProxyError) as error:  # HTTPCallError is an OSError; a missed tick, as a missed beat
-            log.debug("RunPod cost meter: the reading did not reach the cluster (%s)", error)
+    def _reading(self, spent: float, rate: float) -> dict:
+        """What the cluster's own runs read (gpu_proxy/tune_cost.py): the cost event's fields and the budget's state."""
+        return {"spent_usd": round(spent, 6), "usd_per_hour": rate, "budget_usd": self.budget_usd,
+                "budget_reached": self.budget_reached}
+
+    def _publish(self, reading: dict, attempts: int = 1) -> None:
+        for _ in range(attempts):
+            try:
+                self._publish_to(json.dumps(reading).encode())
+                return
+            except (OSError, GpuProxyError) as error:  # HTTPCallError is an OSError; a missed tick, as a missed beat
+                log.debug("RunPod cost meter: the reading did not reach the cluster (%s)", error)
 
     def _stop_for_budget(self, spent: float, rate: float, margin: float) -> None:
         self.budget_reached = True
         # First, so the cluster's own runs (a Tune sweep's trials) get the grace period to stop too.
-        self._publish({"spent_usd": round(spent, 6), "usd_per_hour": rate, "budget_usd": self.budget_usd,
-                       "budget_reached": True})
+        self._publish(self._reading(spent, rate), attempts=3)  # not one to miss: the trials' only warning
         reason = (f"budget_usd={self.budget_usd:g} reached: ${spent:.2f} spent at ${rate:.2f}/hour, and the next "
                   f"${margin:.2f} (one meter tick plus {self.checkpoint_margin_s:g} s for a checkpoint) would pass it")
         self.stop_reason = reason
@@ -166,7 +173,7 @@ def publish_reading(cluster: Cluster, value: bytes, timeout_s: float = 10.0) -> 
         return
     from gpu_proxy.runs.cluster_kv import METER, put_value
 
-    put_value(endpoint(), *METER, value, timeout_s=min(timeout_s, 10.0))
+    put_value(endpoint(), *METER, value, timeout_s=timeout_s)
 
 
 def cluster_jobs_running(cluster: Cluster) -> bool:
