@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from typing_extensions import override
+
 from gpu_proxy.runs.cluster_kv import METER, read_value
 
 COST_KEY = "cost_usd"  # a trial's share of the cluster's spend, in each tune.report
@@ -221,10 +223,12 @@ class BudgetStopper(*_tune_stopper_base()):  # type: ignore[misc]
     """Ends a Tune experiment once the cluster's budget is reached: no further trial starts.
 
     Give it to Tune both as the stopper and as a callback, ``RunConfig(stop=budget,
-    callbacks=[budget])``: as a callback it sees which trials still run, so the experiment ends when
-    their runs have stopped at their next step (each reports ``budget_reached`` with a checkpoint)
-    rather than Tune ending them mid-step. Given only as ``stop=``, it waits ``wait_s`` after the
-    budget is reached instead. Without a meter publishing (an unmetered cluster) it never stops.
+    callbacks=[budget])``: as a callback it sees which trials run when the budget is reached, and the
+    experiment ends once those have stopped at their next step (each reports ``budget_reached`` with a
+    checkpoint) rather than Tune ending them mid-step; a trial Tune started meanwhile, in a slot one of
+    them freed, ends with them (its run, if it got that far, stops at its first step). Given only as
+    ``stop=``, it waits ``wait_s`` after the budget is reached instead, and it never waits longer than
+    that. Without a meter publishing (an unmetered cluster) it never stops.
     """
 
     def __init__(self, wait_s: float = 60.0, read: Callable[[], bytes | None] = read_meter,
@@ -233,15 +237,18 @@ class BudgetStopper(*_tune_stopper_base()):  # type: ignore[misc]
         self.poll_s = poll_s
         self._read = read
         self._running: set[str] | None = None  # trial ids RUNNING, when it is a callback too
+        self._stopping: set[str] | None = None  # those RUNNING when the budget was reached
         self._reached_at: float | None = None
         self._polled_at = float("-inf")
 
     def __getstate__(self) -> dict[str, Any]:  # Tune saves its stopper with the experiment
-        return {**self.__dict__, "_reached_at": None, "_polled_at": float("-inf")}
+        return {**self.__dict__, "_reached_at": None, "_stopping": None, "_polled_at": float("-inf")}
 
+    @override
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return bool(result.get(BUDGET_KEY))
 
+    @override
     def stop_all(self) -> bool:
         now = time.monotonic()
         if self._reached_at is None and now - self._polled_at >= self.poll_s:
@@ -252,9 +259,13 @@ class BudgetStopper(*_tune_stopper_base()):  # type: ignore[misc]
                 reading = None
             if reading and reading.get("budget_reached"):
                 self._reached_at = now
+                self._stopping = None if self._running is None else set(self._running)
         if self._reached_at is None:
             return False
-        return self._running == set() or now - self._reached_at >= self.wait_s
+        if now - self._reached_at >= self.wait_s:
+            return True
+        return self._stopping is not None and not self._stopping & (self._running or set())
 
+    @override
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._running = {trial.trial_id for trial in trials if trial.status == "RUNNING"}

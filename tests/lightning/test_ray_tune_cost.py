@@ -79,12 +79,15 @@ def test_the_budget_stops_this_processs_runs_once_and_the_stopper_waits_for_runn
     assert control._queue.qsize() == 1  # asked once
 
     stopper = BudgetStopper(read=lambda: value[0], poll_s=0.0, wait_s=60)
-    trial = type("Trial", (), {"trial_id": "a", "status": "RUNNING"})()
+    trial, late = (type("Trial", (), {"trial_id": name, "status": "RUNNING"})() for name in "ab")
     stopper.on_step_end(0, [trial])
     assert not stopper.stop_all()  # the running trial's run is stopping at its next step
+    assert not stopper("a", {"val_loss": 1.0})
+    stopper.on_step_end(1, [trial, late])  # Tune started another meanwhile: not waited for
+    assert not stopper.stop_all()
     assert stopper("a", {"val_loss": 1.0, "budget_reached": True})  # its last report ends it
     trial.status = "TERMINATED"
-    stopper.on_step_end(1, [trial])
+    stopper.on_step_end(2, [trial, late])
     assert stopper.stop_all()
     alone = BudgetStopper(read=lambda: value[0], poll_s=0.0, wait_s=0.0)  # given as stop= only: waits wait_s
     assert alone.stop_all()
