@@ -14,6 +14,11 @@ storage; a trial Tune restores (PBT, a retried failure) puts it back with :func:
 which returns the ``initial_epoch`` to continue from. A scheduler that stops the trial (ASHA) makes
 ``tune.report`` raise ``SystemExit``: the run stops at its next epoch end on every rank (its workers
 freed, the model holding the epochs done) and ``fit`` raises it, as a local Keras fit would.
+
+On a metered cluster (home's cost meter publishing, :mod:`gpu_proxy.tune_cost`) each report adds
+the trial's ``cost_usd`` and the cluster's ``cluster_spent_usd``; once the budget is reached the
+run stops at its next epoch end and ``fit`` raises ``RunStoppedError`` (Tune keeps the last epoch's
+checkpoint), and ``BudgetStopper`` ends the sweep.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from typing_extensions import override
 
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.tune_support import check_filename, checkpoint_file, metric_names, remove_staged, select_metrics
+from gpu_proxy.tune_cost import BudgetStopper, TrialCost
 from gpu_proxy.tune_support import staged_checkpoint, trial_resources
 from gpu_proxy.version_gates import require_extra
 
@@ -38,7 +44,7 @@ require_extra("tune", "ray.tune", "gpu_proxy_keras.tune (Ray Tune sweeps)")
 if TYPE_CHECKING:
     from ray.tune import Checkpoint
 
-__all__ = ["TuneReportCallback", "checkpoint_path", "restore_checkpoint", "trial_resources"]
+__all__ = ["BudgetStopper", "TuneReportCallback", "checkpoint_path", "restore_checkpoint", "trial_resources"]
 
 MODEL_FILE = "model.keras"
 EPOCH_KEY = "gpu_proxy_epoch"  # in a checkpoint's Tune metadata: the epoch (0-based) whose end it holds
@@ -82,6 +88,7 @@ class TuneReportCallback(keras.callbacks.Callback):
             staging_dir = tempfile.mkdtemp(prefix="gpu-proxy-tune-")
             weakref.finalize(self, shutil.rmtree, staging_dir, True)
         self.staging_dir = staging_dir.rstrip("/")
+        self.cost = TrialCost()  # from now: the trainable runs once Tune has placed the trial
 
     def worker_callback(self) -> keras.callbacks.Callback | None:
         """What ``RemoteFit`` runs on the workers for this callback: the checkpoint's save."""
@@ -99,7 +106,8 @@ class TuneReportCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         from ray import tune
 
-        metrics = select_metrics(self.metric_names, dict(logs or {}), f"epoch {epoch}'s logs")
+        metrics = {**select_metrics(self.metric_names, dict(logs or {}), f"epoch {epoch}'s logs"),
+                   **self.cost.fields()}
         if not self.save_checkpoint:
             tune.report(metrics)
             return

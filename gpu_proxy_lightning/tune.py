@@ -14,6 +14,12 @@ workers saved just before (every rank takes part, as in ``Trainer.save_checkpoin
 the checkpoint to the run's storage (``RunConfig(storage_path=...)``); a scheduler that stops the
 trial (ASHA) ends it at that report; one that restores a trial (PBT, a retried failure) hands the
 trainable a checkpoint, and ``fit(ckpt_path=checkpoint_path())`` resumes from it.
+
+On a metered cluster (home's cost meter publishing, :mod:`gpu_proxy.tune_cost`) each report adds
+the trial's ``cost_usd`` and the cluster's ``cluster_spent_usd``. Once the cluster's budget is
+reached the trial's run stops at its next step on every rank (the run's ordinary stop request; a
+``ModelCheckpoint`` gets ``interrupted.ckpt``, as on Ctrl-C), and the trial makes a last report with
+``budget_reached`` and that checkpoint, which ``BudgetStopper`` ends the trial and the sweep on.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing_extensions import override
 
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.tune_support import check_filename, checkpoint_file, metric_names, node_id, remove_staged
+from gpu_proxy.tune_cost import BUDGET_KEY, BudgetStopper, TrialCost
 from gpu_proxy.tune_support import select_metrics, staged_checkpoint, trial_resources
 from gpu_proxy.version_gates import require_extra
 from gpu_proxy_lightning.home_callbacks import HomeCallback
@@ -37,7 +44,7 @@ require_extra("tune", "ray.tune", "gpu_proxy_lightning.tune (Ray Tune sweeps)")
 if TYPE_CHECKING:
     from ray.tune import Checkpoint
 
-__all__ = ["TuneReportCallback", "checkpoint_path", "trial_resources"]
+__all__ = ["BudgetStopper", "TuneReportCallback", "checkpoint_path", "trial_resources"]
 
 CHECKPOINT_FILE = "checkpoint.ckpt"
 REPORT_HOOKS = {"validation_end": "on_validation_end", "train_epoch_end": "on_train_epoch_end",
@@ -84,10 +91,16 @@ class TuneReportCallback(HomeCallback):
         self.staging_dir = str(staging_dir).rstrip("/")
         super().__init__(_TuneReporter(self, metric_names(metrics)))
 
+    callback: Callback | None = None  # the workers' copy: a class attribute, so it is not in vars()
+
     @override
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
-                "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
+        state = {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
+                 "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
+        # worker_output.restore sets each plain attribute of rank 0's callbacks on home's after the run,
+        # which would set home's reporter to the workers' None before on_exception (the budget's report).
+        del state["callback"]
+        return state
 
     def staged_folder(self, trainer: Any) -> str:
         """Where the checkpoint of this report is staged: the same name on the workers and at home."""
@@ -122,6 +135,8 @@ class _TuneReporter(Callback):
     def __init__(self, shell: TuneReportCallback, metrics: dict[str, str] | None) -> None:
         self._shell = shell
         self._metrics = metrics
+        self._cost = TrialCost()  # from now: the trainable runs once Tune has placed the trial
+        self._reported: dict[str, Any] | None = None  # the last report's metrics
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -142,6 +157,8 @@ class _TuneReporter(Callback):
             return
         logged = {k: v.item() if hasattr(v, "item") else v for k, v in trainer.callback_metrics.items()}
         metrics = select_metrics(self._metrics, logged, "trainer.callback_metrics (self.log(...))")
+        self._reported = metrics
+        metrics = {**metrics, **self._cost.fields()}
         if not self._shell.save_checkpoint:
             tune.report(metrics)
             return
@@ -151,3 +168,34 @@ class _TuneReporter(Callback):
         finally:
             remove_staged(folder)
 
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A run the budget stopped: one last report, ``budget_reached`` with the step's checkpoint
+        (``interrupted.ckpt``, when a ``ModelCheckpoint`` saved one), so ``BudgetStopper`` ends the
+        trial here instead of Tune recording the stop as the trial's failure."""
+        from ray import tune
+
+        from gpu_proxy.errors import RunStoppedError
+
+        if not (isinstance(exception, RunStoppedError) and self._cost.budget_reached) or self._reported is None:
+            return  # before the first report Tune would refuse a result without the sweep's metric
+        metrics = {**self._reported, **self._cost.fields(), BUDGET_KEY: True}
+        saved = _interrupted_checkpoint(trainer)
+        if saved is None:
+            tune.report(metrics)
+            return
+        folder = tempfile.mkdtemp(prefix="gpu-proxy-tune-budget-")
+        try:
+            shutil.copyfile(saved, f"{folder}/{self._shell.filename}")
+            tune.report(metrics, checkpoint=staged_checkpoint(folder))
+        finally:
+            remove_staged(folder)
+
+
+def _interrupted_checkpoint(trainer: Any) -> str | None:
+    """The ``interrupted.ckpt`` the stopped run's ``ModelCheckpoint`` saved, when home can open it."""
+    import os
+
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    path = f"{str(dirpath).rstrip('/')}/interrupted.ckpt" if dirpath else None
+    return path if path and "://" not in path and os.path.isfile(path) else None

@@ -33,3 +33,16 @@ def take_value(run_name: str, what: str) -> bytes | None:
     if value is not None:
         internal_kv._internal_kv_del(key)
     return value
+
+
+def read_value(run_name: str, what: str) -> bytes | None:
+    """Driver side: read the ``what`` value under ``run_name`` and leave it (a value home overwrites,
+    such as the cost meter's reading); ``None`` when absent or when Ray's key-value store is not here."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    return internal_kv._internal_kv_get(kv_key(run_name, what))
+
+
+METER = ("cluster", "meter")  # (run_name, what) of the cost meter's reading: one key per cluster, not per run

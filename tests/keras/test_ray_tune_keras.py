@@ -217,3 +217,24 @@ def test_a_restore_without_a_checkpoint_leaves_the_model_and_one_not_ours_is_ref
     keras.saving.save_model(model, tmp_path / "model.keras")
     with pytest.raises(ConfigurationError, match="not a gpu_proxy_keras.tune.TuneReportCallback checkpoint"):
         restore_checkpoint(model, tune.Checkpoint.from_directory(str(tmp_path)))
+
+
+def test_each_report_adds_the_trials_cost_on_a_metered_cluster_and_nothing_on_an_unmetered_one(monkeypatch):
+    """The shared cost code (gpu_proxy/tune_cost.py) in Keras' callback: the budget path is tested with
+    Lightning (tests/lightning/test_ray_tune_cost.py)."""
+    from ray import tune
+
+    from gpu_proxy.tune_cost import MeterFollower, TrialCost
+
+    reported: list[dict] = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reported.append(metrics))
+    now, value = [0.0], [None]
+    follower = MeterFollower(read=lambda: value[0], clock=lambda: now[0])
+    callback = TuneReportCallback(save_checkpoint=False)
+    callback.cost = TrialCost(follower, share=0.25)
+    callback.on_epoch_end(0, {"loss": 1.0})
+    value[0] = json.dumps({"spent_usd": 1.0, "usd_per_hour": 8.0, "budget_usd": None, "budget_reached": False}).encode()
+    follower.poll()
+    now[0] += 900  # a quarter of an hour at $8/h, a quarter of it this trial's
+    callback.on_epoch_end(1, {"loss": 0.5})
+    assert reported == [{"loss": 1.0}, {"loss": 0.5, "cost_usd": pytest.approx(0.5), "cluster_spent_usd": pytest.approx(3.0)}]

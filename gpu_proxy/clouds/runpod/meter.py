@@ -10,9 +10,18 @@ acts early, when ``spent + rate x (one tick + checkpoint_margin_s)`` reaches it.
 every active run to stop at its next step boundary (the run saves a checkpoint, home raises
 ``RunStoppedError``), waits up to ``grace_s`` for the runs to end, and only then calls ``end``
 (terminate the pods). With no run executing it calls ``end`` at once.
+
+Runs the cluster executes on its own (a Ray Tune sweep submitted as a Ray Job: its trials' runs are
+the trainables', not home's) are out of home's sight, so each tick the meter also publishes its
+reading to the cluster (:func:`publish_reading`: one cluster-level key through the Jobs API, as home's
+heartbeat), ``budget_reached`` included, and publishes the budget's before its grace wait; the Tune
+callbacks read it there (:mod:`gpu_proxy.tune_cost`). With the budget reached, the grace wait also
+lasts while the cluster runs Ray Jobs of its own (a sweep's driver, which ends once its trials have
+stopped), up to ``grace_s``. A reading that cannot be published is skipped, like a missed heartbeat.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +29,7 @@ from typing import Callable
 
 from gpu_proxy import events
 from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
 
 log = logging.getLogger(__name__)
@@ -32,13 +42,17 @@ class CostMeter:
         spent_usd: spend before this meter started (a saved cluster re-attached later).
         budget_usd: None for no budget.
         end: terminates the pods (called once, from the meter's thread, when the budget is spent).
+        publish: where each reading goes for the cluster's own runs (JSON bytes); default
+            :func:`publish_reading` to ``cluster.endpoint()`` when the cluster has one.
     """
 
     def __init__(self, cluster: Cluster, rate: Callable[[], float], *, interval_s: float = 30.0,
                  spent_usd: float = 0.0, budget_usd: float | None = None, grace_s: float = 180.0,
                  checkpoint_margin_s: float = 60.0, end: Callable[[], None] = lambda: None,
-                 progress: Callable[[str], None] = lambda message: None) -> None:
+                 progress: Callable[[str], None] = lambda message: None,
+                 publish: Callable[[bytes], None] | None = None) -> None:
         self.cluster = cluster
+        self._publish_to = publish if publish is not None else lambda value: publish_reading(cluster, value)
         self._rate_source = rate
         self.interval_s = interval_s
         self.budget_usd = budget_usd
@@ -69,7 +83,8 @@ class CostMeter:
     # -- running -----------------------------------------------------------------------------------------
 
     def start(self) -> "CostMeter":
-        self._read_rate()
+        rate = self._read_rate()
+        self._publish(self._reading(self.spent_usd(), rate))  # a new home's reading replaces any an earlier one left
         self._thread = threading.Thread(target=self._run, name="gpu-proxy-runpod-meter", daemon=True)
         self._thread.start()
         return self
@@ -102,14 +117,29 @@ class CostMeter:
         data = {"spent_usd": round(spent, 6), "usd_per_hour": rate, "budget_usd": self.budget_usd}
         for control in self.cluster.active_runs():
             control.post(Event(events.COST, data))
-        if self.budget_usd is None or self.budget_reached:
-            return
         margin = rate * (self.interval_s + self.checkpoint_margin_s) / 3600
-        if spent + margin >= self.budget_usd:
-            self._stop_for_budget(spent, rate, margin)
+        if self.budget_usd is None or self.budget_reached or spent + margin < self.budget_usd:
+            self._publish({**data, "budget_reached": self.budget_reached})
+            return
+        self._stop_for_budget(spent, rate, margin)
+
+    def _reading(self, spent: float, rate: float) -> dict:
+        """What the cluster's own runs read (gpu_proxy/tune_cost.py): the cost event's fields and the budget's state."""
+        return {"spent_usd": round(spent, 6), "usd_per_hour": rate, "budget_usd": self.budget_usd,
+                "budget_reached": self.budget_reached}
+
+    def _publish(self, reading: dict, attempts: int = 1) -> None:
+        for _ in range(attempts):
+            try:
+                self._publish_to(json.dumps(reading).encode())
+                return
+            except (OSError, GpuProxyError) as error:  # HTTPCallError is an OSError; a missed tick, as a missed beat
+                log.debug("RunPod cost meter: the reading did not reach the cluster (%s)", error)
 
     def _stop_for_budget(self, spent: float, rate: float, margin: float) -> None:
         self.budget_reached = True
+        # First, so the cluster's own runs (a Tune sweep's trials) get the grace period to stop too.
+        self._publish(self._reading(spent, rate), attempts=3)  # not one to miss: the trials' only warning
         reason = (f"budget_usd={self.budget_usd:g} reached: ${spent:.2f} spent at ${rate:.2f}/hour, and the next "
                   f"${margin:.2f} (one meter tick plus {self.checkpoint_margin_s:g} s for a checkpoint) would pass it")
         self.stop_reason = reason
@@ -124,6 +154,38 @@ class CostMeter:
                 time.sleep(0.2)
             if self.cluster.active_runs():
                 self._progress(f"the run(s) did not stop within {self.grace_s:g} s; terminating the pods anyway")
+        elif cluster_jobs_running(self.cluster):
+            self._progress(f"{reason}; waiting up to {self.grace_s:g} s for the cluster's Ray Jobs (a Tune sweep "
+                           f"stops its trials at their next step), then terminating the pods")
+            deadline = time.monotonic() + self.grace_s
+            while cluster_jobs_running(self.cluster) and time.monotonic() < deadline:
+                time.sleep(0.5)
         else:
             self._progress(f"{reason}; no run is executing: terminating the pods")
         self._end()
+
+
+def publish_reading(cluster: Cluster, value: bytes, timeout_s: float = 10.0) -> None:
+    """Store the meter's reading in ``cluster``'s key-value store (:data:`gpu_proxy.runs.cluster_kv.METER`);
+    nothing for a cluster without a Jobs API. Raises ``OSError`` or ``GpuProxyError`` when it cannot."""
+    endpoint = getattr(cluster, "endpoint", None)
+    if endpoint is None:
+        return
+    from gpu_proxy.runs.cluster_kv import METER, put_value
+
+    put_value(endpoint(), *METER, value, timeout_s=timeout_s)
+
+
+def cluster_jobs_running(cluster: Cluster) -> bool:
+    """Whether ``cluster`` runs a Ray Job other than gpu-proxy's run server (False when it cannot say)."""
+    endpoint = getattr(cluster, "endpoint", None)
+    if endpoint is None:
+        return False
+    from gpu_proxy.clusters.dashboard import DashboardClient
+
+    try:
+        jobs = DashboardClient(endpoint(), timeout_s=5.0).list_jobs()
+    except (OSError, ValueError, GpuProxyError):
+        return False
+    return any(job.get("status") in ("PENDING", "RUNNING") and "gpu_proxy_server" not in (job.get("metadata") or {})
+               for job in jobs)
