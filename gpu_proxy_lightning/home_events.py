@@ -111,7 +111,9 @@ class HomeEventHandler:
         finally:
             if module is not None:
                 module._trainer = attached
-        if self.home_error is None and trainer.should_stop:
+        # Only a fit stops on should_stop (Lightning resets it when fit starts and validate/test ignore
+        # it), so a flag left by an earlier fit, as EarlyStopping leaves it, does not end a validate.
+        if self.home_error is None and trainer.should_stop and data.get("fn") == "fit":
             self.stopped_by_callback = True
             self._stop_run(f"the home callback {type(callback.callback).__name__} set trainer.should_stop")
 

@@ -33,6 +33,9 @@ class StopAfterFirstEpoch(Callback):
         if trainer.current_epoch == 0:
             trainer.should_stop = True
 
+    def on_validation_end(self, trainer, pl_module):
+        self.validations = getattr(self, "validations", 0) + 1
+
 
 def _model(lr: float, note: Path) -> tuple[Regressor, dict]:
     torch.manual_seed(0)
@@ -71,10 +74,9 @@ def test_should_stop_set_by_a_home_callback_ends_fit_normally_with_the_weights_s
     # The home callback is still there for the Trainer's next call (rank 0's shell, whose wrapped
     # callback is None, must not be copied onto it when the run's state comes home).
     assert [c.callback for c in trainer.callbacks if isinstance(c, HomeCallback)] == [stopper]
-    stopper.validations = 0
-    stopper.on_validation_end = lambda trainer, pl_module: setattr(stopper, "validations", stopper.validations + 1)
+    validations = stopper.validations
     trainer.validate(model, loaders()[1])
-    assert stopper.validations == 1
+    assert stopper.validations == validations + 1
 
 
 def test_trial_pruned_at_home_is_raised_after_the_run_stopped_and_freed_its_workers(local_cluster, tmp_path):
