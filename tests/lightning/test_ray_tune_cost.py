@@ -5,7 +5,6 @@ from __future__ import annotations
 import filecmp
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
