@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import keras
 from typing_extensions import override
 
+from gpu_proxy.version_gates import require_extra
+
+# Ray Tune needs pandas and pyarrow, which gpu-proxy's own Ray (ray[default]) does not bring. First: what
+# follows imports ray.tune (gpu_proxy.tune_cost), and a missing extra must be named, not a ModuleNotFoundError.
+require_extra("tune", "ray.tune", "gpu_proxy_keras.tune (Ray Tune sweeps)")
+
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.tune_support import check_filename, checkpoint_file, metric_names, remove_staged, select_metrics
 from gpu_proxy.tune_cost import BudgetStopper, TrialCost
 from gpu_proxy.tune_support import staged_checkpoint, trial_resources
-from gpu_proxy.version_gates import require_extra
-
-# Ray Tune needs pandas and pyarrow, which gpu-proxy's own Ray (ray[default]) does not bring.
-require_extra("tune", "ray.tune", "gpu_proxy_keras.tune (Ray Tune sweeps)")
 
 if TYPE_CHECKING:
     from ray.tune import Checkpoint

@@ -31,15 +31,17 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from gpu_proxy.version_gates import require_extra
+
+# Ray Tune needs pandas and pyarrow, which gpu-proxy's own Ray (ray[default]) does not bring. First: what
+# follows imports ray.tune (gpu_proxy.tune_cost), and a missing extra must be named, not a ModuleNotFoundError.
+require_extra("tune", "ray.tune", "gpu_proxy_lightning.tune (Ray Tune sweeps)")
+
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.tune_support import check_filename, checkpoint_file, metric_names, node_id, remove_staged
 from gpu_proxy.tune_cost import BUDGET_KEY, BudgetStopper, TrialCost
 from gpu_proxy.tune_support import select_metrics, staged_checkpoint, trial_resources
-from gpu_proxy.version_gates import require_extra
 from gpu_proxy_lightning.home_callbacks import HomeCallback
-
-# Ray Tune needs pandas and pyarrow, which gpu-proxy's own Ray (ray[default]) does not bring.
-require_extra("tune", "ray.tune", "gpu_proxy_lightning.tune (Ray Tune sweeps)")
 
 if TYPE_CHECKING:
     from ray.tune import Checkpoint
