@@ -23,11 +23,6 @@ PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".gpu-proxy-installed"
 TORCH_PIN = "torch==2.13.0"
 APT_PACKAGES = ["openssh-server", "openssh-client", "rsync"]  # a real sshd on loopback; rsync for Ray's launcher
-# The whole suite runs in two pytest processes (pytest-xdist), a test file whole in one of them (its
-# module fixtures, a fake RunPod API or a cluster, start once). Why two and not one per core: most
-# tests wait on Ray processes, workers and subprocesses of their own, so two already fill 2 cores, and
-# each process holds its own session clusters (an embedded Ray, a `ray start --head`, an sshd).
-SUITE_PROCESSES = ["-n", "2", "--dist", "loadfile"]
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -66,14 +61,12 @@ def main(argv: list[str]) -> int:
     if command == "test":
         ensure_venv()
         ensure_apt_packages()
-        pytest_args = argv[1:]
-        if not pytest_args:  # the whole suite: the lint first (seconds), configured in pyproject.toml
+        if not argv[1:]:  # the whole suite: the lint first (seconds), configured in pyproject.toml
             lint = subprocess.call([str(PYTHON), "-m", "ruff", "check", "."], cwd=ROOT)
             if lint != 0:
                 print("error: ruff check found problems (fix them, or `ruff check --fix .`)", file=sys.stderr)
                 return lint
-            pytest_args = SUITE_PROCESSES
-        code = subprocess.call([str(PYTHON), "-m", "pytest", *pytest_args], cwd=ROOT)
+        code = subprocess.call([str(PYTHON), "-m", "pytest", *argv[1:]], cwd=ROOT)
         if code == 5:  # pytest: no test was collected; an empty selection is not a pass
             print("error: no test was collected", file=sys.stderr)
             return 1
