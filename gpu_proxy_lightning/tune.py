@@ -23,6 +23,7 @@ reached the trial's run stops at its next step on every rank (the run's ordinary
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -93,16 +94,10 @@ class TuneReportCallback(HomeCallback):
         self.staging_dir = str(staging_dir).rstrip("/")
         super().__init__(_TuneReporter(self, metric_names(metrics)))
 
-    callback: Callback | None = None  # the workers' copy: a class attribute, so it is not in vars()
-
     @override
     def __getstate__(self) -> dict[str, Any]:
-        state = {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
-                 "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
-        # worker_output.restore sets each plain attribute of rank 0's callbacks on home's after the run,
-        # which would set home's reporter to the workers' None before on_exception (the budget's report).
-        del state["callback"]
-        return state
+        return {**super().__getstate__(), "hook": self.hook, "save_checkpoint": self.save_checkpoint,
+                "filename": self.filename, "home_node": self.home_node, "staging_dir": self.staging_dir}
 
     def staged_folder(self, trainer: Any) -> str:
         """Where the checkpoint of this report is staged: the same name on the workers and at home."""
@@ -196,8 +191,6 @@ class _TuneReporter(Callback):
 
 def _interrupted_checkpoint(trainer: Any) -> str | None:
     """The ``interrupted.ckpt`` the stopped run's ``ModelCheckpoint`` saved, when home can open it."""
-    import os
-
     dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
     path = f"{str(dirpath).rstrip('/')}/interrupted.ckpt" if dirpath else None
     return path if path and "://" not in path and os.path.isfile(path) else None

@@ -119,7 +119,7 @@ class CostMeter:
             control.post(Event(events.COST, data))
         margin = rate * (self.interval_s + self.checkpoint_margin_s) / 3600
         if self.budget_usd is None or self.budget_reached or spent + margin < self.budget_usd:
-            self._publish({**data, "budget_reached": self.budget_reached})
+            self._publish(self._reading(spent, rate))
             return
         self._stop_for_budget(spent, rate, margin)
 
