@@ -55,7 +55,8 @@ class Gate:
 
 GATES: dict[str, Gate] = {gate.module: gate for gate in (
     Gate("Ray", "ray", ("ray",), ">=2.60,<2.61", "2.60.x",
-         "ray._private (the embedded cluster's constants and node at exit, the launcher's command runner), "
+         "ray._private (the embedded cluster's start: constants, RayParams, Node.start_api_server; its node "
+         "at exit; the launcher's command runner), "
          "ray._raylet.GcsClient, "
          "ray.experimental.internal_kv's _internal_kv_* functions", extra="[default]"),
     Gate("Lightning", "lightning", ("lightning",), ">=2.6,<2.7", "2.6.x",

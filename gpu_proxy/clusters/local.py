@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
-import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import ray
-from gpu_proxy import version_gates
-
-version_gates.check("ray")  # `import gpu_proxy` passes here before any use of Ray's private parts
-from ray._private import parameter, ray_constants  # private (Ray is pinned to 2.60): see _init_ray()
 
 from gpu_proxy.clusters.base import Cluster
+from gpu_proxy.clusters.embedded_ray import end_ray_processes_without_grace, start_ray
 from gpu_proxy.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -29,7 +23,6 @@ log = logging.getLogger(__name__)
 # process-wide default and the background thread's handle.
 _lock = threading.Lock()
 _start_lock = threading.Lock()
-_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _default: "LocalCluster | None" = None
 
 
@@ -89,34 +82,7 @@ class LocalCluster(Cluster):
             raise failure[0]
 
     def _init_ray(self) -> None:
-        # Ray >= 2.59 turns token auth on for a cluster ray.init() starts, and makes a token
-        # (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it
-        # from making one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
-        # Loopback only: with a node IP of exactly 127.0.0.1 Ray binds every port there (see
-        # gpu_proxy/clusters/ray_node.py); a laptop on café Wi-Fi exposes nothing. Ray rewrites
-        # 127.0.0.1 to the machine's address unless this variable is "0": its child processes read
-        # it from their environment, this process read it into a constant when Ray was imported.
-        saved = os.environ.get(_LOOPBACK_ONLY_ENV)
-        os.environ[_LOOPBACK_ONLY_ENV] = "0"
-        saved_constant = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        params_init = parameter.RayParams.__init__
-        parameter.RayParams.__init__ = _with_free_agent_port(params_init)
-        try:
-            ray.init(
-                address="local",  # always a new cluster: never attach to another `ray start` here
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus, _node_ip_address="127.0.0.1",
-                include_dashboard=self.include_dashboard, dashboard_host="127.0.0.1",
-                log_to_driver=False,  # workers' output comes home on the run's event stream
-                logging_level=logging.WARNING,
-            )
-        finally:
-            parameter.RayParams.__init__ = params_init
-            ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-            if saved is None:
-                os.environ.pop(_LOOPBACK_ONLY_ENV, None)
-            else:
-                os.environ[_LOOPBACK_ONLY_ENV] = saved
+        start_ray(num_cpus=self.num_cpus, num_gpus=self.num_gpus, include_dashboard=self.include_dashboard)
         # Runs before Ray's own exit hook (registered when Ray was imported; atexit is last-in first-out),
         # which first sleeps 0.5 s "so that log messages finish printing": this cluster prints none
         # (log_to_driver=False), and every script's exit paid it.
@@ -124,7 +90,7 @@ class LocalCluster(Cluster):
 
     def _stop_at_exit(self) -> None:
         if self._started_here and ray.is_initialized():
-            _end_ray_processes_without_grace()
+            end_ray_processes_without_grace()
             self.stop()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -209,62 +175,3 @@ def default_local_cluster() -> LocalCluster:
         if _default is None:
             _default = LocalCluster()
         return _default
-
-
-def _with_free_agent_port(params_init: Any) -> Any:
-    """``RayParams.__init__`` giving the node's dashboard agent a free port, not Ray's fixed 52365.
-
-    ``ray.init`` has no argument for it. On 52365 the agent of any other Ray on this machine (a
-    kept ``gpu-proxy up local``, a test session's cluster, a script still running, or the last
-    script's agent in its last seconds) makes this one retry its bind for 3.3 s, and the raylet
-    waits for the agent: measured, a fresh script's ``ray.init`` took 7 s instead of 3 s.
-    """
-    port = _free_port()
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("dashboard_agent_listen_port", port)
-        params_init(self, *args, **kwargs)
-
-    return init
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _end_ray_processes_without_grace() -> None:
-    """At interpreter exit, let ``ray.shutdown`` kill the cluster's processes at once.
-
-    ``ray.shutdown`` sends each kind of process (raylet, GCS, log monitor...) SIGTERM and waits up
-    to a second for it, one kind after the other: ~3 s at the end of every script, for processes
-    whose state ends with the script anyway (the object store is in memory, workers die with their
-    raylet). Ray's own call is kept (the driver disconnects first, the node's files are cleaned);
-    only its grace is skipped. Without its SIGTERM the raylet cannot end the agents it started
-    (dashboard agent, runtime-env agent), which would outlive the script by about a minute: they
-    are killed with it.
-    """
-    node = getattr(ray._private.worker, "_global_node", None)  # private (Ray is pinned): version_gates
-    if node is None:
-        return
-    kill_all = node.kill_all_processes
-
-    def kill_all_at_once(**kwargs: Any) -> None:
-        children = _raylet_children(node)
-        kill_all(**{**kwargs, "allow_graceful": False})
-        for child in children:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass  # gone already
-
-    node.kill_all_processes = kill_all_at_once
-
-
-def _raylet_children(node: Any) -> list["psutil.Process"]:
-    try:
-        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
-        return psutil.Process(raylet.pid).children(recursive=True)
-    except (KeyError, IndexError, AttributeError, psutil.Error):
-        return []

@@ -23,11 +23,13 @@ agents = [p for p in raylet.children()
 listening = {c.laddr.port for a in agents for c in a.net_connections("inet") if c.status == psutil.CONN_LISTEN}
 print("PORT", port, "LISTENING", port in listening)
 print("AGENTS", [a.pid for a in agents])
+# Without a dashboard, Ray's API server would serve usage statistics alone, and ray.init waited for it.
+print("API_SERVER", [p.pid for p in psutil.Process().children() if "dashboard/dashboard.py" in " ".join(p.cmdline())])
 # no stop(): the script's exit ends the cluster, as a user's script does
 """
 
 
-def test_the_agent_takes_a_free_port_and_ends_with_the_script(tmp_path):
+def test_the_agent_takes_a_free_port_no_api_server_starts_and_the_agents_end_with_the_script(tmp_path):
     """Ray's dashboard agent listens on 52365 by default. Held by another Ray (a kept cluster, a test
     session's, the last script's agent in its last seconds), the agent retried for 3.3 s and the raylet
     waited for it: a fresh script's ray.init took 7 s instead of 3. And an exit without Ray's grace
@@ -47,10 +49,11 @@ def test_the_agent_takes_a_free_port_and_ends_with_the_script(tmp_path):
         if holder is not None:
             holder.close()
     lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines()
-             if line.startswith(("PORT", "AGENTS"))}
+             if line.startswith(("PORT", "AGENTS", "API_SERVER"))}
     assert "AGENTS" in lines, done.stderr[-3000:]
     port, listening = lines["PORT"].split(" LISTENING ")
     assert int(port) != RAY_AGENT_PORT and listening == "True"
+    assert lines["API_SERVER"] == "[]"
     agents = eval(lines["AGENTS"])
     assert len(agents) == 2  # the dashboard agent and the runtime-env agent
     deadline = time.monotonic() + 5
