@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import logging
 import os
 import pickle
 import secrets
@@ -55,6 +54,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 from gpu_proxy import events, shipping  # noqa: E402
+from gpu_proxy.clusters import embedded_ray  # noqa: E402
 from gpu_proxy.clouds.runpod.serverless import wire  # noqa: E402
 from gpu_proxy.events import Event  # noqa: E402
 from gpu_proxy.runs.spec import RunSpec  # noqa: E402
@@ -79,10 +79,10 @@ def start_ray() -> None:
             return
         temp_dir = os.environ.get("RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="gpsl-", dir="/tmp")
         store_mb = _int_env("OBJECT_STORE_MEMORY_MB")
-        ray.init(address="local", num_cpus=_int_env("NUM_CPUS"), num_gpus=_int_env("NUM_GPUS"),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-                 object_store_memory=store_mb * 1024 * 1024 if store_mb else None,
-                 log_to_driver=False, logging_level=logging.WARNING)
+        # As the embedded cluster starts (loopback only, the agent on a free port, no API server):
+        # a cold worker's first job waits for this start.
+        embedded_ray.start_ray(num_cpus=_int_env("NUM_CPUS"), num_gpus=_int_env("NUM_GPUS"), _temp_dir=temp_dir,
+                               object_store_memory=store_mb * 1024 * 1024 if store_mb else None)
 
 
 def stop_ray() -> None:

@@ -1,7 +1,8 @@
-"""How the embedded cluster's Ray starts and ends: the parts of Ray's own start it changes, and why.
+"""How a one-node Ray cluster owned by this process starts and ends: the parts of Ray's own start it
+changes, and why. The embedded cluster's, and a serverless worker's (``cluster_image/serverless``).
 
-``ray.init(address="local")`` starts a node as for any cluster. The embedded cluster is one
-node on this machine, used by this process alone, so ``start_ray`` changes four things, each for
+``ray.init(address="local")`` starts a node as for any cluster. These clusters are one node on
+one machine, used by this process alone, so ``start_ray`` changes four things, each for
 the duration of the call only (a ``ray start`` or another ``ray.init`` in this process later
 gets Ray's own behaviour):
 
@@ -32,8 +33,10 @@ from ray._private import node as ray_node, parameter, ray_constants  # private: 
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def start_ray(num_cpus: int | None, num_gpus: int | None, include_dashboard: bool) -> None:
-    """``ray.init`` of a new one-node cluster on loopback, with changes 1-3 of the module docstring.
+def start_ray(num_cpus: int | None, num_gpus: int | None, include_dashboard: bool = False,
+              **init_options: Any) -> None:
+    """``ray.init`` of a new one-node cluster on loopback, with changes 1-3 of the module docstring;
+    ``init_options`` go to ``ray.init`` as they are (``_temp_dir``, ``object_store_memory``).
 
     Token auth: Ray >= 2.59 turns it on for a cluster ``ray.init()`` starts and makes a token
     (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it from making
@@ -45,7 +48,7 @@ def start_ray(num_cpus: int | None, num_gpus: int | None, include_dashboard: boo
             num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
             include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
             log_to_driver=False,  # workers' output comes home on the run's event stream
-            logging_level=logging.WARNING,
+            logging_level=logging.WARNING, **init_options,
         )
 
 
