@@ -79,7 +79,7 @@ def start_ray() -> None:
             return
         temp_dir = os.environ.get("RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="gpsl-", dir="/tmp")
         store_mb = _int_env("OBJECT_STORE_MEMORY_MB")
-        # As the embedded cluster starts (loopback only, the agent on a free port, no API server):
+        # As the embedded cluster starts (loopback only, the agent on a port of its own, no API server):
         # a cold worker's first job waits for this start.
         embedded_ray.start_ray(num_cpus=_int_env("NUM_CPUS"), num_gpus=_int_env("NUM_GPUS"), _temp_dir=temp_dir,
                                object_store_memory=store_mb * 1024 * 1024 if store_mb else None)

@@ -2,15 +2,15 @@
 changes, and why. The embedded cluster's, and a serverless worker's (``cluster_image/serverless``).
 
 ``ray.init(address="local")`` starts a node as for any cluster. These clusters are one node on
-one machine, used by this process alone, so ``start_ray`` changes four things, each for
-the duration of the call only (a ``ray start`` or another ``ray.init`` in this process later
-gets Ray's own behaviour):
+one machine, used by this process alone, so ``start_ray`` changes three things, each for the
+duration of the call only (a ``ray start`` or another ``ray.init`` in this process later gets
+Ray's own behaviour), and the embedded cluster a fourth at exit:
 
 1. Loopback only: every port on 127.0.0.1 (Ray would rewrite that address to the machine's).
-2. The dashboard agent on a free port, not Ray's fixed 52365 (which any other Ray on the machine
-   may hold).
+2. The dashboard agent binds a port of its own choosing, not Ray's fixed 52365 (which any other
+   Ray on the machine may hold).
 3. No API server unless a dashboard was asked for: without the dashboard it serves usage
-   statistics alone, and ``ray.init`` waits for it.
+   statistics alone (off for a ``ray.init`` cluster), and ``ray.init`` waits for it.
 4. At interpreter exit, the node's processes are killed without Ray's grace, agents included.
 
 Each reaches into ``ray._private`` (Ray is pinned; :mod:`gpu_proxy.version_gates` checks it).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import threading
 from typing import Any, Iterator
 
 import psutil
@@ -31,6 +31,8 @@ version_gates.check("ray")  # before any use of Ray's private parts
 from ray._private import node as ray_node, parameter, ray_constants  # private: see the module docstring
 
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The changes patch module-level names of Ray: two starts at once would each restore the other's.
+_patch_lock = threading.Lock()
 
 
 def start_ray(num_cpus: int | None, num_gpus: int | None, include_dashboard: bool = False,
@@ -42,7 +44,7 @@ def start_ray(num_cpus: int | None, num_gpus: int | None, include_dashboard: boo
     (~/.ray/auth_token) when none exists; setting RAY_AUTH_MODE=token here would stop it from making
     one. An explicit RAY_AUTH_MODE=disabled from the user is respected.
     """
-    with _loopback_only(), _free_agent_port(), _api_server_only_with_dashboard():
+    with _patch_lock, _loopback_only(), _agent_picks_its_port(), _api_server_only_with_dashboard():
         ray.init(
             address="local",  # always a new cluster: never attach to another `ray start` here
             num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
@@ -73,16 +75,16 @@ def _loopback_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _free_agent_port() -> Iterator[None]:
+def _agent_picks_its_port() -> Iterator[None]:
     """``ray.init`` has no argument for the agent's port. On 52365 the agent of any other Ray on
     this machine (a kept ``gpu-proxy up local``, a test session's cluster, a script still running,
     or the last script's agent in its last seconds) makes this one retry its bind for 3.3 s, and
-    the raylet waits for the agent: measured, a fresh script's ``ray.init`` took 7 s instead of 3 s."""
+    the raylet waits for the agent: measured, a fresh script's ``ray.init`` took 7 s instead of 3 s.
+    With 0 the agent binds a port the kernel picks, and the node reads it back from the GCS."""
     params_init = parameter.RayParams.__init__
-    port = _free_port()
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("dashboard_agent_listen_port", port)
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
         params_init(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = init
@@ -95,8 +97,9 @@ def _free_agent_port() -> Iterator[None]:
 @contextlib.contextmanager
 def _api_server_only_with_dashboard() -> Iterator[None]:
     """Without the dashboard, Ray's head still starts its API server with one module (usage
-    statistics, which gpu-proxy turns off), and ``ray.init`` polls until it registered: ~0.7 s of a
-    fresh script here, and a Python process of ~120 MB for nothing."""
+    statistics, which Ray turns off for a cluster ``ray.init`` starts), and ``ray.init`` polls
+    until it registered: ~0.7 s of a fresh script here, and a Python process of ~120 MB for
+    nothing."""
     start_api_server = ray_node.Node.start_api_server
 
     def start_if_dashboard(self: Any, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
@@ -108,12 +111,6 @@ def _api_server_only_with_dashboard() -> Iterator[None]:
         yield
     finally:
         ray_node.Node.start_api_server = start_api_server
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def end_ray_processes_without_grace() -> None:
@@ -132,9 +129,9 @@ def end_ray_processes_without_grace() -> None:
         return
     kill_all = node.kill_all_processes
 
-    def kill_all_at_once(**kwargs: Any) -> None:
+    def kill_all_at_once(*args: Any, **kwargs: Any) -> None:
         children = _raylet_children(node)
-        kill_all(**{**kwargs, "allow_graceful": False})
+        kill_all(*args, **{**kwargs, "allow_graceful": False})
         for child in children:
             try:
                 child.kill()
@@ -147,6 +144,8 @@ def end_ray_processes_without_grace() -> None:
 def _raylet_children(node: Any) -> list[psutil.Process]:
     try:
         raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+        if raylet.poll() is not None:
+            return []  # exited and reaped: its pid may be another process's now
         return psutil.Process(raylet.pid).children(recursive=True)
     except (KeyError, IndexError, AttributeError, psutil.Error):
         return []

@@ -1,6 +1,7 @@
 """A fresh script's embedded cluster: neither delayed by another Ray on this machine, nor outliving it."""
 from __future__ import annotations
 
+import ast
 import socket
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_the_agent_takes_a_free_port_no_api_server_starts_and_the_agents_end_wit
     port, listening = lines["PORT"].split(" LISTENING ")
     assert int(port) != RAY_AGENT_PORT and listening == "True"
     assert lines["API_SERVER"] == "[]"
-    agents = eval(lines["AGENTS"])
+    agents = ast.literal_eval(lines["AGENTS"])
     assert len(agents) == 2  # the dashboard agent and the runtime-env agent
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_alive(pid) for pid in agents):
