@@ -176,6 +176,51 @@ def test_a_token_others_can_read_is_refused(tmp_path):
     assert result.returncode == 2 and "chmod 600" in result.stderr
 
 
+def _ray_that_fails_first(folder: Path, then: str) -> Path:
+    """A RAY_BIN that counts its starts: the first exits 1 (as ``ray start`` does when its raylet
+    missed Ray's 30 s), later ones run ``then``."""
+    script = folder / "ray"
+    script.write_text(f"#!/bin/sh\necho start >> {folder}/starts\n"
+                      f"[ $(wc -l < {folder}/starts) -eq 1 ] && exit 1\n{then}\n")
+    script.chmod(0o755)
+    return script
+
+
+def _private_token(folder: Path) -> Path:
+    token = folder / "token"
+    token.write_text(generate_token())
+    token.chmod(0o600)
+    return token
+
+
+def test_a_failed_ray_start_is_tried_once_more_and_the_node_runs_on(tmp_path):
+    ray = _ray_that_fails_first(tmp_path, "exec sleep 60")
+    node = subprocess.Popen([str(ENTRYPOINT)], env=entrypoint_env(
+        ROLE="head", SSHD="off", RAY_TOKEN_FILE=str(_private_token(tmp_path)), RAY_BIN=str(ray)),
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ((tmp_path / "starts").exists() and (tmp_path / "starts").read_text().count("start") == 2):
+            assert node.poll() is None and time.monotonic() < deadline, node.stderr.read() if node.poll() else ""
+            time.sleep(0.1)
+        time.sleep(1)  # the second start runs on: the node keeps going
+        assert node.poll() is None
+        node.terminate()
+        assert node.wait(timeout=30) == 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, 9)
+    assert "Ray exited with status 1 while starting" in node.stderr.read()
+
+
+def test_a_second_failed_ray_start_ends_the_node_with_rays_status(tmp_path):
+    result = run_entrypoint(ROLE="head", SSHD="off", RAY_TOKEN_FILE=str(_private_token(tmp_path)),
+                            RAY_BIN=str(_ray_that_fails_first(tmp_path, "exit 3")))
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "starts").read_text().count("start") == 2
+    assert "starting it once more" in result.stderr and "Ray exited with status 3" in result.stderr
+
+
 def _wait_for_banner(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 stop cleanly on SIGTERM/SIGINT.
 
 Exit status: 2 for bad configuration (with every problem listed), 1 when Ray or sshd fails,
-Ray's own status when it exits, 0 after SIGTERM/SIGINT stopped the node cleanly.
+Ray's own status when it exits (a failed start is tried once more first), 0 after SIGTERM/SIGINT
+stopped the node cleanly.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from gpu_proxy.clouds.runpod.node.runpod_env import private_environment
 from gpu_proxy.clouds.runpod.node.sshd import start_sshd
 from gpu_proxy.clusters.ray_node import start_node
 from gpu_proxy.errors import ConfigurationError
+
+# ``ray start`` gives up when its raylet has not registered within a fixed 30 s (ray/_private/node.py;
+# not configurable), which a loaded machine can miss. An exit this soon after the start is a failed
+# start, tried once more; a later exit is Ray's own end, reported as it is.
+START_RETRY_WINDOW_S = 90.0
 
 
 class _ShutdownFlag:
@@ -103,6 +109,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
             return 1
         spec = config.node
         node = start_node(spec)
+        started, retried = time.monotonic(), False
         where = (f"on {spec.node_ip}, GCS {spec.gcs_address}, dashboard 127.0.0.1:{spec.dashboard_port}"
                  if spec.role == "head" else f"on {spec.node_ip}, joining {spec.head_address}")
         say(f"Ray {spec.role} starting {where} (token auth on)")
@@ -119,6 +126,13 @@ def main(env: Mapping[str, str] = os.environ) -> int:
                 return 0
             if not node.alive():
                 code = node.process.returncode
+                if code and not retried and time.monotonic() - started < START_RETRY_WINDOW_S:
+                    say(f"Ray exited with status {code} while starting (see its output above); "
+                        "starting it once more")
+                    node.stop()  # what its session left running
+                    node = start_node(spec)
+                    started, retried = time.monotonic(), True
+                    continue
                 say(f"Ray exited with status {code}")
                 if config.idle_timeout_s is not None and spec.role == "worker":
                     # The head is gone (ended itself when idle, or was terminated): so is this node's use.
