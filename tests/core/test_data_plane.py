@@ -2,7 +2,8 @@
 
 One large case per path: the embedded cluster here (~1 GB), a cluster given by address with
 staging on a real S3 endpoint here (~1 GB model and ~500 MB of data), an SSH cluster in
-tests/lightning/test_lightning_on_ssh_cluster.py.
+tests/lightning/test_lightning_on_ssh_cluster.py. The size is in each case's fit (the model out, its
+weights home); its validate and predict send an 8 MB model the same way.
 """
 from __future__ import annotations
 
@@ -163,7 +164,8 @@ def test_a_cluster_by_address_without_staging_refuses_a_large_run_before_submitt
 
 @pytest.mark.timeout(600)
 def test_a_1gb_model_on_the_embedded_cluster(local_cluster):
-    result = big_models.fit_validate_predict(RemoteStrategy(cluster=local_cluster, num_workers=1), 1024)
+    result = big_models.fit_validate_predict(RemoteStrategy(cluster=local_cluster, num_workers=1), 1024,
+                                            evaluate_megabytes=8)
     _check(result)
 
 
@@ -173,7 +175,7 @@ def test_a_1gb_model_and_500mb_of_data_by_address_through_a_staging_url(ray_head
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", ray_head.token_path)
     staging = tmp_path / "staging"
     strategy = RemoteStrategy(cluster=ray_head.dashboard_url, num_workers=1, staging_dir=f"file://{staging}")
-    _check(big_models.fit_validate_predict(strategy, 1024, data_megabytes=512))
+    _check(big_models.fit_validate_predict(strategy, 1024, data_megabytes=512, evaluate_megabytes=8))
     assert not staging.exists() or list(staging.iterdir()) == []  # each run's staging removed once home had it
 
 

@@ -34,7 +34,8 @@ def test_a_1gb_model_streams_over_ssh_both_ways(ssh_cluster):
     from tests.lightning_project import big_models
     from tests.core.test_data_plane import _check
 
-    _check(big_models.fit_validate_predict(RemoteStrategy(cluster=ssh_cluster, num_workers=1), 1024))
+    _check(big_models.fit_validate_predict(RemoteStrategy(cluster=ssh_cluster, num_workers=1), 1024,
+                                          evaluate_megabytes=8))  # over the inline limit, as attach's below
     root = ssh_cluster.data_root
     import os
 

@@ -79,14 +79,20 @@ def trainer(strategy, **options) -> L.Trainer:
     return L.Trainer(strategy=strategy, **{**settings, **options})
 
 
-def fit_validate_predict(strategy, megabytes: float, data_megabytes: float = 0) -> dict:
-    """Fit, validate and predict a ``megabytes`` model on ``strategy``; return what the test checks."""
+def fit_validate_predict(strategy, megabytes: float, data_megabytes: float = 0,
+                         evaluate_megabytes: float | None = None) -> dict:
+    """Fit, validate and predict a ``megabytes`` model on ``strategy``; return what the test checks.
+
+    With ``evaluate_megabytes``, validate and predict take a model of that size instead: a large
+    case's size is in its fit (the model out, its weights home), and validate and predict send the
+    model the same way, so they need not carry the large size again (the suite's time)."""
     model = BigModel(megabytes)
     home_before = state_digest(model)
     run = trainer(strategy)
     run.fit(model, train_dataloaders=loader(extra_megabytes=data_megabytes))
     digest = next(c for c in run.callbacks if isinstance(c, StateDigest)).digest
-    validated = run.validate(model, dataloaders=loader())
-    predictions = run.predict(model, dataloaders=loader())
+    evaluated = model if evaluate_megabytes is None else BigModel(evaluate_megabytes)
+    validated = run.validate(evaluated, dataloaders=loader())
+    predictions = run.predict(evaluated, dataloaders=loader())
     return {"before": home_before, "rank0": digest, "home": state_digest(model), "validated": validated,
             "predictions": predictions, "model": model}
