@@ -68,7 +68,7 @@ GATES: dict[str, Gate] = {gate.module: gate for gate in (
          "torch.distributed.checkpoint._fsspec_filesystem (sharded checkpoints)"),
     Gate("Keras", "keras", ("keras",), ">=3.15.1,<3.16", "3.15.x from 3.15.1",
          "keras.src: the TensorFlow trainer the multi-worker fix patches, saving_lib, Model._symbolic_build, "
-         "Model._flatten_metrics_in_order"),
+         "Model._flatten_metrics_in_order, rng_utils.get_random_seed"),
     Gate("TensorFlow", "tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel"),
          ">=2.21,<2.22", "2.21.x",
          "MultiWorkerMirroredStrategy's distributed values, as Keras' trainer patched for several workers uses them"),

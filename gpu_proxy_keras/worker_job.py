@@ -65,7 +65,7 @@ class KerasJob:
         import keras
 
         from gpu_proxy_keras import callback_state, trained_state, worker_callbacks
-        from gpu_proxy_keras import worker_events
+        from gpu_proxy_keras import worker_events, worker_reset  # noqa: F401  (a pooled worker puts Keras back)
 
         world_size = ctx.world_size if self.trains_together else 1
         multi_worker = world_size > 1

@@ -1,4 +1,5 @@
-"""Several GPUs on a node: each worker sees the node's GPUs of the run and its own at its local rank.
+"""Several GPUs on a node: each worker sees the node's GPUs of the run and its own at its local rank,
+and a run asking for GPUs that idle pooled workers of another kind hold gets them.
 
 No GPU here: Ray hands out GPU ids of a cluster started with ``num_gpus`` whether or not CUDA
 exists, so the environment each worker gets is real; what CUDA then does with it needs a GPU.
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = textwrap.dedent('''
-    import json, os
+    import json, os, time
     from gpu_proxy import shipping
     from gpu_proxy.clusters.local import LocalCluster
     from gpu_proxy.runs import RunSpec, execute, values
@@ -24,9 +25,25 @@ SCRIPT = textwrap.dedent('''
         return {"rank": ctx.rank, "local_rank": ctx.local_rank, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
                 "ray_gave": ray.get_runtime_context().get_accelerator_ids()["GPU"]}
 
+    def pid(ctx):
+        return os.getpid()
+
+    def alive(process_id):
+        try:
+            os.kill(process_id, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
     cluster = LocalCluster(num_cpus=3, num_gpus=3)
-    spec = RunSpec(shipping.pack(where), num_workers=3, resources_per_worker={"CPU": 1, "GPU": 1})
+    gpus = {"CPU": 1, "GPU": 1}
+    # Idle workers of another kind hold every GPU: the GPU run takes them, at once.
+    idle = values(execute(cluster, RunSpec(shipping.pack(pid), num_workers=3, resources_per_worker=gpus,
+                                           worker_pool="other-kind"), lambda event: None))
+    spec = RunSpec(shipping.pack(where), num_workers=3, resources_per_worker=gpus, placement_timeout_s=30)
+    started = time.monotonic()
     print("RESULT", json.dumps(values(execute(cluster, spec, lambda event: None))))
+    print("EVICTED", json.dumps({"seconds": time.monotonic() - started, "alive": [alive(p) for p in idle]}))
 ''')
 
 
@@ -47,3 +64,6 @@ def test_each_worker_sees_the_nodes_gpus_with_its_own_at_its_local_rank(tmp_path
     assert sorted(ids) == ["0", "1", "2"]
     for rank in ranks:  # cuda:<local_rank> is the GPU Ray gave this worker
         assert [rank["visible"].split(",")[rank["local_rank"]]] == [str(g) for g in rank["ray_gave"]]
+    evicted = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVICTED"))[8:])
+    assert evicted["alive"] == [False] * 3  # the idle GPU workers gave way
+    assert evicted["seconds"] < 20, evicted  # placed once they did, not after the 30 s timeout

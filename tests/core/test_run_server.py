@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import secrets
 import socket
 import time
@@ -36,7 +37,8 @@ def run(ray_head, fn, **spec_args):
     return execute(cluster(ray_head), spec, lambda event: None)
 
 
-def test_the_second_run_by_address_is_warm_and_the_cli_shows_its_workers(ray_head, capsys, monkeypatch):
+def test_the_second_run_by_address_is_warm_the_cli_shows_its_workers_and_down_ends_them(ray_head, capsys,
+                                                                                        monkeypatch, tmp_path):
     started = time.monotonic()
     (first,) = values(run(ray_head, pid))
     cold_s = time.monotonic() - started
@@ -53,6 +55,25 @@ def test_the_second_run_by_address_is_warm_and_the_cli_shows_its_workers(ray_hea
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", ray_head.token_path)  # where the CLI finds the token
     assert main(["status", ray_head.dashboard_url]) == 0
     assert "1 server-test idle" in capsys.readouterr().out
+
+    monkeypatch.setenv("GPU_PROXY_CONFIG_DIR", str(tmp_path))
+    assert main(["up", "ray", "--address", ray_head.dashboard_url, "--name", "warm"]) == 0
+    assert main(["down", "warm"]) == 0  # the cluster is only forgotten; its warm workers end
+    assert re.search(r"ended \d+ group\(s\) of warm workers", capsys.readouterr().out)
+    assert not any(g["state"] == "idle" for g in ServerClient(cluster(ray_head)).request("status")["pool"])
+    deadline = time.monotonic() + 10
+    while _alive(first) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(first)
+
+
+def _alive(process_id: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(process_id).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_connection_without_a_registered_key_is_refused(ray_head):

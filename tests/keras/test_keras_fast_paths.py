@@ -85,3 +85,47 @@ def test_a_home_batch_hook_gets_every_batch_without_a_progress_bar():
     counter = BatchCounter()
     RemoteFit(mlp(), home_callbacks=[counter]).fit(x, y, **FIT)  # verbose=0
     assert counter.batches == FIT["epochs"] * 2  # 64 samples, batch 32
+
+
+class LeavesKerasState(keras.callbacks.Callback):
+    """Changes Keras' global configuration and seeds on the worker, after its run trained."""
+
+    def on_train_end(self, logs=None):
+        import os
+
+        self.pid = os.getpid()
+        keras.config.set_floatx("float16")
+        keras.config.set_epsilon(1e-3)
+        keras.config.set_image_data_format("channels_first")
+        keras.config.set_dtype_policy("mixed_float16")
+        keras.config.set_max_epochs(1)
+        keras.utils.set_random_seed(0)
+
+
+class SeesKerasState(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        import os
+
+        self.pid = os.getpid()
+        self.seen = (keras.config.floatx(), keras.config.epsilon(), keras.config.image_data_format(),
+                     keras.config.dtype_policy().name, keras.config.max_epochs())
+        self.draw = float(np.random.random())
+        from keras.src.utils import rng_utils
+
+        self.keras_seed = rng_utils.get_random_seed()  # what Keras, TensorFlow and Python were seeded with
+
+
+@pytest.mark.usefixtures("local_cluster")
+@pytest.mark.timeout(120)
+def test_keras_state_one_run_set_on_a_pooled_worker_is_gone_in_the_next():
+    x, y = blobs(n=64)
+    model = mlp(seed=4)
+    leaves, sees = LeavesKerasState(), SeesKerasState()
+    RemoteFit(model).fit(x, y, callbacks=[leaves], **FIT)
+    history = RemoteFit(model).fit(x, y, callbacks=[sees], **FIT)
+    assert sees.pid == leaves.pid  # the same pooled process served both runs
+    assert sees.seen == ("float32", 1e-7, "channels_last", "float32", None)
+    assert len(history.epoch) == FIT["epochs"]  # no epoch cap left by the first run
+    np.random.seed(0)
+    assert sees.draw != np.random.random()  # not the first draw of the seed the last run set
+    assert sees.keras_seed not in (0, None)  # Keras' (and TensorFlow's) seed drawn afresh, as after any seed

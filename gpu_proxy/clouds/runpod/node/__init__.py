@@ -54,5 +54,7 @@ Configuration comes from environment variables (the way RunPod and Docker pass i
 ==========================  =============================================================
 
 Exit status: 2 for bad configuration (with every problem listed), 1 when Ray or sshd fails,
-Ray's own status when it exits, 0 after SIGTERM/SIGINT stopped the node cleanly.
+Ray's own status when it exits, 0 after SIGTERM/SIGINT stopped the node cleanly. A ``ray start``
+that fails within 90 s of its start (its raylet missed Ray's fixed 30 s, as on a loaded machine) is
+tried once more before the node ends.
 """
