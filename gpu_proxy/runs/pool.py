@@ -17,7 +17,7 @@ Invariants, and where the code keeps them:
    ``sys.path``, project modules imported by name, and what frameworks register
    (:mod:`gpu_proxy.runs.process_state`). It does so after its run's result went home, as the
    actor's next call (``release``), so the reset is off the run's critical path; a group whose
-   reset failed is never handed out again (``WorkerGroup.alive``).
+   reset failed, or whose run left files open, is never handed out again (``WorkerGroup.alive``).
 5. An idle group lives ``keep_warm_s`` (the last run's setting) and is then killed; ``0`` kills it
    at release (:meth:`WorkerPool._reap`).
 6. A run whose resources idle groups hold takes them: idle groups are killed, least recently used

@@ -3,7 +3,9 @@
 The core restores what every run can change through Python itself: environment variables, the
 working directory, ``sys.path``, the ``random`` module's state, and modules the run imported by
 name from outside any installed package (the user's project: they are imported again, edited or
-not, by the next run). Frameworks register what only they know (:func:`register_reset`):
+not, by the next run). A run that left regular files open (still open once its objects were
+collected) cannot be put back safely: :meth:`ProcessState.restore` raises, and the pool replaces
+the process instead of reusing it. Frameworks register what only they know (:func:`register_reset`):
 ``gpu_proxy_lightning`` resets torch's seeds, default dtype and process group.
 """
 from __future__ import annotations
@@ -41,10 +43,11 @@ class ProcessState:
     cwd: str
     path: list[str]
     modules: frozenset[str]
+    open_files: frozenset[tuple[int, str]] = frozenset()
 
     @classmethod
     def snapshot(cls) -> "ProcessState":
-        return cls(dict(os.environ), os.getcwd(), list(sys.path), frozenset(sys.modules))
+        return cls(dict(os.environ), os.getcwd(), list(sys.path), frozenset(sys.modules), _open_files())
 
     def restore(self) -> None:
         os.environ.clear()
@@ -62,7 +65,15 @@ class ProcessState:
             except Exception:  # noqa: BLE001 - a reset that fails must not take the worker down
                 log.warning("a worker reset failed", exc_info=True)
         self.modules = frozenset(sys.modules)  # what a reset imported is part of the warm process now
-        _give_memory_back()
+        _give_memory_back()  # after the run's objects are collected: a file nobody holds is closed
+        left_open = sorted(path for _, path in _open_files() - self.open_files)
+        if left_open:
+            # Closing them here would leave their Python file objects holding descriptor numbers
+            # that the next run's files get: closing one of those later would close the wrong file.
+            message = (f"the run left {len(left_open)} file(s) open ({', '.join(left_open[:5])}); "
+                       "this worker process is replaced, not reused")
+            log.warning(message)  # in the worker's log: why the next run started without warm workers
+            raise LeftOpenFilesError(message)
 
     def _forget_project_modules(self) -> None:
         installed = _installed_roots()
@@ -72,6 +83,27 @@ class ProcessState:
             file = getattr(sys.modules.get(name), "__file__", None)
             if file and not os.path.realpath(file).startswith(installed):
                 sys.modules.pop(name, None)
+
+
+class LeftOpenFilesError(RuntimeError):
+    """A run left files open in a pooled process (invariant 3 of :mod:`gpu_proxy.runs.pool`: not reused)."""
+
+
+def _open_files() -> frozenset[tuple[int, str]]:
+    """This process's descriptors of regular files, as (fd, path); empty where /proc is not."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return frozenset()
+    found = set()
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("/") and os.path.isfile(target):
+            found.add((int(name), target))
+    return frozenset(found)
 
 
 def _give_memory_back() -> None:

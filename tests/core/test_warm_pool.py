@@ -129,6 +129,26 @@ def test_nothing_of_one_run_reaches_the_next_on_the_same_worker(local_cluster):
     assert seen["torch_seed"] != 0 and seen["dtype"] == "torch.float32"
 
 
+def test_a_run_that_left_a_file_open_leaves_the_next_run_on_fresh_workers(local_cluster, tmp_path):
+    path = str(tmp_path / "a-file")
+    open(path, "w").close()
+
+    def opens_and_closes(ctx):
+        with open(path) as file:
+            file.read()
+        return os.getpid()
+
+    def leaves_open(ctx):
+        os.open(path, os.O_RDONLY)  # never closed
+        return os.getpid()
+
+    (clean,) = values(run(opens_and_closes, kind="files"))
+    assert values(run(opens_and_closes, kind="files")) == [clean]  # a run that closed its files: kept warm
+    assert values(run(leaves_open, kind="files")) == [clean]
+    (after,) = values(run(pid, kind="files"))
+    assert after != clean and not pid_alive(clean)
+
+
 def test_two_runs_at_once_get_their_own_workers(local_cluster):
     def remember(ctx):
         global REMEMBERED
