@@ -110,11 +110,12 @@ class PoolWorker:
         self._state = ProcessState.snapshot()  # what was imported belongs to the warm process
         return True
 
-    def reset(self) -> bool:
+    def reset(self) -> str | None:
         """Put back what the last run changed (invariant 4); an actor runs its calls in order, so
-        the next run starts after it. Freeing a 2 GB run's memory alone takes seconds."""
-        self._state.restore()
-        return True
+        the next run starts after it. Freeing a 2 GB run's memory alone takes seconds. Returns why
+        this process cannot serve another run, or None (a value, not an error: a group killed
+        before anyone asks would leave an error unread, which Ray logs later)."""
+        return self._state.restore()
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,8 @@ class WorkerGroup:
     def alive(self) -> bool:
         """Every process answers and put back what the last run changed."""
         try:
-            ray.get(self.resets + [actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
-            return True
+            answers = ray.get(self.resets + [actor.ping.remote() for actor in self.actors], timeout=PING_TIMEOUT_S)
+            return not any(isinstance(answer, str) for answer in answers)  # a reset's reason not to reuse
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return False
         finally:

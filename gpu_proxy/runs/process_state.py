@@ -3,9 +3,9 @@
 The core restores what every run can change through Python itself: environment variables, the
 working directory, ``sys.path``, the ``random`` module's state, and modules the run imported by
 name from outside any installed package (the user's project: they are imported again, edited or
-not, by the next run). A run that left regular files open (still open once its objects were
-collected) cannot be put back safely: :meth:`ProcessState.restore` raises, and the pool replaces
-the process instead of reusing it. Frameworks register what only they know (:func:`register_reset`):
+not, by the next run). A run that left files open (still open once its objects were collected)
+cannot be put back safely: :meth:`ProcessState.restore` says so, and the pool replaces the process
+instead of reusing it. Frameworks register what only they know (:func:`register_reset`):
 ``gpu_proxy_lightning`` resets torch's seeds, default dtype and process group.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import random
+import stat
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -43,13 +44,14 @@ class ProcessState:
     cwd: str
     path: list[str]
     modules: frozenset[str]
-    open_files: frozenset[tuple[int, str]] = frozenset()
+    open_files: frozenset[tuple[int, int]] = frozenset()  # (device, inode) of each regular file open
 
     @classmethod
     def snapshot(cls) -> "ProcessState":
-        return cls(dict(os.environ), os.getcwd(), list(sys.path), frozenset(sys.modules), _open_files())
+        return cls(dict(os.environ), os.getcwd(), list(sys.path), frozenset(sys.modules), frozenset(_open_files()))
 
-    def restore(self) -> None:
+    def restore(self) -> str | None:
+        """Put the process back; returns why it cannot be reused (files the run left open), or None."""
         os.environ.clear()
         os.environ.update(self.environ)
         try:
@@ -66,14 +68,15 @@ class ProcessState:
                 log.warning("a worker reset failed", exc_info=True)
         self.modules = frozenset(sys.modules)  # what a reset imported is part of the warm process now
         _give_memory_back()  # after the run's objects are collected: a file nobody holds is closed
-        left_open = sorted(path for _, path in _open_files() - self.open_files)
-        if left_open:
-            # Closing them here would leave their Python file objects holding descriptor numbers
-            # that the next run's files get: closing one of those later would close the wrong file.
-            message = (f"the run left {len(left_open)} file(s) open ({', '.join(left_open[:5])}); "
-                       "this worker process is replaced, not reused")
-            log.warning(message)  # in the worker's log: why the next run started without warm workers
-            raise LeftOpenFilesError(message)
+        left_open = sorted(path for file, path in _open_files().items() if file not in self.open_files)
+        if not left_open:
+            return None
+        # Closing them here would leave their Python file objects holding descriptor numbers that
+        # the next run's files get: closing one of those later would close the wrong file.
+        reason = (f"the run left {len(left_open)} file(s) open ({', '.join(left_open[:5])}); "
+                  "this worker process is replaced, not reused")
+        log.warning(reason)  # in the worker's log: why the next run started without warm workers
+        return reason
 
     def _forget_project_modules(self) -> None:
         installed = _installed_roots()
@@ -85,25 +88,35 @@ class ProcessState:
                 sys.modules.pop(name, None)
 
 
-class LeftOpenFilesError(RuntimeError):
-    """A run left files open in a pooled process (invariant 3 of :mod:`gpu_proxy.runs.pool`: not reused)."""
-
-
-def _open_files() -> frozenset[tuple[int, str]]:
-    """This process's descriptors of regular files, as (fd, path); empty where /proc is not."""
+def _open_files() -> dict[tuple[int, int], str]:
+    """The user's regular files this process holds open: {(device, inode): path}; empty where /proc
+    is not. Not counted: files already deleted (Ray's object store and torch share memory through
+    those), and files under Python's installed packages or Ray's temp folder (a library's own log
+    or data file, which it may open on first use and keep: ``ray.data``'s session log does)."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return frozenset()
-    found = set()
+        return {}
+    ignored = _installed_roots() + _ray_temp_dir()
+    found = {}
     for name in names:
         try:
-            target = os.readlink(f"/proc/self/fd/{name}")
+            info = os.stat(f"/proc/self/fd/{name}")
+            path = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
-        if target.startswith("/") and os.path.isfile(target):
-            found.add((int(name), target))
-    return frozenset(found)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 0 and not os.path.realpath(path).startswith(ignored):
+            found[(info.st_dev, info.st_ino)] = path
+    return found
+
+
+def _ray_temp_dir() -> tuple[str, ...]:
+    try:
+        import ray
+
+        return (os.path.realpath(ray.get_runtime_context().get_temp_dir()) + os.sep,) if ray.is_initialized() else ()
+    except Exception:  # noqa: BLE001 - not in a Ray worker: no Ray files to leave out
+        return ()
 
 
 def _give_memory_back() -> None:

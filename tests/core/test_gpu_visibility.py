@@ -43,7 +43,11 @@ SCRIPT = textwrap.dedent('''
     spec = RunSpec(shipping.pack(where), num_workers=3, resources_per_worker=gpus, placement_timeout_s=30)
     started = time.monotonic()
     print("RESULT", json.dumps(values(execute(cluster, spec, lambda event: None))))
-    print("EVICTED", json.dumps({"seconds": time.monotonic() - started, "alive": [alive(p) for p in idle]}))
+    seconds = time.monotonic() - started
+    deadline = time.monotonic() + 10  # Ray kills actors asynchronously
+    while any(alive(p) for p in idle) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("EVICTED", json.dumps({"seconds": seconds, "alive": [alive(p) for p in idle]}))
 ''')
 
 

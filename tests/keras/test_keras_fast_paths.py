@@ -100,6 +100,7 @@ class LeavesKerasState(keras.callbacks.Callback):
         keras.config.set_dtype_policy("mixed_float16")
         keras.config.set_max_epochs(1)
         keras.utils.set_random_seed(0)
+        keras.config.enable_unsafe_deserialization()
 
 
 class SeesKerasState(keras.callbacks.Callback):
@@ -112,7 +113,10 @@ class SeesKerasState(keras.callbacks.Callback):
         self.draw = float(np.random.random())
         from keras.src.utils import rng_utils
 
+        from keras.src.saving import serialization_lib
+
         self.keras_seed = rng_utils.get_random_seed()  # what Keras, TensorFlow and Python were seeded with
+        self.safe_mode = serialization_lib.in_safe_mode()
 
 
 @pytest.mark.usefixtures("local_cluster")
@@ -128,4 +132,5 @@ def test_keras_state_one_run_set_on_a_pooled_worker_is_gone_in_the_next():
     assert len(history.epoch) == FIT["epochs"]  # no epoch cap left by the first run
     np.random.seed(0)
     assert sees.draw != np.random.random()  # not the first draw of the seed the last run set
-    assert sees.keras_seed not in (0, None)  # Keras' (and TensorFlow's) seed drawn afresh, as after any seed
+    assert sees.keras_seed is None  # unseeded, as a fresh process (its backend reseeded from entropy)
+    assert sees.safe_mode is not False  # the first run's enable_unsafe_deserialization did not outlive it

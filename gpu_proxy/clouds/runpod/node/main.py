@@ -20,12 +20,13 @@ from gpu_proxy.clouds.runpod.node.output import say
 from gpu_proxy.clouds.runpod.node.pod_self import ClusterMemberSelf, PodSelf
 from gpu_proxy.clouds.runpod.node.runpod_env import private_environment
 from gpu_proxy.clouds.runpod.node.sshd import start_sshd
-from gpu_proxy.clusters.ray_node import start_node
+from gpu_proxy.clusters.ray_node import RayNodeError, start_node
 from gpu_proxy.errors import ConfigurationError
 
 # ``ray start`` gives up when its raylet has not registered within a fixed 30 s (ray/_private/node.py;
-# not configurable), which a loaded machine can miss. An exit this soon after the start is a failed
-# start, tried once more; a later exit is Ray's own end, reported as it is.
+# not configurable), which a loaded machine can miss. An error exit this soon after the start is
+# taken for a failed start and tried once more (a node that did start and ended this soon, e.g. a
+# worker whose head is gone, fails its second start too and ends); a later exit is reported as it is.
 START_RETRY_WINDOW_S = 90.0
 
 
@@ -126,11 +127,15 @@ def main(env: Mapping[str, str] = os.environ) -> int:
                 return 0
             if not node.alive():
                 code = node.process.returncode
-                if code and not retried and time.monotonic() - started < START_RETRY_WINDOW_S:
+                if code > 0 and not retried and time.monotonic() - started < START_RETRY_WINDOW_S:
                     say(f"Ray exited with status {code} while starting (see its output above); "
                         "starting it once more")
-                    node.stop()  # what its session left running
-                    node = start_node(spec)
+                    try:
+                        node.stop()  # what its session left running
+                        node = start_node(spec)
+                    except (ConfigurationError, RayNodeError) as error:
+                        say(f"could not start Ray again: {error}")
+                        return 1
                     started, retried = time.monotonic(), True
                     continue
                 say(f"Ray exited with status {code}")
