@@ -21,6 +21,8 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Callable
 
+from gpu_proxy.storage.spool import SPOOL_DIR
+
 log = logging.getLogger(__name__)
 
 _resets: list[Callable[[], None]] = []
@@ -88,11 +90,15 @@ class ProcessState:
                 sys.modules.pop(name, None)
 
 
+_OWN_SPOOL = f"{os.sep}{SPOOL_DIR}{os.sep}"
+
+
 def _open_files() -> dict[tuple[int, int], str]:
     """The user's regular files this process holds open: {(device, inode): path}; empty where /proc
     is not. Not counted: files already deleted (Ray's object store and torch share memory through
     those), and files under Python's installed packages or Ray's temp folder (a library's own log
-    or data file, which it may open on first use and keep: ``ray.data``'s session log does)."""
+    or data file, which it may open on first use and keep: ``ray.data``'s session log does), or in
+    gpu-proxy's own upload spool (its lock lives as long as the process: storage/spool.py)."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -105,7 +111,9 @@ def _open_files() -> dict[tuple[int, int], str]:
             path = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and info.st_nlink > 0 and not os.path.realpath(path).startswith(ignored):
+        real = os.path.realpath(path)
+        if (stat.S_ISREG(info.st_mode) and info.st_nlink > 0 and not real.startswith(ignored)
+                and _OWN_SPOOL not in real):
             found[(info.st_dev, info.st_ino)] = path
     return found
 

@@ -149,6 +149,24 @@ def test_a_run_that_left_a_file_open_leaves_the_next_run_on_fresh_workers(local_
     assert after != clean and not pid_alive(clean)
 
 
+def test_gpu_proxys_own_spool_is_not_a_file_a_run_left_open(tmp_path):
+    """Its lock lives as long as the process (a worker uploading checkpoints): counted, every such run
+    would find its workers cold."""
+    from gpu_proxy.runs.process_state import _open_files
+    from gpu_proxy.storage.spool import Spool
+
+    spool = Spool(str(tmp_path))
+    fd, _ = spool.new_file()
+    try:
+        assert [path for path in _open_files().values() if path.startswith(str(tmp_path))] == []
+        kept = open(tmp_path / "user-file", "w")  # what is counted
+        assert str(tmp_path / "user-file") in _open_files().values()
+        kept.close()
+    finally:
+        os.close(fd)
+        spool.close()
+
+
 def test_two_runs_at_once_get_their_own_workers(local_cluster):
     def remember(ctx):
         global REMEMBERED
