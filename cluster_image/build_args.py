@@ -38,7 +38,7 @@ def build_args() -> dict[str, str]:
         args["INSTALL_TENSORFLOW"] = "0"
     sys.path.insert(0, str(ROOT))  # the checkout's own code says how its digest is made
     try:
-        from gpu_proxy.clouds.runpod.versions import source_digest
+        from gpu_proxy.versions import source_digest
     finally:
         sys.path.remove(str(ROOT))
     args["GPU_PROXY_SOURCE"] = source_digest(ROOT)

@@ -200,12 +200,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from gpu_proxy.clusters.base import SSHReachedCluster
     from gpu_proxy.clusters.resolve import resolve_cluster
 
     cluster = resolve_cluster(args.cluster)
     cluster.start()
     print(cluster.dashboard_url(), flush=True)
-    if cluster.owns_nodes or type(cluster).__name__ == "TunneledRayCluster":
+    # The URL answers only while this process holds the cluster open: it is the local end of an SSH tunnel
+    # (every cluster reached over SSH), or the nodes end with this process (the embedded cluster).
+    if cluster.owns_nodes or isinstance(cluster, SSHReachedCluster):
         print("(tunnel open; Ctrl-C closes it)", flush=True)
         try:
             while True:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +46,11 @@ MARKERS = {
     "ray": "uses the session's embedded Ray cluster or its loopback `ray start --head` (fixtures)",
     "sshd": "uses the session's OpenSSH sshd on loopback (needs root and openssh-server)",
     "multinode": "starts a Ray cluster of several nodes (ray_two_nodes, or several fake RunPod pods)",
-    "tf": "imports TensorFlow (Keras' default backend here)",
-    "jax": "runs Keras on its JAX backend",
+    "tf": "imports TensorFlow (Keras' default backend here): every test under tests/keras/ but the JAX "
+          "ones, and a test elsewhere marked so (@pytest.mark.tf)",
+    "jax": "runs Keras on its JAX backend (tests/keras/ files named *jax*)",
 }
+_KERAS_TESTS = Path(__file__).parent / "keras"
 _RAY_FIXTURES = {"local_cluster", "ray_head", "ray_two_nodes"}
 _SSHD_FIXTURES = {"sshd", "ssh_cluster"}
 
@@ -66,5 +69,5 @@ def pytest_collection_modifyitems(items):
             item.add_marker("sshd")
         if "ray_two_nodes" in fixtures or "two_nodes" in test or "two_pods" in test or "multi_node" in test:
             item.add_marker("multinode")
-        if name.startswith("test_keras"):
+        if item.path.is_relative_to(_KERAS_TESTS):  # Keras tests: on TensorFlow, but the JAX file's
             item.add_marker("jax" if "jax" in name else "tf")

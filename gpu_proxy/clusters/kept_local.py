@@ -8,20 +8,19 @@ script reaches it by its saved name, and its run server's warm workers serve scr
 """
 from __future__ import annotations
 
-import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from gpu_proxy.clusters import saved
-from gpu_proxy.clusters.ray_node import (RayNodeSpec, RayPorts, default_ray_executable, kill_session, start_node,
-                                         wait_for_nodes)
+from gpu_proxy.clusters.ray_node import (RayNodeSpec, RayPorts, default_ray_executable, generate_token, kill_session,
+                                         start_node, wait_for_nodes)
 
 
 def start_kept_local(name: str, num_cpus: int | None = None, num_gpus: int | None = None,
                      ray_executable: str | None = None) -> dict[str, Any]:
     """Start the node, wait until it answers, and return the definition to save under ``name``."""
-    token_file = saved.save_token(name, secrets.token_hex(32))
+    token_file = saved.save_token(name, generate_token())
     folder = Path(tempfile.mkdtemp(prefix="gpk-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     spec = RayNodeSpec(role="head", node_ip="127.0.0.1", token_file=token_file, ports=RayPorts.free_on_this_machine(),
                        num_cpus=num_cpus, num_gpus=num_gpus, temp_dir=str(folder / "ray"),

@@ -8,7 +8,8 @@ travel this way.
 from __future__ import annotations
 
 from gpu_proxy.clusters.base import Endpoint
-from gpu_proxy.clusters.dashboard import DashboardClient
+from gpu_proxy.clusters.dashboard import DASHBOARD_RETRIES, DashboardClient
+from gpu_proxy.http_transport import RetryPolicy
 
 
 def package_name(run_name: str, what: str) -> str:
@@ -19,9 +20,11 @@ def kv_key(run_name: str, what: str) -> bytes:
     return f"gcs://{package_name(run_name, what)}".encode()
 
 
-def put_value(endpoint: Endpoint, run_name: str, what: str, value: bytes, timeout_s: float = 10.0) -> None:
-    """Store ``value`` under the run's ``what`` key (raises ``HTTPCallError``, an ``OSError``, on failure)."""
-    DashboardClient(endpoint).put_package(package_name(run_name, what), value, timeout_s)
+def put_value(endpoint: Endpoint, run_name: str, what: str, value: bytes, timeout_s: float = 10.0,
+              policy: RetryPolicy = DASHBOARD_RETRIES) -> None:
+    """Store ``value`` under the run's ``what`` key, retried as ``policy`` says (raises ``HTTPCallError``,
+    an ``OSError``, on failure)."""
+    DashboardClient(endpoint, timeout_s, policy).put_package(package_name(run_name, what), value, timeout_s)
 
 
 def take_value(run_name: str, what: str) -> bytes | None:

@@ -15,6 +15,7 @@ exits once it has had no run and no warm worker for ``LINGER_S``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import pickle
@@ -27,13 +28,14 @@ from typing import Any
 
 import ray
 
-from gpu_proxy import __version__, events, shipping
+from gpu_proxy import events, shipping
 from gpu_proxy.events import Event
 from gpu_proxy.runs import wire
 from gpu_proxy.runs.cluster_kv import kv_key
 from gpu_proxy.runs.pool import WorkerPool, current_pool
 from gpu_proxy.runs.supervisor import StopRequestCount, supervise
 from gpu_proxy.secrets import installed
+from gpu_proxy.versions import home_versions
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,16 @@ HARD_STOP_AFTER_S = 60.0
 RECENT_RUNS = 50
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    return tuple(home_versions().items())
+
+
 def versions() -> dict[str, str]:
-    """What must match between home and the cluster for a pickled run to mean the same on both."""
-    return {"gpu_proxy": __version__, "ray": ray.__version__, "python": "%d.%d" % sys.version_info[:2]}
+    """What must match between home and the cluster for a pickled run to mean the same on both: Python,
+    gpu-proxy, Ray, cloudpickle and the frameworks installed (:func:`gpu_proxy.versions.home_versions`;
+    home compares them with its own, :func:`gpu_proxy.runs.server_client._check_versions`)."""
+    return dict(_versions())
 
 
 def _find_key(identifier: str) -> bytes | None:

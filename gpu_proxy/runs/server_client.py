@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gpu_proxy import events, shipping
-from gpu_proxy.errors import ConfigurationError, GpuProxyError
+from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
 from gpu_proxy.runs import cluster_kv, wire
 from gpu_proxy.runs.control import RunControl, StopRequest
 from gpu_proxy.runs.heartbeat import INTERVAL_S
 from gpu_proxy.runs.server import KEY_KIND, READY_MARKER, versions
 from gpu_proxy.runs.spec import RunSpec
+from gpu_proxy.versions import FRAMEWORKS, check_same_versions, install_command, mismatches, source_digest
 
 from gpu_proxy.clusters.base import ServerUnreachable
 
@@ -45,14 +46,10 @@ _servers: dict[tuple[str, str], tuple[str, int]] = {}  # (dashboard, server key)
 
 
 def _source_digest() -> str:
-    """Home's gpu-proxy code (all three packages), so a server whose workers imported other (edited)
-    code is never reused: pooled workers keep this library's modules between runs."""
-    digest = hashlib.sha256()
-    site = Path(__file__).resolve().parents[2]
-    for package in ("gpu_proxy", "gpu_proxy_lightning", "gpu_proxy_keras"):
-        for path in sorted((site / package).rglob("*.py")):
-            digest.update(path.relative_to(site).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    """Home's gpu-proxy code (all three packages: :func:`gpu_proxy.versions.source_digest`), so a server
+    whose workers imported other (edited) code is never reused: pooled workers keep this library's modules
+    between runs."""
+    return source_digest(Path(__file__).resolve().parents[2])
 
 
 _DIGEST: str | None = None
@@ -238,9 +235,14 @@ def _ready_address(logs: str) -> tuple[str, int] | None:
 
 
 def _check_versions(theirs: dict[str, str]) -> None:
-    ours = versions()
-    if theirs != ours:
-        raise ConfigurationError(
-            f"Home and the cluster run different versions: home {ours}, cluster {theirs}. A run pickled by one "
-            "cannot be trusted to mean the same on the other: install the same gpu-proxy, Ray and Python "
-            "minor version on both.")
+    """The cluster's versions (its run server's hello) against home's: a :class:`VersionSkewError` naming
+    both when Python, gpu-proxy, Ray, cloudpickle or a framework both sides have differ (a build tag such as
+    ``+cpu`` is no difference; a framework the cluster lacks is not compared: a run of another needs none)."""
+    ours, theirs = versions(), dict(theirs)
+    if "gpu_proxy" in theirs:  # a server of gpu-proxy 0.1.0 and before named itself so
+        theirs.setdefault("gpu-proxy", theirs.pop("gpu_proxy"))
+    command = install_command(ours, mismatches(ours, theirs, FRAMEWORKS))
+    check_same_versions(ours, theirs, "the cluster", missing_ok=FRAMEWORKS, fix=(
+        "A run pickled by one side cannot be trusted to mean the same on the other, and Ray's wire protocol "
+        "differs between versions: install home's versions on the cluster's nodes"
+        + (f" ({command})" if command else "") + ", or run home with the cluster's."))

@@ -17,6 +17,9 @@ What a ``runpod/pytorch`` pod is, and what the stand-in does in its place:
   finds the versions it probes. Why this is a faithful stand-in: the bootstrap's decisions (probe,
   pins, skip when warm, pip's errors) run unchanged; what is not exercised is downloading Ray or torch
   from PyPI (no network here; a real pod has it), which is pip's job, not ours.
+* ``hidden``: distributions the stack leaves out (its ``.pth`` then names a folder of links to every
+  other entry of the test environment's site-packages), so that pip really installs them into the
+  pod's venv, from the machine's package index, when the bootstrap pins them.
 """
 from __future__ import annotations
 
@@ -43,6 +46,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stack(folder: Path, hidden: tuple[str, ...]) -> Path:
+    """The test environment's site-packages, or a folder of links to all of it but ``hidden``'s packages
+    (their import package and their ``.dist-info``)."""
+    site = Path(sysconfig.get_path("purelib"))
+    if not hidden:
+        return site
+    names = {name.lower().replace("-", "_") for name in hidden}
+    stack = folder / "stack"
+    stack.mkdir()
+    for entry in site.iterdir():
+        stem = entry.name.split("-", 1)[0].lower() if entry.name.endswith(".dist-info") else entry.name.lower()
+        if stem.removesuffix(".py") not in names:
+            (stack / entry.name).symlink_to(entry)
+    return stack
+
+
 class StockImageRuntime:
     """Pods of ``runpod/*`` images: sshd and a fresh venv, nothing of gpu-proxy."""
 
@@ -53,6 +72,7 @@ class StockImageRuntime:
         self._sshd: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self.extra_env: dict[str, str] = {}  # added to each pod's environment file (a broken setting, in tests)
+        self.hidden: tuple[str, ...] = ()  # distributions (pip names) the pods' stack leaves out
 
     def venv_of(self, pod_id: str) -> Path:
         return self.folder / pod_id / "venv"
@@ -66,7 +86,7 @@ class StockImageRuntime:
         subprocess.run([self.python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
         site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                    check=True, capture_output=True, text=True).stdout.strip())
-        (site / "_stock_image_stack.pth").write_text(sysconfig.get_path("purelib") + "\n")
+        (site / "_stock_image_stack.pth").write_text(str(_stack(folder, self.hidden)) + "\n")
         # The stack's console script, as pip would have put it beside the image's Python.
         ray = venv / "bin" / "ray"
         ray.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom ray.scripts.scripts import main\n"

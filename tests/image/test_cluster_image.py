@@ -101,7 +101,7 @@ def test_versions_come_from_build_args_and_match_this_environment(dockerfile):
         if name in args and name not in ("INSTALL_TENSORFLOW", "GPU_PROXY_SOURCE"):  # the source: this tree's digest
             assert args[name] == value, f"ARG {name}={args[name]} but this environment has {value}"
     assert here["RAY_VERSION"] == metadata.version("ray")
-    from gpu_proxy.clouds.runpod.versions import source_digest
+    from gpu_proxy.versions import source_digest
 
     assert here["GPU_PROXY_SOURCE"] == source_digest(ROOT) and here["GPU_PROXY_VERSION"] == metadata.version("gpu-proxy")
 

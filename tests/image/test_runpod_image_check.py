@@ -22,7 +22,7 @@ import pytest
 from gpu_proxy.clouds.runpod.image.check import check_image
 from gpu_proxy.clouds.runpod.image.labels import LABELS, SCHEMA, SCHEMA_LABEL, SOURCE_LABEL
 from gpu_proxy.clouds.runpod.image.registry import ImageRef, RegistryError, read_labels
-from gpu_proxy.clouds.runpod.versions import home_versions
+from gpu_proxy.versions import home_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 HOME = home_versions()
@@ -267,7 +267,7 @@ def test_the_label_check_passes_true_labels_and_names_a_lie(capsys):
     from gpu_proxy.clouds.runpod.image import labels
 
     command = [sys.executable, "-m", "gpu_proxy.clouds.runpod.image.labels", "verify", "--source", str(ROOT),
-               __import__("gpu_proxy.clouds.runpod.versions", fromlist=["x"]).source_digest(ROOT),
+               __import__("gpu_proxy.versions", fromlist=["x"]).source_digest(ROOT),
                *(f"{name}={version}" for name, version in HOME.items())]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     true = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)  # as the Dockerfile runs it

@@ -12,7 +12,7 @@ from gpu_proxy.clouds.runpod import LaunchError, RunPodClient, RunPodCluster
 from gpu_proxy.clouds.runpod.models import CreatePodRequest, Template
 from gpu_proxy.clouds.runpod.node_install import BootstrapError, NodeBootstrap, install_plan
 from gpu_proxy.clouds.runpod.stock_images import STOCK_PYTORCH, choose_stock_image
-from gpu_proxy.clouds.runpod.versions import VersionSkewError, check_same_versions, home_versions
+from gpu_proxy.versions import VersionSkewError, check_same_versions, home_versions
 from gpu_proxy.clusters.ray_node import RayPorts
 from gpu_proxy.errors import ConfigurationError
 from gpu_proxy.ssh import SSHTarget
@@ -40,9 +40,10 @@ def test_the_stock_image_for_home_torch_is_one_the_catalog_lists():
     assert choose_stock_image("2.8.0", older) == "runpod/pytorch:2.1.0-py3.10-cuda11.8.0-devel-ubuntu22.04"
     with pytest.raises(ConfigurationError, match="image="):
         choose_stock_image("2.8.0", [t for t in catalog if t.serverless])
-    # Every table entry is an image RunPod documents (the OpenAPI document's own example).
+    # The torch 2.8 entry is the image RunPod's OpenAPI document gives as its example (the others come
+    # from runpod/containers' official-templates/pytorch; tests/image/test_runpod_stock_units.py).
     document = (Path(__file__).parents[1] / "fakes" / "runpod-openapi-v2.json").read_text()
-    assert all(image in document for image in STOCK_PYTORCH.values())
+    assert STOCK in document
 
 
 def test_version_skew_fails_with_both_lists():
@@ -195,8 +196,10 @@ def test_a_warm_pod_skips_the_install_and_a_skewed_one_is_refused(fake, tmp_path
 
 
 @pytest.mark.timeout(300)
-def test_up_runpod_with_only_the_api_key_reaches_ray_and_down_ends_it(fake, tmp_path):
-    """`gpu-proxy up runpod --gpu ...` with RUNPOD_API_KEY and no image: a running Ray cluster, then `down`."""
+def test_up_runpod_with_only_the_api_key_reaches_ray_and_down_ends_it(fake, runtime, tmp_path, monkeypatch):
+    """`gpu-proxy up runpod --gpu ...` with RUNPOD_API_KEY and no image: a running Ray cluster, then `down`.
+    The pod's stack lacks fsspec (a dependency of gpu-proxy, whose wheel goes in with --no-deps) and the
+    extras asked for: pip really installs them, from this machine's package index, at the pinned versions."""
     import json
     import os
     import subprocess
@@ -211,16 +214,20 @@ def test_up_runpod_with_only_the_api_key_reaches_ray_and_down_ends_it(fake, tmp_
 
     from importlib import metadata
 
-    # Extras the pod installs with home's versions (already in the stand-in's stack: pip has nothing to fetch).
-    psutil, requests = metadata.version("psutil"), metadata.version("requests")
-    (tmp_path / "requirements.txt").write_text(f"# the project's extras\npsutil=={psutil}  # pinned\n")
+    # Extras that are in neither the test environment nor the stand-in's stack (small, pure Python).
+    monkeypatch.setattr(runtime.stock, "hidden", ("fsspec",))
+    fsspec = metadata.version("fsspec")
+    (tmp_path / "requirements.txt").write_text("# the project's extras\nappdirs==1.4.4  # pinned\n")
     up = cli("up", "runpod", "--gpu", "RTX A4000", "--free-ports", "--yes", "--name", "stock",
-             "--requirements", str(tmp_path / "requirements.txt"), "--pip", f"requests=={requests}")
+             "--requirements", str(tmp_path / "requirements.txt"), "--pip", "asteval==1.0.10")
     assert up.returncode == 0, up.stderr[-3000:]
     assert "node 1/1: installing gpu-proxy" in up.stderr and "cluster 'stock' is up: 1 pod(s)" in up.stdout
-    assert f"psutil {psutil}, requests {requests} ..." in up.stderr  # --requirements and --pip reached the pods
     (pod_id,) = json.loads((tmp_path / "config" / "clusters.json").read_text())["stock"]["pod_ids"]
     assert fake.pods[pod_id].image == STOCK
+    # What pip installed into the pod's own Python: --requirements, --pip, and the dependency pin.
+    (site,) = runtime.stock.venv_of(pod_id).glob("lib/python*/site-packages")
+    for dist in ("appdirs-1.4.4", "asteval-1.0.10", f"fsspec-{fsspec}"):
+        assert (site / f"{dist}.dist-info").is_dir(), (dist, sorted(p.name for p in site.iterdir()))
     down = cli("down", "stock")
     assert down.returncode == 0, down.stderr[-3000:]
     assert pod_id in fake.terminated

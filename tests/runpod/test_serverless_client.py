@@ -165,6 +165,7 @@ def test_ctrl_c_cancels_the_job_and_leaves_nothing_running(endpoint, tmp_path):
     assert processes_mentioning(job.id[-12:]) == []  # neither the worker nor its Ray cluster
 
 
+@pytest.mark.tf  # imports Keras, so TensorFlow, in this process
 def test_keras_remote_fit_through_a_serverless_endpoint(endpoint):
     import keras
     import numpy as np

@@ -17,6 +17,8 @@ from gpu_proxy.clusters.ray_bootstrap import (Failure, deliver_token, open_dashb
 from gpu_proxy.ssh import SSHTarget, SSHTunnel
 
 IMAGE_HINT = "Is the image built from cluster_image/Dockerfile (it starts sshd from PUBLIC_KEY)?"
+STOCK_HINT = ("The pod runs RunPod's stock image, whose start script runs sshd with PUBLIC_KEY: see the pod's "
+              "log in RunPod's console.")
 
 
 @dataclass(frozen=True)
@@ -52,22 +54,23 @@ class PodAccess:
                          known_hosts_file=self.known_hosts, host_key_policy="accept-new")
 
 
-def node_environments(pods: Sequence[Pod], instant_cluster: bool) -> list[dict[str, str]]:
+def node_environments(pods: Sequence[Pod]) -> list[dict[str, str]]:
     """Each stock pod's node environment: what the pod was created with (RunPod echoes it), sshd left to
-    the image; an Instant Cluster member also gets its rank and addresses from RunPod's API (RunPod sets
-    them in the container only: a stock image's ssh sessions get RUNPOD_* alone; node/runpod_env.py reads them)."""
+    the image; a member of an Instant Cluster (``pod.cluster_id``: RunPod's API omits the membership of a
+    standalone pod) also gets its rank and addresses from that API (RunPod sets them in the container only:
+    a stock image's ssh sessions get RUNPOD_* alone; node/runpod_env.py reads them). ``pods``: rank order."""
     envs = []
     for pod in pods:
         env = {k: v for k, v in dict(pod.raw.get("env") or {}).items() if k != "PUBLIC_KEY"}
-        if instant_cluster:
+        if pod.cluster_id is not None:
             env.update(NODE_RANK=str(pod.cluster_rank), NODE_ADDR=pod.cluster_ip or "",
                        MASTER_ADDR=pods[0].cluster_ip or "", NUM_NODES=str(len(pods)))
         envs.append({**env, "SSHD": "off"})
     return envs
 
 
-def bootstrap_stock_pods(pods: Sequence[Pod], access: PodAccess, install, instant_cluster: bool, ssh_timeout_s: float,
-                         failure: Failure, progress: Callable[[str], None], log_file: str) -> tuple[list, float]:
+def bootstrap_stock_pods(pods: Sequence[Pod], access: PodAccess, install, ssh_timeout_s: float, failure: Failure,
+                         progress: Callable[[str], None], log_file: str) -> tuple[list, float]:
     """Install home's versions on every pod and start the node there (the node image's entrypoint does this
     itself). Returns the node bootstraps (node_install.NodeBootstrap) and how long it took."""
     from gpu_proxy.clouds.runpod.node_install import bootstrap_nodes
@@ -79,19 +82,20 @@ def bootstrap_stock_pods(pods: Sequence[Pod], access: PodAccess, install, instan
         wait_for_ssh(target, ssh_timeout_s, failure, error=LaunchError)
         targets.append(target)
     started = time.monotonic()
-    nodes = bootstrap_nodes(targets, node_environments(pods, instant_cluster), install, progress, log_file)
+    nodes = bootstrap_nodes(targets, node_environments(pods), install, progress, log_file)
     return nodes, time.monotonic() - started
 
 
 def bring_up_ray(pods: Sequence[Pod], access: PodAccess, token: str, token_file: str, dashboard_port: int,
                  gpus: float, ssh_timeout_s: float, ray_timeout_s: float, failure: Failure,
                  gpus_seen: Callable[[], float], opened: Callable[[SSHTunnel], None],
-                 progress: Callable[[str], None]) -> SSHTunnel:
-    """Token to every pod over SSH, the dashboard tunnel, then every node and GPU joined; returns the tunnel."""
+                 progress: Callable[[str], None], stock: bool = False) -> SSHTunnel:
+    """Token to every pod over SSH, the dashboard tunnel, then every node and GPU joined; returns the tunnel.
+    ``stock``: the pods run RunPod's stock image (an SSH failure's hint is about that, not the node image)."""
     for pod in pods:
         target = access.target(pod)
         progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
-        wait_for_ssh(target, ssh_timeout_s, failure, hint=IMAGE_HINT, error=LaunchError)
+        wait_for_ssh(target, ssh_timeout_s, failure, hint=STOCK_HINT if stock else IMAGE_HINT, error=LaunchError)
         deliver_token([(target, token_file)], token)
     progress("Ray token delivered over SSH; waiting for the Ray head")
     tunnel = open_dashboard_tunnel(access.target(pods[0]), dashboard_port, ray_timeout_s, failure, opened,

@@ -8,11 +8,13 @@
 2. makes a fresh SSH key pair for this cluster; its public half goes to the pods as ``PUBLIC_KEY``
    (the only thing in the pods' environment besides Ray's settings: RunPod echoes a pod's
    environment back in its API, so no secret may go there);
-3. creates the pods from the node image (``cluster_image/``), exposing only ``22/tcp``: one pod,
+3. creates the pods from ``image=`` (the node image, ``cluster_image/``) or, without one, from RunPod's
+   stock PyTorch image for home's torch (:mod:`.stock_images`), exposing only ``22/tcp``: one pod,
    or for ``nodes > 1`` a head and workers with global networking (workers join the head at
    ``<headPodId>.runpod.internal``) or one Instant Cluster (``POST /v2/clusters``: RunPod makes the
    pods, rank 0 is the head, the others join ``$MASTER_ADDR``); waits, saying what it waits for:
-   pods RUNNING, SSH answering, Ray head up, all nodes and GPUs joined;
+   pods RUNNING, SSH answering, (stock image) home's versions installed and the node started over
+   SSH (:mod:`.node_install`), Ray head up, all nodes and GPUs joined;
 4. generates the Ray token here and copies it to every pod over SSH as a 0600 file (the node's
    entrypoint waits for it before starting Ray), then tunnels a local port to the dashboard, which
    listens on the head's loopback only;
@@ -245,8 +247,8 @@ class RunPodCluster(CostState, HeldPods, SSHReachedCluster):
 
     def _bootstrap_stock_pods(self) -> None:
         self._bootstrapped, self.bootstrap_s = bootstrap_stock_pods(
-            self._pods, self._access, self._install, self.instant_cluster, self.ssh_timeout_s, self._pod_failure,
-            self._progress, self._node_log)
+            self._pods, self._access, self._install, self.ssh_timeout_s, self._pod_failure, self._progress,
+            self._node_log)
 
     def _bring_up_ray(self) -> None:
         self._token = generate_token()
@@ -254,7 +256,7 @@ class RunPodCluster(CostState, HeldPods, SSHReachedCluster):
                               self.ray_ports.dashboard or DEFAULT_DASHBOARD_PORT,
                               float(self.gpus_per_node * self.nodes), self.ssh_timeout_s, self.ray_timeout_s,
                               self._pod_failure, lambda: self.resources().get("GPU", 0.0), self._tunnel_box.append,
-                              self._progress)
+                              self._progress, stock=self.image is None)
         self._watch()
         self._progress(f"Ray is up on {self.nodes} pod(s); dashboard tunnelled to http://{tunnel.local_address} "
                        f"(${self.cost_per_hour():.2f}/hour while up)")

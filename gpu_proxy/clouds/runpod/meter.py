@@ -17,7 +17,9 @@ reading to the cluster (:func:`publish_reading`: one cluster-level key through t
 heartbeat), ``budget_reached`` included, and publishes the budget's before its grace wait; the Tune
 callbacks read it there (:mod:`gpu_proxy.tune_cost`). With the budget reached, the grace wait also
 lasts while the cluster runs Ray Jobs of its own (a sweep's driver, which ends once its trials have
-stopped), up to ``grace_s``. A reading that cannot be published is skipped, like a missed heartbeat.
+stopped), up to ``grace_s``. A reading that cannot be published is skipped, like a missed heartbeat;
+the retries are the HTTP transport's (:mod:`gpu_proxy.http_transport`): a tick's are the dashboard's
+own, the budget's reading has more (:data:`BUDGET_READING_RETRIES`).
 """
 from __future__ import annotations
 
@@ -31,8 +33,14 @@ from gpu_proxy import events
 from gpu_proxy.clusters.base import Cluster
 from gpu_proxy.errors import GpuProxyError
 from gpu_proxy.events import Event
+from gpu_proxy.http_transport import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+#: The budget's reading is the only warning the cluster's own runs (a Tune sweep's trials) get, so beyond
+#: the dashboard's 502/503/504 its PUT (one key overwritten: safe to repeat) is tried again after a 429,
+#: any 5xx, a refused or dropped connection and a timeout: 3 attempts, the waits within about a second.
+BUDGET_READING_RETRIES = RetryPolicy(max_retries=2, backoff_s=0.25, max_backoff_s=1.0)
 
 
 class CostMeter:
@@ -42,8 +50,9 @@ class CostMeter:
         spent_usd: spend before this meter started (a saved cluster re-attached later).
         budget_usd: None for no budget.
         end: terminates the pods (called once, from the meter's thread, when the budget is spent).
-        publish: where each reading goes for the cluster's own runs (JSON bytes); default
-            :func:`publish_reading` to ``cluster.endpoint()`` when the cluster has one.
+        publish: where each reading goes for the cluster's own runs (JSON bytes), tried once; default
+            :func:`publish_reading` to ``cluster.endpoint()`` when the cluster has one, with the HTTP
+            transport's retries.
     """
 
     def __init__(self, cluster: Cluster, rate: Callable[[], float], *, interval_s: float = 30.0,
@@ -52,7 +61,7 @@ class CostMeter:
                  progress: Callable[[str], None] = lambda message: None,
                  publish: Callable[[bytes], None] | None = None) -> None:
         self.cluster = cluster
-        self._publish_to = publish if publish is not None else lambda value: publish_reading(cluster, value)
+        self._publish_to = publish  # None: publish_reading(cluster, ...)
         self._rate_source = rate
         self.interval_s = interval_s
         self.budget_usd = budget_usd
@@ -128,18 +137,22 @@ class CostMeter:
         return {"spent_usd": round(spent, 6), "usd_per_hour": rate, "budget_usd": self.budget_usd,
                 "budget_reached": self.budget_reached}
 
-    def _publish(self, reading: dict, attempts: int = 1) -> None:
-        for _ in range(attempts):
-            try:
-                self._publish_to(json.dumps(reading).encode())
-                return
-            except (OSError, GpuProxyError) as error:  # HTTPCallError is an OSError; a missed tick, as a missed beat
-                log.debug("RunPod cost meter: the reading did not reach the cluster (%s)", error)
+    def _publish(self, reading: dict, policy: RetryPolicy | None = None) -> None:
+        """Publish ``reading``, retried as ``policy`` says (default: the dashboard's); one that still does not
+        arrive is a missed tick, as a missed beat."""
+        value = json.dumps(reading).encode()
+        try:
+            if self._publish_to is None:
+                publish_reading(self.cluster, value, policy=policy)
+            else:
+                self._publish_to(value)
+        except (OSError, GpuProxyError) as error:  # HTTPCallError is both
+            log.debug("RunPod cost meter: the reading did not reach the cluster (%s)", error)
 
     def _stop_for_budget(self, spent: float, rate: float, margin: float) -> None:
         self.budget_reached = True
         # First, so the cluster's own runs (a Tune sweep's trials) get the grace period to stop too.
-        self._publish(self._reading(spent, rate), attempts=3)  # not one to miss: the trials' only warning
+        self._publish(self._reading(spent, rate), BUDGET_READING_RETRIES)  # not one to miss: the trials' only warning
         reason = (f"budget_usd={self.budget_usd:g} reached: ${spent:.2f} spent at ${rate:.2f}/hour, and the next "
                   f"${margin:.2f} (one meter tick plus {self.checkpoint_margin_s:g} s for a checkpoint) would pass it")
         self.stop_reason = reason
@@ -165,15 +178,18 @@ class CostMeter:
         self._end()
 
 
-def publish_reading(cluster: Cluster, value: bytes, timeout_s: float = 10.0) -> None:
-    """Store the meter's reading in ``cluster``'s key-value store (:data:`gpu_proxy.runs.cluster_kv.METER`);
-    nothing for a cluster without a Jobs API. Raises ``OSError`` or ``GpuProxyError`` when it cannot."""
+def publish_reading(cluster: Cluster, value: bytes, timeout_s: float = 10.0, policy: RetryPolicy | None = None) -> None:
+    """Store the meter's reading in ``cluster``'s key-value store (:data:`gpu_proxy.runs.cluster_kv.METER`)
+    through the one dashboard client, retrying as ``policy`` says (default: the dashboard's
+    ``DASHBOARD_RETRIES``); nothing for a cluster without a Jobs API. Raises ``OSError`` or
+    ``GpuProxyError`` when it cannot."""
     endpoint = getattr(cluster, "endpoint", None)
     if endpoint is None:
         return
+    from gpu_proxy.clusters.dashboard import DASHBOARD_RETRIES
     from gpu_proxy.runs.cluster_kv import METER, put_value
 
-    put_value(endpoint(), *METER, value, timeout_s=timeout_s)
+    put_value(endpoint(), *METER, value, timeout_s=timeout_s, policy=policy or DASHBOARD_RETRIES)
 
 
 def cluster_jobs_running(cluster: Cluster) -> bool:

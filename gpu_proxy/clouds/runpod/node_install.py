@@ -3,7 +3,8 @@ node (:mod:`gpu_proxy.clouds.runpod.node`, the code the node image's entrypoint 
 
 Per node: probe the versions there (a stdlib script); install with pip what differs from home
 (gpu-proxy itself as a wheel built from home's own code, or the release home runs; Ray, cloudpickle
-and home's framework pinned to home's versions; the user's ``requirements=``/``pip=``); record what
+and home's framework pinned to home's versions, and so are gpu-proxy's own dependencies, since its
+wheel goes in with ``--no-deps``; the user's ``requirements=``/``pip=``); record what
 was installed in the node's Python prefix, so a pod that already has it skips the install (warm);
 check the versions again; start the node detached. Each step is a progress line ("node 1/2:
 installing ray 2.60.0 ..."); a failed install raises :class:`BootstrapError` with pip's own error.
@@ -12,6 +13,12 @@ Where the pod's own environment is: RunPod's stock images write the container's 
 variables and ``PATH`` to ``/etc/rp_environment`` (an ssh session does not inherit the container's
 environment); every command here sources it first. ``GPU_PROXY_RP_ENVIRONMENT`` names another file
 (the tests' stand-in pods, which share one machine).
+
+Which Python: ``python3.<home's minor>`` where the pod has it, else ``python3``. RunPod's
+``runpod/pytorch:1.0.x-...-ubuntu2404`` images have ``python3`` = 3.12 (torch is installed there) and
+also ship Python 3.9 to 3.13 with pip: a home on Python 3.11 gets the pod's 3.11 (and torch installed
+into it), not a version-skew error after the pods were paid for. A pod with neither fails the check
+with both Pythons named.
 """
 from __future__ import annotations
 
@@ -28,21 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from gpu_proxy.clouds.runpod.provision import LaunchError
-from gpu_proxy.clouds.runpod.versions import (PROBE_SCRIPT, check_same_versions, home_versions, mismatches,
-                                              project_root, public_version, source_digest)
+from gpu_proxy.versions import (PIP_NAMES, PROBE_SCRIPT, check_same_versions, home_versions, mismatches,
+                                project_root, public_version, source_digest)
 from gpu_proxy.clusters.ray_bootstrap import detached_script
 from gpu_proxy.ssh import SSHError, SSHTarget, run_remote
 
-# Source the pod's environment, then find its Python.
-PRELUDE = ('rp="${GPU_PROXY_RP_ENVIRONMENT:-/etc/rp_environment}"; if [ -r "$rp" ]; then . "$rp"; fi; '
-           'py="$(command -v python3 || command -v python)"; '
-           '[ -n "$py" ] || { echo "no python3 on the pod" >&2; exit 3; }; ')
 REMOTE_DIR = "/tmp/gpu-proxy-bootstrap"
 MARKER = "gpu-proxy-bootstrap.json"  # in the node Python's sys.prefix: what was installed there
-# The pip name of each compared package (Ray with the extras a node needs: dashboard, Jobs).
-PIP_NAMES = {"ray": "ray[default]", "cloudpickle": "cloudpickle", "torch": "torch", "lightning": "lightning",
-             "keras": "keras", "tensorflow": "tensorflow"}
+
+
+def prelude(python: str) -> str:
+    """Source the pod's environment, then find its Python: ``python3.<minor>`` of home's ``python``
+    (``3.11``) first, else ``python3`` (whose version the probe then compares with home's)."""
+    if not python.replace(".", "").isdigit():
+        raise ValueError(f"not a Python major.minor: {python!r}")
+    return ('rp="${GPU_PROXY_RP_ENVIRONMENT:-/etc/rp_environment}"; if [ -r "$rp" ]; then . "$rp"; fi; '
+            f'py="$(command -v python{python} || command -v python3 || command -v python)"; '
+            '[ -n "$py" ] || { echo "no python3 on the pod" >&2; exit 3; }; ')
 
 
 class BootstrapError(LaunchError):
@@ -57,11 +70,13 @@ class InstallPlan:
     project_wheel: Path | None  # home runs gpu-proxy from a source tree: a wheel of exactly that code
     requirements: tuple[str, ...] = ()  # the user's requirements= / pip=
     pip_options: tuple[str, ...] = field(default=())
+    dependencies: tuple[str, ...] = ()  # gpu-proxy's own dependencies at home's versions (runtime_pins)
 
     @property
     def key(self) -> str:
         """Names this install: the same key on a node means the same things are installed there."""
-        digest = hashlib.sha256(json.dumps([dict(self.home), list(self.requirements)], sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps([dict(self.home), list(self.requirements), list(self.dependencies)],
+                                           sort_keys=True).encode())
         if self.project_wheel is not None:
             digest.update(hashlib.sha256(self.project_wheel.read_bytes()).digest())
         return digest.hexdigest()[:16]
@@ -84,16 +99,57 @@ def build_project_wheel(root: Path, cache: Path | None = None) -> Path:
     return sorted(folder.glob("gpu_proxy-*.whl"))[0]
 
 
+def _wheel_requires(wheel: Path) -> list[str]:
+    """The ``Requires-Dist`` lines of a wheel's metadata."""
+    import zipfile
+    from email.parser import HeaderParser
+
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        return HeaderParser().parsestr(archive.read(name).decode()).get_all("Requires-Dist") or []
+
+
+def runtime_pins(wheel: Path | None) -> tuple[str, ...]:
+    """``name==version`` at home's installed versions for every runtime dependency of gpu-proxy (those of
+    ``wheel``'s metadata, else of the installed gpu-proxy), and ``pytorch-lightning`` where home has
+    ``lightning`` (which requires it unpinned): the wheel goes in with ``--no-deps``, so without these a node
+    would keep, or resolve, versions outside the gates of :mod:`gpu_proxy.version_gates`."""
+    from importlib import metadata
+
+    requires = _wheel_requires(wheel) if wheel is not None else (metadata.requires("gpu-proxy") or [])
+    wanted = [Requirement(text) for text in requires]
+    wanted = [req for req in wanted if req.marker is None or req.marker.evaluate({"extra": ""})]
+    if "lightning" in home_versions():
+        wanted.append(Requirement("pytorch-lightning"))
+    pins: dict[str, str] = {}
+    for req in wanted:
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        pins.setdefault(canonicalize_name(req.name), f"{req.name}{extras}=={public_version(version)}")
+    return tuple(pins.values())
+
+
 def install_plan(requirements: Sequence[str] = (), pip_options: Sequence[str] = ()) -> InstallPlan:
     root = project_root()
-    return InstallPlan(home=home_versions(), project_wheel=build_project_wheel(root) if root else None,
-                       requirements=tuple(requirements), pip_options=tuple(pip_options))
+    wheel = build_project_wheel(root) if root else None
+    return InstallPlan(home=home_versions(), project_wheel=wheel, requirements=tuple(requirements),
+                       pip_options=tuple(pip_options), dependencies=runtime_pins(wheel))
 
 
 def _pins(plan: InstallPlan, node: Mapping[str, str]) -> list[str]:
-    """``name==version`` for every compared package home has and the node lacks or has in another version."""
+    """``name==version`` for every compared package home has and the node lacks or has in another version
+    (gpu-proxy itself is the wheel, or pinned by the caller)."""
     return [f"{PIP_NAMES[name]}=={public_version(plan.home[name])}" for name in mismatches(plan.home, node)
-            if name in PIP_NAMES]
+            if name in PIP_NAMES and name != "gpu-proxy"]
+
+
+def _with_dependencies(pins: list[str], dependencies: Sequence[str]) -> list[str]:
+    """``pins``, then each dependency pin whose package ``pins`` does not name already."""
+    named = {canonicalize_name(Requirement(pin).name) for pin in pins}
+    return pins + [pin for pin in dependencies if canonicalize_name(Requirement(pin).name) not in named]
 
 
 class NodeBootstrap:
@@ -114,7 +170,8 @@ class NodeBootstrap:
         self.progress(f"{self.label}: {message}")
 
     def _run(self, script: str, *, input: str | None = None, timeout_s: float = 120.0, check: bool = True):
-        return run_remote(self.target, PRELUDE + script, input=input, timeout_s=timeout_s, check=check)
+        return run_remote(self.target, prelude(self.plan.home["python"]) + script, input=input,
+                          timeout_s=timeout_s, check=check)
 
     def probe(self) -> dict[str, str]:
         """The node's versions, and ``marker``: the key of the last install gpu-proxy made there."""
@@ -132,8 +189,12 @@ class NodeBootstrap:
     def install(self) -> dict[str, str]:
         """Make the node run home's versions; returns its versions afterwards."""
         node = self.probe()
-        if node.get("python") != self.plan.home["python"]:
-            check_same_versions({"python": self.plan.home["python"]}, node, f"RunPod {self.label}")
+        python = self.plan.home["python"]
+        if node.get("python") != python:
+            check_same_versions({"python": python}, node, f"RunPod {self.label}", fix=(
+                f"The pod has no python{python}, and its python3 ({node.get('python_executable') or '?'}) is "
+                f"{node.get('python') or 'unknown'}: run home on Python {node.get('python') or '?'}, or pass "
+                f"image= with an image of Python {python} (cluster_image/Dockerfile)."))
         pins = _pins(self.plan, node)
         wheel = self.plan.project_wheel
         if node.get("marker") == self.plan.key and not pins:
@@ -154,8 +215,10 @@ class NodeBootstrap:
             commands.append(f"{pip} --no-deps --force-reinstall {shlex.quote(remote_wheel)}")
         elif "gpu-proxy" in self.plan.home:
             pins.insert(0, f"gpu-proxy=={self.plan.home['gpu-proxy']}")
-        if pins or self.plan.requirements:
-            commands.append(f"{pip} " + " ".join(shlex.quote(r) for r in pins + list(self.plan.requirements)))
+        # One resolve: home's versions of what is compared and of gpu-proxy's dependencies, the user's extras.
+        wanted = _with_dependencies(pins, self.plan.dependencies) + list(self.plan.requirements)
+        if wanted:
+            commands.append(f"{pip} " + " ".join(shlex.quote(r) for r in wanted))
         marker = json.dumps({"key": self.plan.key})
         commands.append(f"printf '%s' {shlex.quote(marker)} > \"$(\"$py\" -c 'import sys; print(sys.prefix)')/{MARKER}\"")
         result = self._run("{ " + " && ".join(f"{{ {command}; }}" for command in commands) + "; } 2>&1",
@@ -171,7 +234,9 @@ class NodeBootstrap:
         return after
 
     def check(self, node: Mapping[str, str]) -> None:
-        check_same_versions(self.plan.home, node, f"RunPod {self.label}")
+        check_same_versions(self.plan.home, node, f"RunPod {self.label}", fix=(
+            "gpu-proxy installed home's versions there, yet the pod runs others (its image pins them?): pass "
+            "image= with an image of home's versions (`python cluster_image/build_args.py`)."))
 
     def start_node(self, env: Mapping[str, str], log_file: str) -> None:
         """Start the node detached in its own session, with ``env`` over the pod's own environment."""

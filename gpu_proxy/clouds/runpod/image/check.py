@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 from gpu_proxy.clouds.runpod.image.engine import ENGINES, probe_with_engine
 from gpu_proxy.clouds.runpod.image.labels import SOURCE_LABEL, built_with_checked_labels, versions_from_labels
 from gpu_proxy.clouds.runpod.image.registry import RegistryError, read_labels
-from gpu_proxy.clouds.runpod.versions import PACKAGES, home_versions, project_root, public_version, source_digest
+from gpu_proxy.versions import PACKAGES, home_versions, project_root, public_version, source_digest
 
 SAME, DIFFERS, MISSING, UNKNOWN = "same", "differs", "missing", "not checked"
 REBUILD = ("rebuild it with this machine's versions (`docker build -f cluster_image/Dockerfile "

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from gpu_proxy.clouds.runpod.versions import PROBE_SCRIPT
+from gpu_proxy.versions import PROBE_SCRIPT
 
 ENGINES = ("docker", "podman")
 _FIND_PYTHON = 'py="$(command -v python3 || command -v python)" || { echo "no python in the image" >&2; exit 3; }; exec "$py" -'

@@ -4,7 +4,7 @@ A label is what the build was asked for (a build argument); the Dockerfile runs 
 gpu_proxy.clouds.runpod.image.labels verify ...`` after installing, which fails the build when the
 installed versions are not those arguments. So a label of an image that built is what it runs, and
 it can be read from the registry without pulling the image. ``gpu-proxy.source`` names the gpu-proxy
-code copied in (:func:`~gpu_proxy.clouds.runpod.versions.source_digest`), which a version number
+code copied in (:func:`~gpu_proxy.versions.source_digest`), which a version number
 alone does not (every checkout of 0.1.0 says 0.1.0).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from gpu_proxy.clouds.runpod.versions import PACKAGES, home_versions, public_version, source_digest
+from gpu_proxy.versions import PACKAGES, home_versions, public_version, source_digest
 
 # compared name -> label (the names of versions.PACKAGES, with Python's major.minor)
 LABELS: dict[str, str] = {"python": "gpu-proxy.python", "gpu-proxy": "gpu-proxy.version", "ray": "gpu-proxy.ray",
