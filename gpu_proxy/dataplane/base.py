@@ -26,6 +26,8 @@ from typing import Any
 
 from gpu_proxy.dataplane.package import Package, PackageError, StoredFile, check_file
 
+#: Where a memory-backed folder lies on Linux.
+SHARED_MEMORY = "/dev/shm"
 #: Outcomes up to this size stay inline on the control plane.
 INLINE_LIMIT = 64 * 1024
 #: A detached run's results wait this long for ``attach``; the next run on the same plane removes
@@ -41,6 +43,10 @@ def result_name(rank: int) -> str:
 class ClusterTransport(abc.ABC):
     """The supervisor's half of a run's data plane. Picklable; holds no secret itself."""
 
+    #: Result files are not hashed where written and may leave buffers in the payload file (package
+    #: invariants 4 and 5): the plane's fetch reads them in place, or hashes them as it streams them.
+    results_span_payload = False
+
     def __init__(self) -> None:
         self.folder: str | None = None
 
@@ -49,6 +55,11 @@ class ClusterTransport(abc.ABC):
         if self.folder is None:
             self.folder = tempfile.mkdtemp(prefix="gpu-proxy-run-")
         return self.folder
+
+    def in_memory(self) -> bool:
+        """Whether the run's folder is memory-backed, so that writing a mapped file in place costs
+        no disk writeback (the only condition under which a lone worker maps the payload in place)."""
+        return self.folder is not None and os.path.realpath(self.folder).startswith(SHARED_MEMORY + "/")
 
     @abc.abstractmethod
     def receive(self, payload: StoredFile) -> StoredFile:
@@ -67,14 +78,17 @@ class ClusterTransport(abc.ABC):
 class SharedFolder(ClusterTransport):
     """A folder home wrote into directly (this machine, or the head over SSH); home cleans it.
 
-    ``arrived_checked``: the file was checked as it arrived (home wrote it on this very machine),
-    so receiving it checks its size only instead of hashing it a second time.
+    ``arrived_checked``: the file was hashed as it arrived (on the head, as it was written), so
+    receiving it checks its size only instead of hashing it a second time.
+    ``results_span_payload``: see :attr:`ClusterTransport.results_span_payload`.
     """
 
-    def __init__(self, folder: str, arrived_checked: bool = False) -> None:
+    def __init__(self, folder: str, arrived_checked: bool = False, results_span_payload: bool = False) -> None:
         super().__init__()
         self.folder = folder
         self.arrived_checked = arrived_checked
+        self.results_span_payload = results_span_payload
+        self._payload_spanned = False
 
     def open(self) -> str:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
@@ -84,9 +98,13 @@ class SharedFolder(ClusterTransport):
         check_file(payload.location, payload, size_only=self.arrived_checked)
         return payload
 
+    def deliver(self, result: StoredFile) -> dict[str, Any]:
+        self._payload_spanned |= result.spans_of == PAYLOAD
+        return super().deliver(result)
+
     def close(self) -> None:
         payload = os.path.join(self.folder, PAYLOAD)
-        if os.path.exists(payload):
+        if os.path.exists(payload) and not self._payload_spanned:
             os.unlink(payload)  # results stay for home, which removes the folder once it has them
 
 

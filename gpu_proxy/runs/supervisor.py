@@ -91,7 +91,7 @@ def supervise(spec: RunSpec, sink: Callable[[Event], None], stop: StopRequestCou
                 for actor, placement in zip(group.actors, placements)]
         rank_of = {ref: placements[i].rank for i, ref in enumerate(refs)}
         outcomes = _follow(spec.name, refs, rank_of, channel, sink, stop, group.kill)
-        reusable = stop.requests == 0 and all("value" in outcome for outcome in outcomes)
+        reusable = stop.requests == 0 and all(map(_succeeded, outcomes))
         return [_delivered(outcome, files, transport) for outcome in outcomes]
     finally:
         if channel is not None:
@@ -116,7 +116,11 @@ def _run_files(spec: RunSpec, pg: Any) -> RunFiles:
     payload_ref = None
     if nodes - {here}:  # workers on other nodes cannot read this node's disk
         payload_ref = ray.put(read_file(payload.location, payload, checked=True))
-    return RunFiles(node_id=here, folder=folder, payload=payload, payload_ref=payload_ref)
+    # A run's only worker may write into its payload file: no other process reads it, and a restart
+    # sends the payload anew. On a disk, those writes would be written back: copy-on-write there.
+    lone_reader = spec.num_workers == 1 and spec.transport.in_memory()
+    return RunFiles(node_id=here, folder=folder, payload=payload, payload_ref=payload_ref,
+                    lone_reader=lone_reader, results_span_payload=spec.transport.results_span_payload)
 
 
 def _delivered(outcome: dict[str, Any], files: RunFiles, transport: ClusterTransport | None) -> dict[str, Any]:
@@ -127,7 +131,8 @@ def _delivered(outcome: dict[str, Any], files: RunFiles, transport: ClusterTrans
         if transport is None:
             outcome["value"] = package.to_bytes()
             return outcome
-        stored = write_file(package, f"{files.folder}/{result_name(outcome['rank'])}")
+        stored = write_file(package, f"{files.folder}/{result_name(outcome['rank'])}",
+                            hashed=not transport.results_span_payload)
         outcome["stored"] = stored.to_dict()
     if "stored" in outcome and transport is not None:
         outcome.update(transport.deliver(StoredFile.from_dict(outcome.pop("stored"))))
@@ -167,7 +172,7 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
                     ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError,
                     ray.exceptions.RayError) as exc:
                 outcomes[rank] = {"rank": rank, "lost": _one_line(exc)}
-            failed |= "value" not in outcomes[rank]
+            failed |= not _succeeded(outcomes[rank])
         if stop.requests > stop_sent:
             stop_sent = stop.requests
             if stop_sent == 1:
@@ -191,6 +196,12 @@ def _follow(run: str, refs: list[Any], rank_of: dict[Any, int], channel: Any,
             pending = []
     _relay(run, channel, sink, 0)
     return [outcomes[rank] for rank in sorted(outcomes)]
+
+
+def _succeeded(outcome: dict[str, Any]) -> bool:
+    """A rank's outcome holds its result, inline or (when large) as a file or a package: a rank that ends
+    first with a large result must not end its peers, nor keep its workers from being reused."""
+    return "error" not in outcome and "lost" not in outcome
 
 
 def _one_line(exc: BaseException, limit: int = 400) -> str:

@@ -15,7 +15,7 @@ import ray
 
 from gpu_proxy import events, shipping
 from gpu_proxy.dataplane.base import INLINE_LIMIT, result_name
-from gpu_proxy.dataplane.package import Package, StoredFile, read_file, write_file
+from gpu_proxy.dataplane.package import MappedInPlace, Package, StoredFile, read_file, read_file_in_place, write_file
 from gpu_proxy.runs.emitter import EventEmitter
 from gpu_proxy.runs.output_capture import OutputCapture
 from gpu_proxy.secrets import installed
@@ -70,27 +70,40 @@ class RunFiles:
     The folder is on the supervisor's node: a worker there maps the payload file in place and
     writes its result file beside it. A worker on another node gets the payload from the object
     store (``payload_ref``) and returns its result through it; the supervisor writes the file.
+
+    ``lone_reader``: this worker is the payload file's only reader and the folder is in memory, so
+    it maps the payload for writing (package invariant 3's exception): the weights it trains are
+    the file's own pages. ``results_span_payload``: the plane's fetch reads the result where it is
+    written or hashes it as it streams it, so it is not hashed here and refers to what it left in the
+    payload (package invariants 4 and 5).
     """
 
     node_id: str
     folder: str | None
     payload: StoredFile | None
     payload_ref: Any = None
+    lone_reader: bool = False
+    results_span_payload: bool = False
 
     def here(self) -> bool:
         return self.folder is not None and ray.get_runtime_context().get_node_id() == self.node_id
 
-    def load_payload(self) -> Package:
+    def load_payload(self) -> tuple[Package, MappedInPlace | None]:
+        """The payload, and where it is mapped if this worker writes into it in place."""
         if self.payload is not None and self.here():
-            return read_file(self.payload.location, self.payload, checked=True)  # checked on arrival
-        return ray.get(self.payload_ref)
+            if self.lone_reader:
+                return read_file_in_place(self.payload.location, self.payload)
+            return read_file(self.payload.location, self.payload, checked=True), None  # checked on arrival
+        return ray.get(self.payload_ref), None
 
-    def result_fields(self, rank: int, package: Package) -> dict[str, Any]:
+    def result_fields(self, rank: int, package: Package, mapped: MappedInPlace | None = None) -> dict[str, Any]:
         """How a rank's result goes back: inline when small, else as a file here or through Ray."""
         if package.nbytes <= INLINE_LIMIT:
             return {"value": package.to_bytes()}
         if self.here():
-            stored = write_file(package, f"{self.folder}/{result_name(rank)}")
+            spans = self.results_span_payload
+            stored = write_file(package, f"{self.folder}/{result_name(rank)}", hashed=not spans,
+                                spans_of=mapped if spans else None)
             return {"stored": stored.to_dict()}
         return {"package": package}
 
@@ -162,10 +175,13 @@ def run_rank(files: RunFiles, placement: WorkerPlacement, channel: Any,
 
         with OutputCapture(forward_line), _distributed_env(ctx, devices), installed(secrets or {}):
             try:
-                function = files.load_payload().loads()
+                payload, mapped = files.load_payload()
+                function = payload.loads()
+                del payload
                 value = function(ctx)
-                del function  # the payload's mapping goes with it
-                outcome.update(files.result_fields(placement.rank, shipping.pack(value, "the worker's result")))
+                del function  # the payload's mapping goes with it, but for what the result still holds
+                outcome.update(files.result_fields(placement.rank, shipping.pack(value, "the worker's result"),
+                                                   mapped))
             except BaseException as exc:  # noqa: BLE001 - every failure goes home, KeyboardInterrupt too
                 outcome["error"] = shipping.pack_exception(exc)
     finally:

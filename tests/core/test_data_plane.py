@@ -58,6 +58,73 @@ def test_a_truncated_or_altered_file_is_never_used(tmp_path):
         read_file(path, stored)
 
 
+def test_a_lone_readers_result_refers_to_the_weights_it_wrote_into_the_payload(tmp_path):
+    """Package invariants 3-5: the in-place reader's writes reach the file, its result leaves them
+    there as spans, home's copy-on-write reading does not reach the file, and a span file that is
+    not the one recorded, or not whole, is refused."""
+    from gpu_proxy.dataplane.package import read_file_in_place
+
+    payload_path, result_path = str(tmp_path / "payload"), str(tmp_path / "result-0")
+    state = {"weight": torch.randn(250_000), "frozen": torch.randn(1000)}
+    payload = write_file(shipping.pack(state), payload_path, hashed=False)
+    assert payload.sha256 is None  # read on this machine only: invariant 4
+    package, mapped = read_file_in_place(payload_path, payload)
+    trained = package.loads()
+    del package
+    trained["weight"].mul_(-1.0)  # what an optimizer step does to the file's own pages
+    trained["optimizer"] = torch.ones(100_000)  # new memory: written into the result
+    result = write_file(shipping.pack(trained), result_path, hashed=False, spans_of=mapped)
+    assert result.spans_of == "payload" and result.size < 500_000  # the 1 MB weight is not written twice
+    home = read_file(result_path, result).loads()
+    assert torch.equal(home["weight"], -state["weight"]) and torch.equal(home["frozen"], state["frozen"])
+    assert torch.equal(home["optimizer"], trained["optimizer"])
+    home["weight"].add_(1.0)  # home's copy-on-write: the payload file keeps rank 0's weights
+    assert torch.equal(read_file(result_path, result).loads()["weight"], -state["weight"])
+
+    with pytest.raises(PackageError, match="does not name"):
+        read_file(result_path, StoredFile(result.location, result.size, None))
+    os.truncate(payload_path, payload.size // 2)
+    with pytest.raises(PackageError, match="cut short"):
+        read_file(result_path, result)
+    unhashed = write_file(shipping.pack(torch.randn(1000)), str(tmp_path / "plain"), hashed=False)
+    assert unhashed.spans_of is None and read_file(unhashed.location, unhashed).loads().numel() == 1000
+
+
+@pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
+def test_a_lone_readers_result_comes_home_over_ssh_with_the_spans_it_left_in_the_payload(sshd, tmp_path):
+    """The head's sender streams a spanned result and then its spans; home gets rank 0's values bit
+    for bit, and a result or payload that is not whole, or a digest that does not match, is refused."""
+    from gpu_proxy.dataplane.package import read_file_in_place
+    from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root
+
+    target = sshd.target()
+    plane = SSHPlane(f"spans-{os.getpid()}-{time.monotonic_ns()}", target, resolve_root(target, str(tmp_path / "runs")))
+    state = {"weight": torch.randn(300_001), "bias": torch.randn(1001), "frozen": torch.randn(999)}  # unaligned sizes
+    payload = plane.send(shipping.pack(state))
+    package, mapped = read_file_in_place(payload.location, payload)  # what the head's lone worker does
+    trained = package.loads()
+    del package
+    trained["weight"].mul_(-1.0)
+    trained["bias"].add_(1.0)
+    trained["optimizer"] = torch.ones(50_000)
+    result = write_file(shipping.pack(trained), f"{plane.folder}/result-0", hashed=False, spans_of=mapped)
+    assert result.spans_of == "payload" and result.sha256 is None and result.size < 300_000
+    home = plane.fetch(result).loads()
+    for name in ("weight", "bias", "frozen", "optimizer"):
+        assert torch.equal(home[name], trained[name]), name
+    plain = write_file(shipping.pack(torch.arange(100_000)), f"{plane.folder}/result-1", hashed=False)
+    assert torch.equal(plane.fetch(plain).loads(), torch.arange(100_000))
+    hashed = write_file(shipping.pack(torch.arange(100_000)), f"{plane.folder}/result-2")
+    with pytest.raises(PackageError, match="does not have the content"):
+        plane.fetch(StoredFile(hashed.location, hashed.size, "0" * 64))
+    with pytest.raises(PackageError, match="bytes where"):
+        plane.fetch(StoredFile(result.location, result.size + 64, None, "payload"))
+    os.truncate(payload.location, payload.size // 2)
+    with pytest.raises(PackageError, match="bytes where"):
+        plane.fetch(result)
+    plane.clean()
+
+
 @pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
 def test_an_ssh_transfer_killed_halfway_leaves_nothing_a_run_would_use(sshd, tmp_path):
     from gpu_proxy.dataplane.ssh import SSHPlane, resolve_root
@@ -72,7 +139,7 @@ def test_an_ssh_transfer_killed_halfway_leaves_nothing_a_run_would_use(sshd, tmp
         # As soon as it exists (a fixed delay raced a quiet machine's transfer, which can end first).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if subprocess.run(["pkill", "-KILL", "-f", f"tee .*/{run}/payload.part"], check=False).returncode == 0:
+            if subprocess.run(["pkill", "-KILL", "-f", f"python3 -c .*/{run}/payload"], check=False).returncode == 0:
                 return
             time.sleep(0.01)
 
@@ -163,10 +230,27 @@ def test_a_cluster_by_address_without_staging_refuses_a_large_run_before_submitt
 
 
 @pytest.mark.timeout(600)
-def test_a_1gb_model_on_the_embedded_cluster(local_cluster):
+def test_a_1gb_model_on_the_embedded_cluster(local_cluster, monkeypatch):
+    from gpu_proxy.dataplane.local import LocalFolderPlane
+
+    fetched = []
+    original = LocalFolderPlane.fetch
+    monkeypatch.setattr(LocalFolderPlane, "fetch", lambda self, result: fetched.append(result) or original(self, result))
     result = big_models.fit_validate_predict(RemoteStrategy(cluster=local_cluster, num_workers=1), 1024,
                                             evaluate_megabytes=8)
     _check(result)
+    # The lone worker trained the payload's own pages: the fit's result leaves the 1 GB there.
+    assert fetched[0].spans_of == "payload" and fetched[0].size < 8 << 20 and fetched[0].sha256 is None
+
+
+def test_two_workers_on_one_node_each_train_their_own_copy_of_the_payload(local_cluster):
+    """Only a lone worker maps the payload in place: with two, rank 1's writes (+2) would reach rank 0's."""
+    model = big_models.BigModel(8)
+    run = big_models.trainer(RemoteStrategy(cluster=local_cluster, num_workers=2))
+    before = model.bulk.clone()
+    run.fit(model, train_dataloaders=big_models.loader())
+    assert torch.equal(model.bulk, before.mul(-1.0).add(1.0)), "home's weights must be rank 0's"
+    assert big_models.state_digest(model) == next(c for c in run.callbacks if isinstance(c, big_models.StateDigest)).digest
 
 
 @pytest.mark.timeout(600)

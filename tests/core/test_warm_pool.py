@@ -49,6 +49,22 @@ def test_a_clean_run_leaves_its_workers_warm_for_the_next(local_cluster):
     assert group["state"] == "idle" and group["runs"] >= 2
 
 
+def test_a_rank_that_ends_first_with_a_large_result_neither_ends_its_peers_nor_spoils_reuse(local_cluster):
+    """Rank 0's result is over the inline limit (a file on the data plane) and comes while rank 1 still
+    works: the run succeeds whole, and its workers are reused by the next run."""
+    import numpy as np
+
+    def large_first(ctx):
+        if ctx.rank == 0:
+            return os.getpid(), np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+        time.sleep(2.0)
+        return os.getpid(), None
+
+    (first_pid, weights), (peer_pid, nothing) = values(run(large_first, num_workers=2, kind="large-first"))
+    assert np.array_equal(weights, np.arange(1 << 17, dtype=np.float64)) and nothing is None
+    assert values(run(pid, num_workers=2, kind="large-first")) == [first_pid, peer_pid]
+
+
 def test_a_failed_run_leaves_the_next_run_on_fresh_workers(local_cluster):
     (before,) = values(run(pid))
     with pytest.raises(ValueError, match="this run fails"):

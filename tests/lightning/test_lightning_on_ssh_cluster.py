@@ -28,14 +28,20 @@ def test_fit_on_an_ssh_cluster_through_the_tunnel(ssh_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_a_1gb_model_streams_over_ssh_both_ways(ssh_cluster):
+def test_a_1gb_model_streams_over_ssh_both_ways(ssh_cluster, monkeypatch):
     """The data plane of an SSH cluster: ~1 GB out and back over the SSH connection, nothing via the dashboard."""
+    from gpu_proxy.dataplane.ssh import SSHPlane
     from gpu_proxy_lightning import RemoteStrategy
     from tests.lightning_project import big_models
     from tests.core.test_data_plane import _check
 
+    fetched, original = [], SSHPlane.fetch
+    monkeypatch.setattr(SSHPlane, "fetch", lambda self, result: fetched.append((self.folder, result)) or original(self, result))
     _check(big_models.fit_validate_predict(RemoteStrategy(cluster=ssh_cluster, num_workers=1), 1024,
                                           evaluate_megabytes=8))  # over the inline limit, as attach's below
+    folder, result = fetched[0]
+    if folder.startswith("/dev/shm/"):  # the lone worker trained the payload's own pages: they stream home from there
+        assert result.spans_of == "payload" and result.size < 8 << 20 and result.sha256 is None
     root = ssh_cluster.data_root
     import os
 
