@@ -79,7 +79,7 @@ def bootstrap_stock_pods(pods: Sequence[Pod], access: PodAccess, install, ssh_ti
     for pod in pods:
         target = access.target(pod)
         progress(f"waiting for SSH on {target.destination} (pod {pod.id})")
-        wait_for_ssh(target, ssh_timeout_s, failure, error=LaunchError)
+        wait_for_ssh(target, ssh_timeout_s, failure, hint=STOCK_HINT, error=LaunchError)
         targets.append(target)
     started = time.monotonic()
     nodes = bootstrap_nodes(targets, node_environments(pods), install, progress, log_file)
