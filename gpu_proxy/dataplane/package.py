@@ -131,12 +131,12 @@ class Package:
             fields["spans"] = {"file": spans_of.name, "size": spans_of.size, "offsets": offsets}
         meta = json.dumps(fields).encode()
         header = MAGIC + struct.pack("<Q", len(meta)) + meta
-        header += b"\0" * (_padded(len(header)) - len(header))
+        header += b"\0" * (padded(len(header)) - len(header))
         written = [b for i, b in enumerate(self.buffers) if not offsets or offsets[i] is None]
         parts: list[memoryview] = []
         for part in [memoryview(self.head), *(memoryview(b) for b in written)]:
             parts.append(part)
-            pad = _padded(part.nbytes) - part.nbytes
+            pad = padded(part.nbytes) - part.nbytes
             if pad:
                 parts.append(memoryview(b"\0" * pad))
         return header, parts
@@ -166,7 +166,7 @@ class Package:
         if offset + meta["head"] > len(view):
             raise PackageError("the package is shorter than its header says")
         head = bytes(view[offset:offset + meta["head"]])
-        offset += _padded(meta["head"])
+        offset += padded(meta["head"])
         buffers = []
         for size, span in zip(meta["buffers"], offsets):
             source, start = (view, offset) if span is None else (sibling, span)
@@ -174,7 +174,7 @@ class Package:
                 raise PackageError("the package is shorter than its header says")
             buffers.append(source[start:start + size])
             if span is None:
-                offset += _padded(size)
+                offset += padded(size)
         return cls(head, buffers)
 
 
@@ -183,7 +183,7 @@ def header_of(view: np.ndarray) -> tuple[dict[str, Any], int]:
     if bytes(view[:len(MAGIC)]) != MAGIC:
         raise PackageError("not a gpu-proxy package (bad magic)")
     (meta_len,) = struct.unpack("<Q", view[len(MAGIC):len(MAGIC) + 8])
-    return json.loads(bytes(view[len(MAGIC) + 8:len(MAGIC) + 8 + meta_len])), _padded(len(MAGIC) + 8 + meta_len)
+    return json.loads(bytes(view[len(MAGIC) + 8:len(MAGIC) + 8 + meta_len])), padded(len(MAGIC) + 8 + meta_len)
 
 
 def as_bytes_array(buffer: Any) -> np.ndarray:
@@ -193,7 +193,7 @@ def as_bytes_array(buffer: Any) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.uint8)
 
 
-def _padded(size: int) -> int:
+def padded(size: int) -> int:
     return (size + ALIGN - 1) // ALIGN * ALIGN
 
 

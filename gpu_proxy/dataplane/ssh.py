@@ -26,7 +26,7 @@ import numpy as np
 
 from gpu_proxy.dataplane.base import PAYLOAD, RETENTION_DAYS, ClusterTransport, DataPlane, SharedFolder
 from gpu_proxy.dataplane.package import (ALIGN, CHUNK, Package, PackageError, StoredFile, as_bytes_array, check_digest,
-                                         header_of, write)
+                                         header_of, padded, write)
 from gpu_proxy.ssh import SSHTarget, run_remote
 from gpu_proxy.ssh.errors import SSHError
 
@@ -38,19 +38,23 @@ DEFAULT_ROOT = "~/.cache/gpu-proxy/runs"
 #: second thread hashes the same bytes with OpenSSL's SHA-256, renames it to ``<path>`` only if it
 #: has exactly ``<size>`` bytes, and prints its size and digest. (``tee | sha256sum`` did the same
 #: in the shell, at 2-3x the time of a plain ``cat``: measured 2 GB in 15-22 s against 8 s.)
-RECEIVER = """
-import fcntl, hashlib, os, queue, sys, threading
+_HASHER = """
+import hashlib, queue, threading
+digest, chunks = hashlib.sha256(), queue.Queue(8)
+def hash_chunks():
+    for chunk in iter(chunks.get, None):
+        digest.update(chunk)
+hasher = threading.Thread(target=hash_chunks, daemon=True)  # a refusal (sys.exit) before any chunk must not wait on it
+hasher.start()
+"""  # both head programs hash what they move on this thread: put chunks, then None, then join
+
+RECEIVER = _HASHER + """
+import fcntl, os, sys
 path, expected = sys.argv[1], int(sys.argv[2])
 try:
     fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger reads from ssh
 except OSError:
     pass
-digest, chunks = hashlib.sha256(), queue.Queue(8)
-def hash_chunks():
-    for chunk in iter(chunks.get, None):
-        digest.update(chunk)
-hasher = threading.Thread(target=hash_chunks)
-hasher.start()
 size, source = 0, sys.stdin.buffer.raw
 try:
     with open(path + ".part", "wb", buffering=0) as part:
@@ -79,8 +83,8 @@ print(size, digest.hexdigest())
 #: payload file it refers to (its header's ``spans``, in buffer order, each padded to the package
 #: alignment: what :class:`_StreamedSpans` reads), hashing on a second thread, and last prints the
 #: stream's size and SHA-256 on stderr.
-SENDER = """
-import hashlib, json, mmap, os, queue, struct, sys, threading
+SENDER = _HASHER + """
+import json, mmap, os, struct, sys
 path, expected = sys.argv[1], int(sys.argv[2])
 def mapped(name, size):
     with open(name, "rb") as file:
@@ -97,12 +101,7 @@ if spans:
     for size, offset in zip(header["buffers"], spans["offsets"]):
         if offset is not None:
             segments += [payload[offset:offset + size], bytes(-size %% %d)]
-digest, chunks, out, total = hashlib.sha256(), queue.Queue(8), sys.stdout.buffer, 0
-def hash_chunks():
-    for chunk in iter(chunks.get, None):
-        digest.update(chunk)
-hasher = threading.Thread(target=hash_chunks)
-hasher.start()
+out, total = sys.stdout.buffer, 0
 try:
     for segment in segments:
         for start in range(0, len(segment), 4 << 20):
@@ -263,7 +262,7 @@ class _StreamedSpans:
         for size, offset in zip(header["buffers"], header["spans"]["offsets"]):
             if offset is not None:
                 self._at[(offset, size)] = position
-                position += -(-size // ALIGN) * ALIGN
+                position += padded(size)
         if position != len(streamed):
             raise PackageError(f"the spans came home with {len(streamed)} bytes where {position} were sent")
 
